@@ -1,0 +1,83 @@
+"""Branch: one agent's continuation of a snapshot; it can take several turns and keeps its KV between them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvfork.prompt import ChatLayout
+from kvfork.result import Completion
+from kvfork.scheduler.sequence import Sequence
+
+if TYPE_CHECKING:
+    from kvfork.runtime import Engine
+
+__all__ = ["Branch"]
+
+
+class Branch:
+    """A sequence forked from a snapshot (or another branch) without copying its cells.
+
+    `send` queues text for the next turn; `generate` prefills what is new (batched with every other
+    branch that is generating) and decodes. Close a branch, or use it as a context manager, to free
+    its own cells; the shared prefix stays with the snapshot.
+    """
+
+    def __init__(self, engine: Engine, seq: Sequence, layout: ChatLayout | None, replies: int) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._layout = layout  # None: plain completion, text is appended as is
+        self._replies = replies  # assistant turns so far; decides how the next user turn is framed
+        self._outbox: list[str] = []
+        self.last: Completion | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token of this branch: the shared prefix, its turns and its replies."""
+        return list(self._seq.tokens)
+
+    @property
+    def closed(self) -> bool:
+        return self._seq.released
+
+    def send(self, text: str) -> Branch:
+        """Add a user message (chat) or raw text (plain) to the next turn; returns self for chaining."""
+        if not isinstance(text, str):
+            raise TypeError(f"send() takes a str, got {type(text).__name__}")
+        self._outbox.append(text)
+        return self
+
+    def generate(self, **sampling: Any) -> Completion:
+        """Prefill what was sent and generate a reply (SamplingParams fields as keywords)."""
+        return self._engine.generate_branches([self], [self._engine.sampling(**sampling)])[0]
+
+    def fork(self) -> Branch:
+        """Another branch sharing everything this one holds so far."""
+        return self._engine._fork(self._seq, self._layout, self._replies)
+
+    def close(self) -> None:
+        self._engine._release(self._seq)
+
+    def __enter__(self) -> Branch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- used by the engine ----------------------------------------------------------------------
+    def _take_turn(self) -> Sequence:
+        """Turn queued text into pending tokens; returns the sequence to submit."""
+        text = "\n\n".join(self._outbox)
+        if self._layout is None:
+            new = text
+        elif self._replies == 0:
+            new = self._layout.first_turn(text)
+        else:
+            new = self._layout.next_turn(text)
+        if new:
+            self._seq.tokens.extend(self._engine.tokenize(new, add_bos=False, special=self._layout is not None))
+        self._outbox.clear()
+        return self._seq
+
+    def _took_reply(self, completion: Completion) -> None:
+        self._replies += 1
+        self.last = completion

@@ -1,0 +1,263 @@
+"""The only module that imports llama_cpp: model, context, batched decode, KV memory ops, samplers, state blobs.
+
+Everything above this module speaks kvfork's own types (Batch, SamplingParams, token lists, bytes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+from pathlib import Path
+
+import llama_cpp
+
+from kvfork.config import EngineConfig
+from kvfork.engine.batch import Batch
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
+
+__all__ = ["LlamaModel", "LlamaContext", "Sampler", "set_verbose"]
+
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+_verbose = False
+_init_lock = threading.Lock()
+_backend_ready = False
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # NOTE: llama.cpp logs hundreds of lines per model load, and logs benign oddities of some GGUF files
+    # at error level; kvfork is quiet unless asked, and turns real failures into exceptions instead.
+    if _verbose:
+        print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show (True) or hide (False) llama.cpp's own log; errors are always shown."""
+    global _verbose
+    _verbose = verbose
+
+
+def _ensure_backend() -> None:
+    global _backend_ready
+    with _init_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+class LlamaModel:
+    """Weights and vocabulary of one GGUF file, loaded once and shared by every context."""
+
+    def __init__(self, path: Path, *, verbose: bool = False, chat_template: str | None = None) -> None:
+        set_verbose(verbose)
+        _ensure_backend()
+        params = llama_cpp.llama_model_default_params()
+        ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise InvalidModelFile(f"llama.cpp could not load {path} (unsupported or damaged GGUF; --verbose shows why)")
+        self.ptr = ptr
+        self.path = path
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(ptr)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(ptr)
+        self.n_swa: int = llama_cpp.llama_model_n_swa(ptr)
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(ptr, buf, len(buf))
+        self.description = buf.value.decode("utf-8", errors="replace")
+        template = chat_template.encode() if chat_template else llama_cpp.llama_model_chat_template(ptr, None)
+        self.chat_template: str | None = template.decode("utf-8") if template else None
+        self._pieces: dict[int, bytes] = {}
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of `text`; add_special adds BOS where the model wants it."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        out = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), out, capacity, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            capacity = -n
+            out = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), out, capacity, add_special, parse_special)
+        if n < 0:
+            raise EngineError(f"llama_tokenize failed ({n}) on {len(data)} bytes of text")
+        return list(out[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (a piece may be part of a UTF-8 character)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[: max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages: list[tuple[str, str]], *, add_generation_prompt: bool) -> str:
+        """Render (role, content) messages with the model's own chat template (llama.cpp's renderer)."""
+        if self.chat_template is None:
+            raise InvalidParameter(
+                f"{self.path.name} has no chat template in its metadata; use chat=False (plain completion)"
+                " or name one llama.cpp knows with chat_template= (e.g. 'chatml', 'gemma', 'llama3')"
+            )
+        chat = (llama_cpp.llama_chat_message * len(messages))()
+        keep = []  # NOTE: the encoded strings must outlive the call; ctypes keeps only raw pointers
+        for i, (role, content) in enumerate(messages):
+            r, c = role.encode("utf-8"), content.encode("utf-8")
+            keep += [r, c]
+            chat[i].role, chat[i].content = r, c
+        tmpl = self.chat_template.encode("utf-8")
+        size = 4 * sum(len(c) for _, c in messages) + 1024
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(messages), add_generation_prompt, buf, size)
+            if n < 0:
+                raise InvalidParameter(f"llama.cpp does not know the chat template of {self.path.name}; use chat=False")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8")
+            size = n + 1
+        raise EngineError("llama_chat_apply_template kept asking for a larger buffer")
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Sampler:
+    """One branch's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, seeded dist)."""
+
+    def __init__(self, params: SamplingParams, seed: int) -> None:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        p = params
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            add(chain, llama_cpp.llama_sampler_init_penalties(p.repeat_last_n, p.repeat_penalty,
+                                                              p.frequency_penalty, p.presence_penalty))
+        if p.greedy:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if p.top_k > 0:
+                add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
+            if p.top_p < 1.0:
+                add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+            if p.min_p > 0.0:
+                add(chain, llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        self.ptr = chain
+
+    def accept(self, token: int) -> None:
+        """Tell the penalties a token is in the history (prompt tokens, or a token chosen elsewhere)."""
+        llama_cpp.llama_sampler_accept(self.ptr, token)
+
+    def sample(self, ctx: LlamaContext, index: int) -> int:
+        """Pick a token from the logits at batch index `index` of the last decode, and accept it."""
+        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, index))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+class LlamaContext:
+    """One llama context with a unified KV cache: every sequence id sees the same cells.
+
+    NOTE: kv_unified is what makes a fork zero-copy: seq_cp only tags the existing cells with the
+    new id. With separate streams per sequence, seq_cp would copy the data.
+    """
+
+    def __init__(self, model: LlamaModel, config: EngineConfig) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.n_ctx
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_ubatch
+        params.n_seq_max = config.n_seq_max
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads
+        params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+        params.kv_unified = True
+        params.no_perf = True
+        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise EngineError(f"llama.cpp could not create a context with n_ctx={config.n_ctx} (out of memory?)")
+        self.ptr = ptr
+        self.model = model
+        self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
+        self.n_batch = config.n_batch
+        self.mem = llama_cpp.llama_get_memory(ptr)
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+
+    def decode(self, batch: Batch) -> None:
+        """Run one llama_decode over every token of `batch` (at most n_batch tokens)."""
+        n = len(batch)
+        if not 0 < n <= self.n_batch:
+            raise EngineError(f"batch of {n} tokens; must be 1..{self.n_batch}")
+        b = self._batch
+        for i in range(n):
+            b.token[i] = batch.tokens[i]
+            b.pos[i] = batch.positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = batch.seq_ids[i]
+            b.logits[i] = batch.logits[i]
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ptr, b)
+        if rc == 1:
+            raise ContextOverflow(f"no room in the KV cache ({self.n_ctx} cells) for {n} more tokens; raise n_ctx")
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc}")
+
+    # -- KV memory: sequence-level operations on the unified cache -------------------------------
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Tag the cells of `src` in [p0, p1) as also belonging to `dst` (no data is copied)."""
+        llama_cpp.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Drop `seq_id` from its cells in [p0, p1); cells still held by other sequences stay."""
+        return bool(llama_cpp.llama_memory_seq_rm(self.mem, seq_id, p0, p1))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self.mem, seq_id))
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.mem, seq_id))
+
+    def can_shift(self) -> bool:
+        return bool(llama_cpp.llama_memory_can_shift(self.mem))
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.mem, True)
+
+    # -- state blobs: one sequence's KV cells serialized to bytes -------------------------------
+    def state_seq_get(self, seq_id: int) -> bytes:
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        if written != size:
+            raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
+        return bytes(buf)
+
+    def state_seq_set(self, seq_id: int, data: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        read = llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id)
+        if read == 0:
+            raise ContextOverflow(f"llama.cpp could not restore a {len(data):,}-byte state (no room, or another layout)")
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,67 @@
+"""SamplingParams: how one branch picks its tokens (applied by llama.cpp's sampler chain)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from kvfork.errors import InvalidParameter
+
+__all__ = ["SamplingParams"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-branch generation settings.
+
+    temperature 0 means greedy (argmax), the mode in which a forked branch is guaranteed to produce
+    exactly the tokens of a from-scratch run. top_k 0, top_p 1 and min_p 0 disable those filters.
+    seed None draws a fresh seed per branch.
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = (
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be an integer >= 0"),
+            (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
+            (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
+            (0.0 < self.repeat_penalty <= 10.0, "repeat_penalty must be in (0, 10]"),
+            (isinstance(self.repeat_last_n, int) and self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32), "seed must be in [0, 2**32)"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise InvalidParameter(f"{message}; got {self}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_overrides(self, **overrides: Any) -> SamplingParams:
+        """A copy with the given fields replaced; unknown names are an InvalidParameter."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InvalidParameter(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **overrides)

@@ -1,0 +1,46 @@
+"""The KvforkError family: every error kvfork raises on purpose, each with a message that says what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "KvforkError",
+    "ModelNotFound",
+    "ModelIntegrityError",
+    "InvalidModelFile",
+    "ContextOverflow",
+    "InvalidParameter",
+    "SnapshotMismatch",
+    "EngineError",
+]
+
+
+class KvforkError(Exception):
+    """Base of every error kvfork raises deliberately."""
+
+
+class ModelNotFound(KvforkError):
+    """The name is neither a catalog model nor the path of an existing file."""
+
+
+class ModelIntegrityError(KvforkError):
+    """A downloaded model does not match the catalog's size or sha256."""
+
+
+class InvalidModelFile(KvforkError):
+    """The file exists but is not a GGUF model llama.cpp can load."""
+
+
+class ContextOverflow(KvforkError):
+    """The tokens asked for do not fit in the context's KV cache."""
+
+
+class InvalidParameter(KvforkError, ValueError):
+    """A parameter is out of range or of the wrong kind."""
+
+
+class SnapshotMismatch(KvforkError):
+    """A snapshot does not belong to this engine, model or layout, or was already released."""
+
+
+class EngineError(KvforkError):
+    """llama.cpp reported a failure the engine could not recover from for this request."""

@@ -1,0 +1,217 @@
+"""Engine: the public entry point; loads a model once and owns one llama context and its scheduler."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm import tqdm
+
+from kvfork.branch import Branch
+from kvfork.config import EngineConfig
+from kvfork.engine.llama import LlamaContext, LlamaModel
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import ContextOverflow, InvalidParameter
+from kvfork.models import DEFAULT_MODEL, resolve_model
+from kvfork.prompt import ChatLayout
+from kvfork.result import Completion
+from kvfork.scheduler.scheduler import Scheduler
+from kvfork.scheduler.sequence import Sequence, SeqStatus
+from kvfork.snapshot.base import Snapshot
+
+__all__ = ["Engine"]
+
+_PROGRESS_MIN_TOKENS = 1024
+
+
+class Engine:
+    """One model, one llama context with a unified KV cache, one scheduler.
+
+    >>> engine = Engine("qwen2.5-coder-0.5b")
+    >>> shared = engine.prefill(document, system="You are a careful analyst.")
+    >>> answers = shared.fan_out(["Summarize it.", "List the risks."], max_tokens=128)
+
+    Thread-safe: calls are serialized by a lock; branches generating at the same time share batches.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        config: EngineConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        if config is None:
+            config = EngineConfig(**overrides)
+        elif overrides:
+            raise InvalidParameter("pass either config or keyword overrides, not both")
+        self.config = config
+        self.model_path = resolve_model(model)
+        self.model = LlamaModel(self.model_path, verbose=config.verbose, chat_template=config.chat_template)
+        try:
+            self.ctx = LlamaContext(self.model, config)
+        except BaseException:
+            self.model.close()
+            raise
+        self.scheduler = Scheduler(self.ctx, self.model, config)
+        self._lock = threading.RLock()
+
+    # -- text and prompts ------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Seq[int]) -> str:
+        return self.model.detokenize(list(tokens))
+
+    def layout(self, document: str, system: str | None = None) -> ChatLayout:
+        """The chat layout (shared prefix, per-agent turns) of this model's template."""
+        return ChatLayout.build(
+            lambda msgs, add: self.model.apply_chat_template(msgs, add_generation_prompt=add), document, system
+        )
+
+    def prompt_tokens(self, document: str, instruction: str, *, system: str | None = None, chat: bool = True) -> list[int]:
+        """The exact tokens an agent sees: shared prefix + its first turn (what a branch holds)."""
+        if chat:
+            layout = self.layout(document, system)
+            return self.tokenize(layout.prefix, add_bos=True, special=True) + self.tokenize(
+                layout.first_turn(instruction), special=True
+            )
+        return self.tokenize(document, add_bos=True) + self.tokenize(instruction)
+
+    def sampling(self, **fields: Any) -> SamplingParams:
+        """SamplingParams from keywords; unknown names or bad values raise InvalidParameter."""
+        return SamplingParams().with_overrides(**fields)
+
+    # -- prefill, fork, generate -----------------------------------------------------------------
+    def prefill(self, document: str, *, system: str | None = None, chat: bool = True) -> Snapshot:
+        """Prefill the shared context once; returns a live Snapshot to fork branches from.
+
+        chat=True lays the model's chat template out as [system, user: document + instruction] and
+        stops the prefix right before the instruction; chat=False prefills the text as is.
+        """
+        if not isinstance(document, str):
+            raise TypeError(f"document must be a str, got {type(document).__name__}")
+        if not chat and not document:
+            raise InvalidParameter("empty prompt: nothing to prefill")
+        layout = self.layout(document, system) if chat else None
+        text = layout.prefix if layout else document
+        tokens = self.tokenize(text, add_bos=True, special=chat)
+        if len(tokens) >= self.ctx.n_ctx:
+            raise ContextOverflow(
+                f"the shared context is {len(tokens):,} tokens but the KV cache holds {self.ctx.n_ctx:,};"
+                " raise n_ctx (the model was trained for {self.model.n_ctx_train:,}) or shorten the document"
+            )
+        seq = Sequence(tokens=tokens)
+        t0 = time.perf_counter()
+        with self._lock:
+            self.scheduler.submit(seq, SamplingParams(max_tokens=0))
+            self._run([seq], progress=len(tokens) >= _PROGRESS_MIN_TOKENS and self.config.progress)
+        if seq.error is not None:
+            self.scheduler.release(seq)
+            raise seq.error
+        return Snapshot(self, seq, layout, time.perf_counter() - t0)
+
+    def generate(
+        self, prompt: str | Seq[int], *, system: str | None = None, chat: bool = True, **sampling: Any
+    ) -> Completion:
+        """One agent from scratch, in this context: prefill the whole prompt, then decode."""
+        if isinstance(prompt, str):
+            tokens = self.prompt_tokens("", prompt, system=system, chat=chat) if chat else self.tokenize(prompt, add_bos=True)
+        else:
+            tokens = [int(t) for t in prompt]
+        if not tokens:
+            raise InvalidParameter("empty prompt")
+        params = self.sampling(**sampling)
+        seq = Sequence(tokens=tokens)
+        try:
+            with self._lock:
+                self.scheduler.submit(seq, params)
+                self._run([seq])
+            return self._completion(seq)
+        finally:
+            self._release(seq)
+
+    def generate_branches(self, branches: Seq[Branch], params: Seq[SamplingParams]) -> list[Completion]:
+        """Prefill every branch's new turn in shared batches and decode them together.
+
+        Raises the first submission error (context overflow, bad state) before anything runs.
+        """
+        with self._lock:
+            submitted: list[tuple[Sequence, int]] = []
+            try:
+                for branch, p in zip(branches, params, strict=True):
+                    seq = branch._seq
+                    n0 = len(seq.tokens)
+                    branch._take_turn()
+                    submitted.append((seq, n0))
+                    self.scheduler.submit(seq, p)
+            except BaseException:
+                for seq, n0 in submitted:
+                    self.scheduler.cancel(seq)
+                    del seq.tokens[max(n0, seq.n_in_kv):]
+                raise
+            self._run([seq for seq, _ in submitted])
+            results = [self._completion(seq) for seq, _ in submitted]
+        for branch, completion in zip(branches, results):
+            branch._took_reply(completion)
+        return results
+
+    def close(self) -> None:
+        """Free the context and the model; the engine cannot be used afterwards."""
+        with self._lock:
+            self.ctx.close()
+            self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals shared by Snapshot and Branch -------------------------------------------------
+    def _fork(self, parent: Sequence, layout: ChatLayout | None, replies: int) -> Branch:
+        with self._lock:
+            return Branch(self, self.scheduler.fork(parent), layout, replies)
+
+    def _release(self, seq: Sequence) -> None:
+        with self._lock:
+            if not seq.released:
+                self.scheduler.release(seq)
+
+    def _run(self, seqs: list[Sequence], progress: bool = False) -> None:
+        """Step the scheduler until every sequence in `seqs` has ended its turn."""
+        bar = tqdm(total=sum(s.n_pending for s in seqs), unit="tok", desc="prefill", disable=None) if progress else None
+        done_before = sum(s.n_in_kv for s in seqs)
+        try:
+            while any(s.status in (SeqStatus.WAITING, SeqStatus.RUNNING) for s in seqs):
+                self.scheduler.step()
+                if bar is not None:
+                    done = sum(s.n_in_kv for s in seqs)
+                    bar.update(done - done_before)
+                    done_before = done
+        except BaseException:
+            for seq in seqs:
+                self.scheduler.cancel(seq)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _completion(self, seq: Sequence) -> Completion:
+        prompt = len(seq.tokens) - len(seq.generated)
+        end = seq.t_done or time.perf_counter()
+        return Completion(
+            text=seq.text,
+            tokens=tuple(seq.generated),
+            finish_reason=seq.finish_reason or "cancelled",
+            prompt_tokens=prompt,
+            reused_tokens=prompt - seq.n_prompt_computed,
+            computed_tokens=seq.n_prompt_computed,
+            ttft_s=(seq.t_first_token or end) - seq.t_submit,
+            total_s=end - seq.t_submit,
+            error=str(seq.error) if seq.error is not None else None,
+        )
+
+

@@ -1,0 +1,87 @@
+"""BranchTable: the sequence-id pool and KV-cell budget, with fork and free on the llama context."""
+
+from __future__ import annotations
+
+from kvfork.engine.llama import LlamaContext
+from kvfork.errors import ContextOverflow
+from kvfork.scheduler.sequence import Sequence, SeqStatus
+
+__all__ = ["BranchTable"]
+
+
+class BranchTable:
+    """Pairs every check with its action (can_allocate / allocate), as nano-vllm's block manager does.
+
+    Contract: only the scheduler thread calls it. A sequence id is held from `allocate` to `free`.
+    Cells are budgeted by reservation: each allocated sequence reserves its own tokens plus the tokens
+    it may still generate; shared prefix cells are counted once, on the sequence that made them.
+    """
+
+    def __init__(self, ctx: LlamaContext, n_seq_max: int) -> None:
+        self.ctx = ctx
+        self.n_cells = ctx.n_ctx
+        self._free_ids = list(range(n_seq_max - 1, -1, -1))
+        self._live: set[Sequence] = set()
+
+    @property
+    def n_free_ids(self) -> int:
+        return len(self._free_ids)
+
+    def cells_reserved(self) -> int:
+        return sum(seq.cells_needed() for seq in self._live)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise ContextOverflow if `seq` could never fit, even with every other branch gone."""
+        pinned = sum(s.n_own_tokens for s in self._ancestors(seq))
+        need = seq.cells_needed()
+        if pinned + need > self.n_cells:
+            raise ContextOverflow(
+                f"{pinned + need:,} KV cells needed ({pinned:,} shared prefix + {need:,} for this branch: prompt and"
+                f" max_tokens) but the context holds {self.n_cells:,}; shorten the input or raise n_ctx"
+            )
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """A sequence without an id needs a free id; every sequence needs room for its reservation."""
+        if seq.seq_id is None and not self._free_ids:
+            return False
+        others = self.cells_reserved() - (seq.cells_needed() if seq in self._live else 0)
+        return others + seq.cells_needed() <= self.n_cells
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give `seq` an id (sharing its parent's cells) if it has none; count its cells."""
+        if seq.seq_id is None:
+            seq.seq_id = self._free_ids.pop()
+            if seq.parent is not None:
+                assert seq.parent.seq_id is not None, "a parent keeps its id while it has children"
+                # NOTE: zero-copy fork: on a unified cache seq_cp only adds the new id to the parent's cells.
+                self.ctx.seq_cp(seq.parent.seq_id, seq.seq_id, -1, seq.n_shared)
+        self._live.add(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free `seq` now, or once its last fork is freed (its cells are pinned until then)."""
+        seq.released = True
+        if seq.n_children == 0:
+            self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        """Drop the sequence's own cells and return its id; shared cells stay with their other owners."""
+        parent = seq.parent
+        if seq.seq_id is not None:
+            self.ctx.seq_rm(seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+            seq.seq_id = None
+        self._live.discard(seq)
+        seq.status = SeqStatus.CLOSED
+        if parent is not None:
+            parent.n_children -= 1
+            if parent.released and parent.n_children == 0:
+                self._free(parent)
+
+    @staticmethod
+    def _ancestors(seq: Sequence) -> list[Sequence]:
+        out = []
+        parent = seq.parent
+        while parent is not None:
+            out.append(parent)
+            parent = parent.parent
+        return out

@@ -1,0 +1,198 @@
+"""Scheduler: owns the queues; each step batches every running sequence's next tokens into one decode."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+
+from kvfork.config import EngineConfig
+from kvfork.engine.batch import Batch
+from kvfork.engine.llama import LlamaContext, LlamaModel, Sampler
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import KvforkError, SnapshotMismatch
+from kvfork.scheduler.branches import BranchTable
+from kvfork.scheduler.sequence import Sequence, SeqStatus
+
+__all__ = ["Scheduler"]
+
+
+class Scheduler:
+    """schedule -> one llama_decode over all running sequences -> sample and post-process.
+
+    Contract: one thread drives it (the engine holds a lock around every call). Sequences enter with
+    `submit`, wait until the BranchTable has an id and cells for them, run until their pending tokens
+    are in the cache and their turn is finished, then go back to IDLE (keeping their cells) until
+    `release`. Sequences that are decoding get one token each per step before any prefill chunk is
+    added, so a long prefill never starves them; the rest of the n_batch budget goes to prefills.
+    """
+
+    def __init__(self, ctx: LlamaContext, model: LlamaModel, config: EngineConfig) -> None:
+        self.ctx = ctx
+        self.model = model
+        self.n_batch = config.n_batch
+        self.table = BranchTable(ctx, config.n_seq_max)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._samplers: dict[Sequence, Sampler] = {}
+
+    # -- building sequences ----------------------------------------------------------------
+    def fork(self, parent: Sequence) -> Sequence:
+        """A new sequence sharing all of `parent`'s tokens that are in the cache (cells tagged at admission)."""
+        if parent.status is SeqStatus.CLOSED or parent.released:
+            raise SnapshotMismatch("cannot fork a released snapshot or branch")
+        if parent.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
+            raise SnapshotMismatch("cannot fork a branch while it is generating")
+        parent.n_children += 1
+        n = parent.n_in_kv
+        # NOTE: tokens the parent has not put in the cache yet (a last sampled token) become the child's own.
+        return Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
+
+    def submit(self, seq: Sequence, params: SamplingParams) -> None:
+        """Queue `seq` to prefill its pending tokens, then generate up to params.max_tokens."""
+        if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
+            raise KvforkError("this branch is already generating")
+        if seq.status is SeqStatus.CLOSED or seq.released:
+            raise SnapshotMismatch("this branch was closed")
+        seq.start_turn(params)
+        if seq.n_pending == 0 and params.max_tokens > 0 and seq.n_in_kv > 0:
+            self._recompute_last(seq)
+        self.table.check_fits(seq)
+        if params.max_tokens > 0:
+            self._prepare_sampler(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget `seq`: leave the queues, free its cells (once no fork shares them)."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        sampler = self._samplers.pop(seq, None)
+        if sampler is not None:
+            sampler.close()
+        self.table.release(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq`'s turn now; it keeps what is already in the cache and can take another turn."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
+            seq.status = SeqStatus.IDLE
+            if seq.finish_reason is None:
+                seq.finish("cancelled")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one decode over every running sequence; return the sequences whose turn ended."""
+        self._admit()
+        batch = Batch()
+        plan: list[tuple[Sequence, int, int | None]] = []  # (seq, tokens taken, batch index to sample)
+        budget = self.n_batch
+        decoding = [s for s in self.running if s.n_pending == 1 and s.generated]
+        prefilling = [s for s in self.running if s not in decoding]
+        for seq in decoding + prefilling:
+            take = min(seq.n_pending, budget)
+            if take == 0:
+                continue
+            budget -= take
+            completes = take == seq.n_pending
+            sample_at = None
+            for i in range(seq.n_in_kv, seq.n_in_kv + take):
+                last = completes and i == len(seq.tokens) - 1 and seq.wants_tokens
+                index = batch.add(seq.tokens[i], i, seq.seq_id, last)  # type: ignore[arg-type]
+                if last:
+                    sample_at = index
+            plan.append((seq, take, sample_at))
+        finished: list[Sequence] = [s for s in self.running if s.n_pending == 0]  # nothing left to do
+        if batch:
+            try:
+                self.ctx.decode(batch)
+            except KvforkError as exc:
+                return finished + self._fail(plan, exc)
+            for seq, take, sample_at in plan:
+                if seq.generated == [] and seq.n_pending > 0:
+                    seq.n_prompt_computed += take
+                seq.n_in_kv += take
+                if sample_at is not None:
+                    self._sample(seq, sample_at)
+                if seq.finish_reason is None and seq.n_pending == 0 and not seq.wants_tokens:
+                    seq.finish("prefilled")
+                if seq.finish_reason is not None:
+                    finished.append(seq)
+        for seq in finished:
+            if seq in self.running:
+                self.running.remove(seq)
+                seq.status = SeqStatus.IDLE
+                if seq.t_done is None:
+                    seq.t_done = time.perf_counter()
+        return finished
+
+    def _recompute_last(self, seq: Sequence) -> None:
+        # NOTE: sampling needs the logits after the last token, which are long gone when every token
+        # is already in the cache (a bare fork): drop that token's cell and decode it again.
+        last = seq.n_in_kv - 1
+        if seq.seq_id is not None:
+            self.ctx.seq_rm(seq.seq_id, last, -1)
+        seq.n_in_kv = last
+        seq.n_shared = min(seq.n_shared, last)
+
+    def _admit(self) -> None:
+        while self.waiting and self.table.can_allocate(self.waiting[0]):
+            seq = self.waiting.popleft()
+            self.table.allocate(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+
+    def _sample(self, seq: Sequence, index: int) -> None:
+        token = self._samplers[seq].sample(self.ctx, index)
+        now = time.perf_counter()
+        if seq.t_first_token is None:
+            seq.t_first_token = now
+        if self.model.is_eog(token) and not seq.params.ignore_eos:
+            seq.finish("stop")
+            return
+        seq.generated.append(token)
+        seq.tokens.append(token)
+        # NOTE: detokenize the whole turn, not piece by piece: a piece may be half of a UTF-8 character.
+        seq.text = self.model.detokenize(seq.generated)
+        for stop in seq.params.stop:
+            cut = seq.text.find(stop)
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                seq.finish("stop")
+                return
+        if len(seq.generated) >= seq.params.max_tokens:
+            seq.finish("length")
+
+    def _prepare_sampler(self, seq: Sequence) -> None:
+        old = self._samplers.pop(seq, None)
+        if old is not None:
+            old.close()
+        params = seq.params
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        sampler = Sampler(params, seed)
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            for token in seq.tokens[-params.repeat_last_n:] if params.repeat_last_n else ():
+                sampler.accept(token)
+        self._samplers[seq] = sampler
+
+    def _fail(self, plan: list[tuple[Sequence, int, int | None]], exc: Exception) -> list[Sequence]:
+        """A decode failed: drop what the batch may have left in the cache, fail its sequences."""
+        failed = []
+        for seq, _, _ in plan:
+            # NOTE: llama.cpp keeps ubatches that succeeded before the failing one; trim them so the
+            # sequence's cells again match tokens[:n_in_kv], and the engine stays usable.
+            self.ctx.seq_rm(seq.seq_id, seq.n_in_kv, -1)  # type: ignore[arg-type]
+            del seq.tokens[seq.n_in_kv:]
+            seq.error = exc
+            seq.finish("error")
+            failed.append(seq)
+        return failed

@@ -1,0 +1,80 @@
+"""Sequence: one branch's tokens, KV progress and generation state, as the scheduler sees it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kvfork.engine.sampling import SamplingParams
+
+__all__ = ["Sequence", "SeqStatus"]
+
+
+class SeqStatus(enum.Enum):
+    IDLE = "idle"  # holds (or will hold) KV, nothing to do
+    WAITING = "waiting"  # has work, waits for a sequence id or KV cells
+    RUNNING = "running"  # has a sequence id; in the batch until its work is done
+    CLOSED = "closed"  # its cells are freed
+
+
+@dataclass(eq=False)
+class Sequence:
+    """The unit the scheduler batches: a token history whose head is (or will be) in the KV cache.
+
+    `tokens[:n_in_kv]` are in the cache under `seq_id`; `tokens[n_in_kv:]` are pending (to prefill).
+    A sequence forked from `parent` shares the parent's first `n_shared` cells (zero-copy), so its
+    own cells start at position n_shared.
+    """
+
+    tokens: list[int]
+    parent: Sequence | None = None
+    n_shared: int = 0
+    n_in_kv: int = 0
+    seq_id: int | None = None
+    status: SeqStatus = SeqStatus.IDLE
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=0))
+    # generation state of the current turn
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    error: Exception | None = None
+    n_children: int = 0  # forks sharing this sequence's cells: it stays pinned while > 0
+    released: bool = False  # its owner let go; freed when n_children drops to 0
+    # accounting of the current turn
+    n_prompt_computed: int = 0
+    t_submit: float = 0.0
+    t_first_token: float | None = None
+    t_done: float | None = None
+
+    @property
+    def n_pending(self) -> int:
+        return len(self.tokens) - self.n_in_kv
+
+    @property
+    def n_own_tokens(self) -> int:
+        """Tokens whose cells belong to this sequence alone (not shared with its parent)."""
+        return len(self.tokens) - self.n_shared
+
+    @property
+    def wants_tokens(self) -> bool:
+        return self.finish_reason is None and len(self.generated) < self.params.max_tokens
+
+    def cells_needed(self) -> int:
+        """Cells this sequence may still occupy: its own tokens plus what it may yet generate."""
+        return self.n_own_tokens + max(0, self.params.max_tokens - len(self.generated))
+
+    def start_turn(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generated = []
+        self.finish_reason = None
+        self.text = ""
+        self.error = None
+        self.n_prompt_computed = 0
+        self.t_submit = time.perf_counter()
+        self.t_first_token = None
+        self.t_done = None
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.t_done = time.perf_counter()

@@ -1,0 +1,82 @@
+"""Snapshot: a prefilled shared context held live in the engine's KV cache, ready to fork."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING, Any
+
+from kvfork.branch import Branch
+from kvfork.engine.sampling import SamplingParams
+from kvfork.prompt import ChatLayout
+from kvfork.result import Completion
+from kvfork.scheduler.sequence import Sequence
+
+if TYPE_CHECKING:
+    from kvfork.runtime import Engine
+
+__all__ = ["Snapshot"]
+
+
+class Snapshot:
+    """The KV cells of a shared prefix under one sequence id, pinned while any branch shares them.
+
+    Forking is zero-copy: a branch's sequence id is added to the snapshot's cells. Closing the
+    snapshot frees its cells once the last branch that shares them is closed.
+    """
+
+    def __init__(self, engine: Engine, seq: Sequence, layout: ChatLayout | None, prefill_s: float) -> None:
+        self._engine = engine
+        self._seq = seq
+        self.layout = layout
+        self.prefill_s = prefill_s  # seconds the prefill took (0 for a restore)
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._seq.tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._seq.tokens)
+
+    @property
+    def chat(self) -> bool:
+        return self.layout is not None
+
+    def fork(self) -> Branch:
+        """A new branch that shares this snapshot's cells; it continues at position n_tokens."""
+        return self._engine._fork(self._seq, self.layout, 0)
+
+    def fan_out(
+        self,
+        instructions: Seq[str],
+        *,
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        **sampling: Any,
+    ) -> list[Completion]:
+        """Fork one branch per instruction, prefill the instructions as one batch, decode all together.
+
+        `params` may give one SamplingParams per instruction; keywords apply to all. The branches
+        are closed afterwards; use `fork` for branches that go on for more turns.
+        """
+        if isinstance(params, SamplingParams) or params is None:
+            base = params or self._engine.sampling()
+            per = [base.with_overrides(**sampling) if sampling else base] * len(instructions)
+        else:
+            if len(params) != len(instructions):
+                raise ValueError(f"{len(params)} SamplingParams for {len(instructions)} instructions")
+            per = [p.with_overrides(**sampling) if sampling else p for p in params]
+        branches = [self.fork().send(text) for text in instructions]
+        try:
+            return self._engine.generate_branches(branches, per)
+        finally:
+            for branch in branches:
+                branch.close()
+
+    def close(self) -> None:
+        self._engine._release(self._seq)
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
