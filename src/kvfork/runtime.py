@@ -49,7 +49,9 @@ class Engine:
             raise InvalidParameter("pass either config or keyword overrides, not both")
         self.config = config
         self.model_path = resolve_model(model)
-        self.model = LlamaModel(self.model_path, verbose=config.verbose, chat_template=config.chat_template)
+        self.model = LlamaModel(
+            self.model_path, verbose=config.verbose, chat_template=config.chat_template, repack=config.repack
+        )
         try:
             self.ctx = LlamaContext(self.model, config)
         except BaseException:

@@ -20,6 +20,7 @@ from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, Invali
 __all__ = ["LlamaModel", "LlamaContext", "Sampler", "set_verbose"]
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+_KV_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
 _verbose = False
 _init_lock = threading.Lock()
 _backend_ready = False
@@ -51,10 +52,13 @@ def _ensure_backend() -> None:
 class LlamaModel:
     """Weights and vocabulary of one GGUF file, loaded once and shared by every context."""
 
-    def __init__(self, path: Path, *, verbose: bool = False, chat_template: str | None = None) -> None:
+    def __init__(
+        self, path: Path, *, verbose: bool = False, chat_template: str | None = None, repack: bool = False
+    ) -> None:
         set_verbose(verbose)
         _ensure_backend()
         params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = repack
         ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise InvalidModelFile(f"llama.cpp could not load {path} (unsupported or damaged GGUF; --verbose shows why)")
@@ -190,6 +194,7 @@ class LlamaContext:
         params.n_threads_batch = config.n_threads
         params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
         params.kv_unified = True
+        params.type_k = params.type_v = _KV_TYPE[config.kv_type]
         params.no_perf = True
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
