@@ -143,12 +143,12 @@ class LlamaModel:
 class Sampler:
     """One branch's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, seeded dist)."""
 
-    def __init__(self, params: SamplingParams, seed: int) -> None:
+    def __init__(self, params: SamplingParams, seed: int, n_vocab: int) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
         p = params
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            add(chain, llama_cpp.llama_sampler_init_penalties(p.repeat_last_n, p.repeat_penalty,
+            add(chain, llama_cpp.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty,
                                                               p.frequency_penalty, p.presence_penalty))
         if p.greedy:
             add(chain, llama_cpp.llama_sampler_init_greedy())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from kvfork.engine.llama import LlamaContext
 from kvfork.errors import ContextOverflow
 from kvfork.scheduler.sequence import Sequence, SeqStatus
@@ -22,6 +24,12 @@ class BranchTable:
         self.n_cells = ctx.n_ctx
         self._free_ids = list(range(n_seq_max - 1, -1, -1))
         self._live: set[Sequence] = set()
+        self.fork_seconds = 0.0  # total time spent tagging shared cells (seq_cp): the cost of forking
+        self.n_forks = 0
+
+    @property
+    def n_live(self) -> int:
+        return len(self._live)
 
     @property
     def n_free_ids(self) -> int:
@@ -54,7 +62,10 @@ class BranchTable:
             if seq.parent is not None:
                 assert seq.parent.seq_id is not None, "a parent keeps its id while it has children"
                 # NOTE: zero-copy fork: on a unified cache seq_cp only adds the new id to the parent's cells.
+                t0 = time.perf_counter()
                 self.ctx.seq_cp(seq.parent.seq_id, seq.seq_id, -1, seq.n_shared)
+                self.fork_seconds += time.perf_counter() - t0
+                self.n_forks += 1
         self._live.add(seq)
 
     def release(self, seq: Sequence) -> None:

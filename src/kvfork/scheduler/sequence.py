@@ -41,6 +41,7 @@ class Sequence:
     error: Exception | None = None
     n_children: int = 0  # forks sharing this sequence's cells: it stays pinned while > 0
     released: bool = False  # its owner let go; freed when n_children drops to 0
+    one_shot: bool = False  # free as soon as the current turn ends (fan-out branches)
     # accounting of the current turn
     n_prompt_computed: int = 0
     t_submit: float = 0.0

@@ -67,7 +67,7 @@ class Snapshot:
             per = [p.with_overrides(**sampling) if sampling else p for p in params]
         branches = [self.fork().send(text) for text in instructions]
         try:
-            return self._engine.generate_branches(branches, per)
+            return self._engine.generate_branches(branches, per, close=True)
         finally:
             for branch in branches:
                 branch.close()
