@@ -1,7 +1,7 @@
 """kvfork: prefill shared context once, fork the KV cache to every agent, decode all branches in one batch."""
 
 from kvfork.branch import Branch
-from kvfork.config import EngineConfig
+from kvfork.config import EngineConfig, StoreConfig
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import (
     ContextOverflow,
@@ -11,12 +11,15 @@ from kvfork.errors import (
     KvforkError,
     ModelIntegrityError,
     ModelNotFound,
+    SnapshotCorrupt,
     SnapshotMismatch,
 )
 from kvfork.models import CATALOG, DEFAULT_MODEL, pull, resolve_model
 from kvfork.result import Completion
 from kvfork.runtime import Engine
 from kvfork.snapshot.base import Snapshot
+from kvfork.snapshot.host import HostSnapshot
+from kvfork.snapshot.store import SnapshotStore
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,9 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "Snapshot",
+    "HostSnapshot",
+    "SnapshotStore",
+    "StoreConfig",
     "Branch",
     "SamplingParams",
     "Completion",
@@ -39,4 +45,5 @@ __all__ = [
     "ModelIntegrityError",
     "ModelNotFound",
     "SnapshotMismatch",
+    "SnapshotCorrupt",
 ]

@@ -8,7 +8,7 @@ from typing import Literal
 
 from kvfork.errors import InvalidParameter
 
-__all__ = ["EngineConfig", "default_threads"]
+__all__ = ["EngineConfig", "StoreConfig", "default_threads"]
 
 FlashAttn = Literal["auto", "on", "off"]
 KvType = Literal["q8_0", "f16", "f32"]
@@ -66,3 +66,28 @@ class EngineConfig:
             raise InvalidParameter("a q8_0 KV cache needs flash attention (flash_attn='on' or 'auto')")
         if self.flash_attn not in ("auto", "on", "off"):
             raise InvalidParameter(f"flash_attn must be 'auto', 'on' or 'off', got {self.flash_attn!r}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Budgets and policies of a SnapshotStore (host RAM tier, optional disk folder tier).
+
+    NOTE: block_size trades lookup cost against match granularity: a stored entry is found through
+    its full blocks, so entries shorter than one block are never matched, and hashing a 32k-token
+    request costs 1,000 sha256 calls at 32 (under a millisecond).
+    """
+
+    ram_bytes: int = 1 << 30
+    disk_bytes: int = 16 << 30
+    block_size: int = 32
+    min_tokens: int = 32  # a shorter shared prefix is not worth a restore
+    write_through: bool = True  # write every new entry to disk at once (other processes see it)
+    stale_tmp_s: float = 3600.0  # a temp file this old is an abandoned write, whoever wrote it
+
+    def __post_init__(self) -> None:
+        if self.ram_bytes < 0 or self.disk_bytes < 0:
+            raise InvalidParameter(f"byte budgets must be >= 0, got {self.ram_bytes} (RAM), {self.disk_bytes} (disk)")
+        if not 1 <= self.block_size <= 4096:
+            raise InvalidParameter(f"block_size must be in [1, 4096], got {self.block_size}")
+        if self.min_tokens < 1:
+            raise InvalidParameter(f"min_tokens must be >= 1, got {self.min_tokens}")

@@ -10,6 +10,7 @@ __all__ = [
     "ContextOverflow",
     "InvalidParameter",
     "SnapshotMismatch",
+    "SnapshotCorrupt",
     "EngineError",
 ]
 
@@ -40,6 +41,10 @@ class InvalidParameter(KvforkError, ValueError):
 
 class SnapshotMismatch(KvforkError):
     """A snapshot does not belong to this engine, model or layout, or was already released."""
+
+
+class SnapshotCorrupt(SnapshotMismatch):
+    """A snapshot file is truncated, damaged, or not a kvfork snapshot file at all."""
 
 
 class EngineError(KvforkError):

@@ -21,6 +21,7 @@ from kvfork.result import Completion
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.sequence import Sequence, SeqStatus
 from kvfork.snapshot.base import Snapshot
+from kvfork.snapshot.store import SnapshotStore
 
 __all__ = ["Engine"]
 
@@ -41,6 +42,8 @@ class Engine:
         self,
         model: str | os.PathLike[str] = DEFAULT_MODEL,
         config: EngineConfig | None = None,
+        *,
+        store: SnapshotStore | None = None,
         **overrides: Any,
     ) -> None:
         if config is None:
@@ -58,6 +61,7 @@ class Engine:
             self.model.close()
             raise
         self.scheduler = Scheduler(self.ctx, self.model, config)
+        self.store = store  # consulted by every prefill: restore the longest stored prefix, store the result
         self._lock = threading.RLock()
 
     # -- text and prompts ------------------------------------------------------------------------
@@ -105,15 +109,19 @@ class Engine:
                 f"the shared context is {len(tokens):,} tokens but the KV cache holds {self.ctx.n_ctx:,};"
                 " raise n_ctx (the model was trained for {self.model.n_ctx_train:,}) or shorten the document"
             )
-        seq = Sequence(tokens=tokens)
         t0 = time.perf_counter()
         with self._lock:
-            self.scheduler.submit(seq, SamplingParams(max_tokens=0))
-            self._run([seq], progress=len(tokens) >= _PROGRESS_MIN_TOKENS and self.config.progress)
+            seq = Sequence(tokens=tokens) if self.store is None else self.store.restore_prefix(self, tokens)
+            if seq.n_pending:
+                self.scheduler.submit(seq, SamplingParams(max_tokens=0))
+                self._run([seq], progress=seq.n_pending >= _PROGRESS_MIN_TOKENS and self.config.progress)
         if seq.error is not None:
             self.scheduler.release(seq)
             raise seq.error
-        return Snapshot(self, seq, layout, time.perf_counter() - t0)
+        snapshot = Snapshot(self, seq, layout, time.perf_counter() - t0)
+        if self.store is not None:
+            self.store.remember(snapshot)
+        return snapshot
 
     def generate(
         self, prompt: str | Seq[int], *, system: str | None = None, chat: bool = True, **sampling: Any
@@ -135,10 +143,13 @@ class Engine:
         finally:
             self._release(seq)
 
-    def generate_branches(self, branches: Seq[Branch], params: Seq[SamplingParams]) -> list[Completion]:
+    def generate_branches(
+        self, branches: Seq[Branch], params: Seq[SamplingParams], *, close: bool = False
+    ) -> list[Completion]:
         """Prefill every branch's new turn in shared batches and decode them together.
 
         Raises the first submission error (context overflow, bad state) before anything runs.
+        close=True frees each branch the moment its turn ends (queued branches take its place).
         """
         with self._lock:
             submitted: list[tuple[Sequence, int]] = []
@@ -148,6 +159,7 @@ class Engine:
                     n0 = len(seq.tokens)
                     branch._take_turn()
                     submitted.append((seq, n0))
+                    seq.one_shot = close
                     self.scheduler.submit(seq, p)
             except BaseException:
                 for seq, n0 in submitted:

@@ -10,7 +10,7 @@ from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
 from kvfork.engine.llama import LlamaContext, LlamaModel, Sampler
 from kvfork.engine.sampling import SamplingParams
-from kvfork.errors import KvforkError, SnapshotMismatch
+from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
 from kvfork.scheduler.sequence import Sequence, SeqStatus
 
@@ -47,6 +47,31 @@ class Scheduler:
         n = parent.n_in_kv
         # NOTE: tokens the parent has not put in the cache yet (a last sampled token) become the child's own.
         return Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
+
+    def adopt(self, tokens: list[int], state: bytes, keep: int | None = None) -> Sequence:
+        """A sequence whose cells come from a state blob (a restored snapshot) instead of a prefill.
+
+        `state` must hold the cells of `tokens` (positions 0..len-1); `keep` trims it to its first
+        `keep` tokens. Raises ContextOverflow when no sequence id or cells are free for it.
+        """
+        seq = Sequence(tokens=list(tokens))
+        self.table.check_fits(seq)
+        if not self.table.can_allocate(seq):
+            raise ContextOverflow(
+                f"no free sequence id or KV cells to restore {len(tokens):,} tokens;"
+                " close snapshots or branches, or raise n_ctx / n_seq_max"
+            )
+        self.table.allocate(seq)
+        try:
+            self.ctx.state_seq_set(seq.seq_id, state)  # type: ignore[arg-type]
+            if keep is not None and keep < len(tokens):
+                self.ctx.seq_rm(seq.seq_id, keep, -1)  # type: ignore[arg-type]
+                del seq.tokens[keep:]
+        except BaseException:
+            self.table.release(seq)
+            raise
+        seq.n_in_kv = len(seq.tokens)
+        return seq
 
     def submit(self, seq: Sequence, params: SamplingParams) -> None:
         """Queue `seq` to prefill its pending tokens, then generate up to params.max_tokens."""
@@ -93,6 +118,12 @@ class Scheduler:
     def step(self) -> list[Sequence]:
         """Run one decode over every running sequence; return the sequences whose turn ended."""
         self._admit()
+        if self.waiting and not self.running:
+            held = self.table.n_live
+            raise KvforkError(
+                f"nothing can run: the next branch needs a sequence id or KV cells that {held} open snapshots and"
+                " branches hold; close branches you are done with, or raise n_seq_max / n_ctx"
+            )
         batch = Batch()
         plan: list[tuple[Sequence, int, int | None]] = []  # (seq, tokens taken, batch index to sample)
         budget = self.n_batch
@@ -133,6 +164,9 @@ class Scheduler:
                 seq.status = SeqStatus.IDLE
                 if seq.t_done is None:
                     seq.t_done = time.perf_counter()
+                if seq.one_shot:
+                    # NOTE: free the id and cells at once, so queued branches can start in this very run.
+                    self.release(seq)
         return finished
 
     def _recompute_last(self, seq: Sequence) -> None:
@@ -178,7 +212,7 @@ class Scheduler:
             old.close()
         params = seq.params
         seed = params.seed if params.seed is not None else random.getrandbits(32)
-        sampler = Sampler(params, seed)
+        sampler = Sampler(params, seed, self.model.n_vocab)
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             for token in seq.tokens[-params.repeat_last_n:] if params.repeat_last_n else ():
                 sampler.accept(token)

@@ -1,1 +1,1 @@
-"""snapshot package."""
+"""snapshot package: live snapshots (base), host copies (host), files (fileformat), and the tiered store."""

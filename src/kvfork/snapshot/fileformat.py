@@ -1,0 +1,205 @@
+"""The snapshot file: magic, version, a length-prefixed JSON header, int32 token ids, the raw state blob.
+
+    offset 0   8 bytes  MAGIC
+           8   u32 LE   FORMAT_VERSION
+          12   u32 LE   header length H
+          16   H bytes  header, UTF-8 JSON (layout, counts, sha256s, chat layout, times)
+      16 + H   4*n      token ids, int32 LE
+               P bytes  llama.cpp seq-state blob
+
+No pickle: a file from anywhere can be inspected without running its code. Every check that can
+fail on a foreign, truncated or damaged file raises SnapshotCorrupt; a file of another model,
+layout or version raises SnapshotMismatch; llama.cpp never sees bytes that failed a check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from kvfork.errors import SnapshotCorrupt, SnapshotMismatch
+from kvfork.snapshot.host import HostSnapshot
+from kvfork.snapshot.layout import StateLayout
+
+__all__ = [
+    "MAGIC", "FORMAT_VERSION", "TMP_SUFFIX", "FileHeader", "write_snapshot", "read_header", "read_snapshot"
+]
+
+MAGIC = b"KVFORK\x00S"
+FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"
+_PRELUDE = struct.Struct("<8sII")
+_MAX_HEADER = 64 << 20  # a header is a few KiB (more with a long chat prefix); larger means garbage
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What a snapshot file says about itself, readable without loading the payload."""
+
+    layout: StateLayout
+    n_tokens: int
+    n_pos: int  # positions 0..n_pos-1 are in the state
+    payload_size: int
+    payload_sha256: str
+    tokens_sha256: str
+    created: float
+    prefill_s: float
+    chat: dict[str, Any] | None
+    data_offset: int  # where the token ids start
+    file_size: int
+
+    @property
+    def payload_offset(self) -> int:
+        return self.data_offset + 4 * self.n_tokens
+
+
+def _tokens_bytes(tokens: tuple[int, ...]) -> bytes:
+    return struct.pack(f"<{len(tokens)}i", *tokens)
+
+
+def write_snapshot(path: str | os.PathLike[str], snap: HostSnapshot) -> Path:
+    """Write `snap` to `path` atomically: a temp file in the same folder, fsync, rename, fsync the folder.
+
+    NOTE: readers see either no file or a complete one; two writers of one path each rename a
+    complete file (the last wins). A writer killed half-way leaves only `.<name>.<pid>.<rand>.tmp`,
+    which readers skip and DiskTier cleans up.
+    """
+    final = Path(path)
+    tokens = _tokens_bytes(snap.tokens)
+    header = {
+        "format": FORMAT_VERSION,
+        "layout": snap.layout.to_dict(),
+        "n_tokens": snap.n_tokens,
+        "n_pos": snap.n_tokens,
+        "payload_size": len(snap.state),
+        "payload_sha256": hashlib.sha256(snap.state).hexdigest(),
+        "tokens_sha256": hashlib.sha256(tokens).hexdigest(),
+        "created": snap.created,
+        "prefill_s": snap.prefill_s,
+        "chat": snap.chat_dict(),
+    }
+    blob = json.dumps(header, sort_keys=True).encode("utf-8")
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(_PRELUDE.pack(MAGIC, FORMAT_VERSION, len(blob)))
+            fh.write(blob)
+            fh.write(tokens)
+            fh.write(snap.state)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_header(fh: BinaryIO, name: str, file_size: int) -> FileHeader:
+    prelude = fh.read(_PRELUDE.size)
+    if len(prelude) < _PRELUDE.size:
+        raise SnapshotCorrupt(f"{name} is too short to be a kvfork snapshot ({file_size} bytes)")
+    magic, version, size = _PRELUDE.unpack(prelude)
+    if magic != MAGIC:
+        raise SnapshotCorrupt(f"{name} is not a kvfork snapshot file (starts with {magic!r})")
+    if version != FORMAT_VERSION:
+        raise SnapshotMismatch(
+            f"{name} is snapshot format version {version}; this kvfork reads version {FORMAT_VERSION}."
+            " Save the snapshot again with this kvfork"
+        )
+    if size > _MAX_HEADER or _PRELUDE.size + size > file_size:
+        raise SnapshotCorrupt(f"{name} is truncated or damaged: a {size}-byte header in {file_size} bytes")
+    try:
+        data = json.loads(fh.read(size).decode("utf-8"))
+        head = FileHeader(
+            layout=StateLayout.from_dict(data["layout"]),
+            n_tokens=int(data["n_tokens"]),
+            n_pos=int(data["n_pos"]),
+            payload_size=int(data["payload_size"]),
+            payload_sha256=str(data["payload_sha256"]),
+            tokens_sha256=str(data["tokens_sha256"]),
+            created=float(data["created"]),
+            prefill_s=float(data["prefill_s"]),
+            chat=data["chat"],
+            data_offset=_PRELUDE.size + size,
+            file_size=file_size,
+        )
+    except SnapshotMismatch:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # bad UTF-8 / JSON / fields
+        raise SnapshotCorrupt(f"{name} has a damaged header ({type(exc).__name__}: {exc})") from exc
+    expected = head.payload_offset + head.payload_size
+    if head.n_tokens < 0 or head.payload_size < 0 or expected != file_size:
+        raise SnapshotCorrupt(
+            f"{name} is truncated or damaged: {expected:,} bytes promised, {file_size:,} present"
+        )
+    return head
+
+
+def read_header(
+    path: str | os.PathLike[str], *, with_tokens: bool = False
+) -> tuple[FileHeader, tuple[int, ...]]:
+    """The header (and the token ids if asked, checked against their sha256) without the payload."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = _read_header(fh, p.name, os.fstat(fh.fileno()).st_size)
+            tokens = _read_tokens(fh, head, p.name) if with_tokens else ()
+    except OSError as exc:
+        raise SnapshotCorrupt(f"cannot read snapshot {p}: {exc}") from exc
+    return head, tokens
+
+
+def _read_tokens(fh: BinaryIO, head: FileHeader, name: str) -> tuple[int, ...]:
+    raw = fh.read(4 * head.n_tokens)
+    if len(raw) != 4 * head.n_tokens or hashlib.sha256(raw).hexdigest() != head.tokens_sha256:
+        raise SnapshotCorrupt(f"{name}: token ids are damaged (sha256 mismatch)")
+    return struct.unpack(f"<{head.n_tokens}i", raw)
+
+
+def read_snapshot(path: str | os.PathLike[str], expect: StateLayout | None = None) -> HostSnapshot:
+    """Load and verify a whole snapshot file; with `expect`, also check it fits that layout.
+
+    Raises SnapshotCorrupt (truncated, damaged, foreign) or SnapshotMismatch (other model, layout
+    or format version).
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = _read_header(fh, p.name, os.fstat(fh.fileno()).st_size)
+            if expect is not None:
+                head.layout.check(expect)
+            tokens = _read_tokens(fh, head, p.name)
+            state = fh.read(head.payload_size)
+    except OSError as exc:
+        raise SnapshotCorrupt(f"cannot read snapshot {p}: {exc}") from exc
+    if len(state) != head.payload_size or hashlib.sha256(state).hexdigest() != head.payload_sha256:
+        raise SnapshotCorrupt(f"{p.name}: the KV payload is damaged (sha256 mismatch); delete the file")
+    if head.n_pos != head.n_tokens:
+        raise SnapshotCorrupt(f"{p.name}: {head.n_pos} positions for {head.n_tokens} tokens")
+    return HostSnapshot(
+        tokens=tokens,
+        state=state,
+        layout=head.layout,
+        chat=HostSnapshot.chat_from(head.chat),
+        created=head.created,
+        prefill_s=head.prefill_s,
+    )

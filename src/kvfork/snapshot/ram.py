@@ -1,0 +1,61 @@
+"""RamTier: host-memory snapshots under a byte budget, least recently used evicted first."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from kvfork.snapshot.host import HostSnapshot
+
+__all__ = ["RamTier"]
+
+
+class RamTier:
+    """An LRU map key -> HostSnapshot whose payload bytes stay within `budget` bytes.
+
+    Contract: not thread-safe (the store locks around it). `put` hands back what it evicted so the
+    store can demote it to disk instead of losing it.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.nbytes = 0
+        self._items: OrderedDict[str, HostSnapshot] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> list[str]:
+        """Keys from least to most recently used."""
+        return list(self._items)
+
+    def get(self, key: str) -> HostSnapshot | None:
+        snap = self._items.get(key)
+        if snap is not None:
+            self._items.move_to_end(key)
+        return snap
+
+    def put(self, key: str, snap: HostSnapshot) -> list[tuple[str, HostSnapshot]]:
+        """Insert as most recently used; return the evicted (key, snapshot) pairs, oldest first.
+
+        A snapshot larger than the whole budget is not kept: it comes straight back as evicted.
+        """
+        if snap.nbytes > self.budget:
+            return [(key, snap)]
+        self.pop(key)
+        self._items[key] = snap
+        self.nbytes += snap.nbytes
+        evicted = []
+        while self.nbytes > self.budget:
+            old_key, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+            evicted.append((old_key, old))
+        return evicted
+
+    def pop(self, key: str) -> HostSnapshot | None:
+        snap = self._items.pop(key, None)
+        if snap is not None:
+            self.nbytes -= snap.nbytes
+        return snap

@@ -1,0 +1,244 @@
+"""SnapshotStore: content-addressed snapshots in two tiers (host RAM, disk folder) with prefix lookup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvfork.config import StoreConfig
+from kvfork.errors import InvalidParameter, SnapshotMismatch
+from kvfork.snapshot.disk import DiskTier
+from kvfork.snapshot.host import HostSnapshot, can_trim
+from kvfork.snapshot.index import PrefixIndex, PrefixMatch
+from kvfork.snapshot.keys import as_array, entry_key
+from kvfork.snapshot.layout import StateLayout
+from kvfork.snapshot.ram import RamTier
+from kvfork.snapshot.stats import StoreStats
+
+if TYPE_CHECKING:
+    from kvfork.runtime import Engine
+    from kvfork.scheduler.sequence import Sequence as Seq
+    from kvfork.snapshot.base import Snapshot
+
+__all__ = ["SnapshotStore", "StoreStats", "EntryInfo"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One stored snapshot, as `entries()` lists it."""
+
+    key: str
+    tiers: tuple[str, ...]  # ("ram",), ("disk",) or both
+    n_tokens: int
+    nbytes: int
+    created: float
+    model_desc: str
+
+
+class SnapshotStore:
+    """Snapshots keyed by (state layout incl. model fingerprint, token ids); lookup finds the longest prefix.
+
+    >>> store = SnapshotStore("~/.cache/kvfork/snapshots")
+    >>> engine = Engine("qwen2.5-coder-0.5b", store=store)   # prefill() now restores what it can
+
+    Tiers: RAM (always) and a disk folder (when `folder` is given), each with a byte budget and
+    LRU eviction; a disk hit is promoted to RAM, a RAM eviction is demoted to disk. Thread-safe
+    (one lock); any number of processes may share the folder.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str] | None = None,
+        config: StoreConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        if config is None:
+            config = StoreConfig(**overrides)
+        elif overrides:
+            raise InvalidParameter("pass either config or keyword overrides, not both")
+        self.config = config
+        self.ram = RamTier(config.ram_bytes)
+        self.disk = None if folder is None else DiskTier(
+            os.path.expanduser(folder), config.disk_bytes, config.stale_tmp_s
+        )
+        self._index = PrefixIndex(config.block_size)
+        self._stats = StoreStats()
+        self._lock = threading.RLock()
+        self._refresh(force=True)
+
+    # -- lookup and load ------------------------------------------------------------------------
+    def matches(self, layout: StateLayout, tokens: Sequence[int] | np.ndarray) -> Iterator[PrefixMatch]:
+        """Usable stored prefixes of `tokens` for an engine of `layout`, longest first."""
+        with self._lock:
+            self._refresh()
+            found = list(self._index.matches(layout.root, as_array(tokens), self._usable(layout)))
+        yield from found
+
+    def lookup(self, layout: StateLayout, tokens: Sequence[int] | np.ndarray) -> PrefixMatch | None:
+        """The longest usable stored prefix of `tokens`, or None. Token ids are compared, not just hashed."""
+        with self._lock:
+            self._refresh()
+            return next(self._index.matches(layout.root, as_array(tokens), self._usable(layout)), None)
+
+    def _usable(self, layout: StateLayout) -> Any:
+        def usable(n_entry: int, shared: int) -> bool:
+            if shared < self.config.min_tokens:
+                return False
+            if not can_trim(layout.n_swa, n_entry, shared):
+                self._stats.swa_skips += 1
+                return False
+            return True
+
+        return usable
+
+    def get(self, key: str, layout: StateLayout | None = None) -> HostSnapshot | None:
+        """The snapshot of `key` from RAM, else from disk (promoted to RAM); None if gone or unreadable."""
+        with self._lock:
+            snap = self.ram.get(key)
+            if snap is not None:
+                self._stats.hits_ram += 1
+                return snap
+            self._stats.misses_ram += 1
+            if self.disk is None or key not in self.disk.entries:
+                return None
+            entry = self.disk.entries[key]
+            try:
+                snap = self.disk.get(key, layout or entry.header.layout)
+            except SnapshotMismatch as exc:
+                self._stats.misses_disk += 1
+                # NOTE: a file that vanished was evicted by another process (a plain miss); one that is
+                # there but fails its checks is damaged, since files only appear by atomic rename.
+                if self.disk.path(key).exists():
+                    log.warning("skipping unreadable snapshot %s: %s", key, exc)
+                    self._stats.corrupt += 1
+                    self.disk.quarantine(key)
+                else:
+                    self.disk.entries.pop(key, None)
+                self._index.remove(key)
+                return None
+            self._stats.hits_disk += 1
+            self._put_ram(key, snap)
+            if key in self.ram:
+                self._stats.promotions += 1
+            return snap
+
+    # -- insert and remove ----------------------------------------------------------------------
+    def put(self, snap: HostSnapshot) -> str:
+        """Store `snap` (RAM, and disk when write_through); return its key. Idempotent per key."""
+        arr = as_array(snap.tokens)
+        key = entry_key(snap.layout.root, arr)
+        with self._lock:
+            self._index.add(key, snap.layout.root, arr)
+            if self.disk is not None and self.config.write_through and key not in self.disk.entries:
+                self._put_disk(key, snap)
+            self._put_ram(key, snap)
+            if key not in self.ram and (self.disk is None or key not in self.disk.entries):
+                self._index.remove(key)  # too large for every tier
+        return key
+
+    def key_of(self, layout: StateLayout, tokens: Sequence[int] | np.ndarray) -> str:
+        return entry_key(layout.root, as_array(tokens))
+
+    def touch(self, key: str) -> bool:
+        """Mark `key` as just used in every tier holding it; False if it is not stored."""
+        with self._lock:
+            held = self.ram.get(key) is not None
+            if self.disk is not None and key in self.disk.entries:
+                self.disk.touch(key)
+                held = True
+            return held
+
+    def remove(self, key: str) -> bool:
+        """Delete `key` from every tier; False if it was not stored."""
+        with self._lock:
+            self._refresh()
+            held = self.ram.pop(key) is not None
+            if self.disk is not None and key in self.disk.entries:
+                self.disk.remove(key)
+                held = True
+            self._index.remove(key)
+            return held
+
+    def entries(self) -> list[EntryInfo]:
+        """Every stored snapshot (all models), in no particular order."""
+        with self._lock:
+            self._refresh()
+            out: dict[str, EntryInfo] = {}
+            for key in self.ram.keys():
+                s = self.ram.get(key)
+                assert s is not None
+                out[key] = EntryInfo(key, ("ram",), s.n_tokens, s.nbytes, s.created, s.layout.model_desc)
+            for key, e in (self.disk.entries.items() if self.disk else ()):
+                tiers = ("ram", "disk") if key in out else ("disk",)
+                h = e.header
+                out[key] = EntryInfo(key, tiers, h.n_tokens, e.size, h.created, h.layout.model_desc)
+            return list(out.values())
+
+    def stats(self) -> StoreStats:
+        """A copy of the counters, with the current bytes and entries per tier."""
+        with self._lock:
+            self._refresh()
+            s = StoreStats(**self._stats.as_dict())
+            s.bytes_ram, s.entries_ram = self.ram.nbytes, len(self.ram)
+            if self.disk is not None:
+                s.bytes_disk, s.entries_disk = self.disk.nbytes, len(self.disk.entries)
+            return s
+
+    # -- the engine's use: restore before a prefill, remember after -------------------------------
+    def restore_prefix(self, engine: Engine, tokens: list[int]) -> Seq:
+        """A Sequence of `engine` for `tokens` whose longest stored prefix is already in the cache."""
+        from kvfork.snapshot.warm import restore_prefix
+
+        return restore_prefix(self, engine, tokens)
+
+    def remember(self, snapshot: Snapshot) -> None:
+        """Store a freshly prefilled snapshot (unless stored already); never raises on I/O errors."""
+        from kvfork.snapshot.warm import remember
+
+        remember(self, snapshot)
+
+    def _count(self, **deltas: float) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + value)
+
+    # -- tier moves -------------------------------------------------------------------------------
+    def _put_ram(self, key: str, snap: HostSnapshot) -> None:
+        for old_key, old in self.ram.put(key, snap):
+            if old_key != key:
+                self._stats.evictions_ram += 1
+            if self.disk is not None and old_key not in self.disk.entries:
+                self._stats.demotions += 1
+                self._put_disk(old_key, old)
+            if self.disk is None or old_key not in self.disk.entries:
+                self._index.remove(old_key)
+
+    def _put_disk(self, key: str, snap: HostSnapshot) -> None:
+        assert self.disk is not None
+        try:
+            evicted = self.disk.put(key, snap)
+        except OSError as exc:
+            log.warning("could not write snapshot %s to %s: %s", key, self.disk.folder, exc)
+            return
+        for old_key in evicted:
+            self._stats.evictions_disk += 1
+            if old_key not in self.ram:
+                self._index.remove(old_key)
+
+    def _refresh(self, force: bool = False) -> None:
+        if self.disk is None:
+            return
+        added, gone = self.disk.refresh(force)
+        for entry in added:
+            self._index.add(entry.key, entry.header.layout.root, as_array(entry.tokens))
+        for key in gone:
+            if key not in self.ram:
+                self._index.remove(key)
