@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from importlib import resources
@@ -49,11 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
-    try:
-        from kvfork.snapshot.cli import add_snapshot_commands
-    except ImportError:
-        return
+    """Commands of the other wings; each module registers its own (and sets `func`)."""
+    from kvfork.snapshot.cli import add_snapshot_commands
+
     add_snapshot_commands(sub)
+    for module, name in (("kvfork.pipeline.cli", "add_pipeline_commands"), ("kvfork.server.cli", "add_server_commands")):
+        try:
+            register = getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError as exc:
+            # NOTE: the server's web stack is an optional extra; without it `kvfork serve` is simply absent.
+            missing = exc.name or ""
+            if missing.startswith("kvfork") and not module.startswith(missing):
+                raise
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +111,7 @@ def _run_agents(args: argparse.Namespace) -> int:
     shared = engine.prefill(document, system=system, chat=chat)
     outs = shared.fan_out([text for _, text in agents], max_tokens=args.max_tokens, temperature=args.temperature)
     wall = time.perf_counter() - t0
-    for (name, _), out in zip(agents, outs):
+    for (name, _), out in zip(agents, outs, strict=False):
         print(f"\n=== {name} ({out.completion_tokens} tokens, {out.finish_reason}) ===\n{out.text.strip()}")
     rate = shared.n_tokens / shared.prefill_s if shared.prefill_s > 0 else 0.0
     reused = sum(o.reused_tokens for o in outs)
@@ -123,7 +133,7 @@ def _run_agents(args: argparse.Namespace) -> int:
 def _compare(engine, document, agents, system, chat, args, wall, outs) -> None:  # type: ignore[no-untyped-def]
     t0 = time.perf_counter()
     same = 0
-    for (_, text), out in zip(agents, outs):
+    for (_, text), out in zip(agents, outs, strict=False):
         tokens = engine.prompt_tokens(document, text, system=system, chat=chat)
         ref = engine.generate(tokens, max_tokens=args.max_tokens, temperature=args.temperature)
         same += ref.tokens == out.tokens

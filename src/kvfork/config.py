@@ -54,7 +54,9 @@ class EngineConfig:
         if self.n_ctx < 16:
             raise InvalidParameter(f"n_ctx must be at least 16, got {self.n_ctx}")
         if not 1 <= self.n_ubatch <= self.n_batch:
-            raise InvalidParameter(f"need 1 <= n_ubatch <= n_batch, got n_ubatch={self.n_ubatch}, n_batch={self.n_batch}")
+            raise InvalidParameter(
+                f"need 1 <= n_ubatch <= n_batch, got n_ubatch={self.n_ubatch}, n_batch={self.n_batch}"
+            )
         # NOTE: llama.cpp caps sequence ids at LLAMA_MAX_SEQ (256); one id is kept for each live snapshot.
         if not 2 <= self.n_seq_max <= 256:
             raise InvalidParameter(f"n_seq_max must be in [2, 256], got {self.n_seq_max}")

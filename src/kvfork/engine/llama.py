@@ -61,7 +61,9 @@ class LlamaModel:
         params.use_extra_bufts = repack
         ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
-            raise InvalidModelFile(f"llama.cpp could not load {path} (unsupported or damaged GGUF; --verbose shows why)")
+            raise InvalidModelFile(
+                f"llama.cpp could not load {path} (unsupported or damaged GGUF; --verbose shows why)"
+            )
         self.ptr = ptr
         self.path = path
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
@@ -259,7 +261,9 @@ class LlamaContext:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         read = llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id)
         if read == 0:
-            raise ContextOverflow(f"llama.cpp could not restore a {len(data):,}-byte state (no room, or another layout)")
+            raise ContextOverflow(
+                f"llama.cpp could not restore a {len(data):,}-byte state (no room, or another layout)"
+            )
 
     def close(self) -> None:
         if self.ptr:

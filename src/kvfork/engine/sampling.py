@@ -47,7 +47,8 @@ class SamplingParams:
             (isinstance(self.repeat_last_n, int) and self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32), "seed must be in [0, 2**32)"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
+             "seed must be in [0, 2**32)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         )
         for ok, message in checks:
