@@ -83,7 +83,7 @@ def main() -> None:
             else:
                 row["scratch_s"], scratch_tokens = from_scratch(engine, doc, agents, args.tokens)
         row["speedup"] = row["scratch_s"] / row["fanout_s"]
-        row["identical"] = sum(a == b for a, b in zip(fan_tokens, scratch_tokens))
+        row["identical"] = sum(a == b for a, b in zip(fan_tokens, scratch_tokens, strict=False))
         rows.append(row)
         print(f"repeat {r + 1}: fan-out {row['fanout_s']:.1f} s, from scratch {row['scratch_s']:.1f} s,"
               f" {row['speedup']:.2f}x, forks {row['forks_s'] * 1e3:.3f} ms, identical {row['identical']}/{len(agents)}")

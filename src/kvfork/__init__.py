@@ -11,10 +11,12 @@ from kvfork.errors import (
     KvforkError,
     ModelIntegrityError,
     ModelNotFound,
+    PipelineError,
     SnapshotCorrupt,
     SnapshotMismatch,
 )
 from kvfork.models import CATALOG, DEFAULT_MODEL, pull, resolve_model
+from kvfork.pipeline import Agent, AgentResult, Pipeline, PipelineResult, load_pipeline
 from kvfork.result import Completion
 from kvfork.runtime import Engine
 from kvfork.snapshot.base import Snapshot
@@ -46,4 +48,10 @@ __all__ = [
     "ModelNotFound",
     "SnapshotMismatch",
     "SnapshotCorrupt",
+    "PipelineError",
+    "Pipeline",
+    "Agent",
+    "AgentResult",
+    "PipelineResult",
+    "load_pipeline",
 ]

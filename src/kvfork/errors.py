@@ -12,6 +12,7 @@ __all__ = [
     "SnapshotMismatch",
     "SnapshotCorrupt",
     "EngineError",
+    "PipelineError",
 ]
 
 
@@ -49,3 +50,7 @@ class SnapshotCorrupt(SnapshotMismatch):
 
 class EngineError(KvforkError):
     """llama.cpp reported a failure the engine could not recover from for this request."""
+
+
+class PipelineError(KvforkError, ValueError):
+    """A pipeline definition is invalid (a cycle, a missing input, a duplicate name, a bad file)."""

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.snapshot.snap_helpers import ENGINE_KW, MODEL, text
 
 from kvfork import Engine
 from kvfork.models import CATALOG, cache_dir
+from tests.snapshot.snap_helpers import ENGINE_KW, MODEL, text
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.snapshot.snap_helpers import ENGINE_KW, MODEL
 
 from kvfork import Engine
 from kvfork.snapshot.store import SnapshotStore
+from tests.snapshot.snap_helpers import ENGINE_KW, MODEL
 
 ASK = "\n\nIn short,"
 

@@ -7,12 +7,12 @@ import struct
 from pathlib import Path
 
 import pytest
-from tests.snapshot.snap_helpers import fake_layout, fake_snapshot
 
 from kvfork import Engine
 from kvfork.errors import SnapshotCorrupt, SnapshotMismatch
 from kvfork.snapshot.fileformat import MAGIC, read_header, read_snapshot, write_snapshot
 from kvfork.snapshot.host import HostSnapshot
+from tests.snapshot.snap_helpers import fake_layout, fake_snapshot
 
 TOKENS = list(range(2, 202))
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tests.snapshot.snap_helpers import ENGINE_KW, MODEL
 
 from kvfork import Engine, SnapshotMismatch
 from kvfork.snapshot.host import HostSnapshot
+from tests.snapshot.snap_helpers import ENGINE_KW, MODEL
 
 ASK = ["\n\nIn short,", "\n\nThe main point is"]
 

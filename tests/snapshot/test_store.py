@@ -10,9 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.snapshot.snap_helpers import fake_layout, fake_snapshot
-
 from kvfork.snapshot.store import SnapshotStore
+from tests.snapshot.snap_helpers import fake_layout, fake_snapshot
 
 LAYOUT = fake_layout()
 DOC = list(range(1000, 1300))  # 300 tokens

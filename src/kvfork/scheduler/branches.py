@@ -6,7 +6,7 @@ import time
 
 from kvfork.engine.llama import LlamaContext
 from kvfork.errors import ContextOverflow
-from kvfork.scheduler.sequence import Sequence, SeqStatus
+from kvfork.scheduler.sequence import SeqStatus, Sequence
 
 __all__ = ["BranchTable"]
 

@@ -12,7 +12,7 @@ from kvfork.engine.llama import LlamaContext, LlamaModel, Sampler
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
-from kvfork.scheduler.sequence import Sequence, SeqStatus
+from kvfork.scheduler.sequence import SeqStatus, Sequence
 
 __all__ = ["Scheduler"]
 
@@ -90,10 +90,7 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """Forget `seq`: leave the queues, free its cells (once no fork shares them)."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq in self.running:
-            self.running.remove(seq)
+        self.cancel(seq)
         sampler = self._samplers.pop(seq, None)
         if sampler is not None:
             sampler.close()
