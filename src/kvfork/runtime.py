@@ -21,6 +21,7 @@ from kvfork.result import Completion
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.snapshot.base import Snapshot
+from kvfork.snapshot.live import LiveSnapshots
 from kvfork.snapshot.store import SnapshotStore
 
 __all__ = ["Engine"]
@@ -63,6 +64,7 @@ class Engine:
         self.scheduler = Scheduler(self.ctx, self.model, config)
         self.store = store  # consulted by every prefill: restore the longest stored prefix, store the result
         self._lock = threading.RLock()
+        self._live = LiveSnapshots(self.model.n_swa)
 
     # -- text and prompts ------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
@@ -113,13 +115,17 @@ class Engine:
             )
         t0 = time.perf_counter()
         with self._lock:
-            seq = Sequence(tokens=tokens) if self.store is None else self.store.restore_prefix(self, tokens)
-            if seq.n_pending:
+            # NOTE: tiers in order of cost: a live snapshot in this context (zero-copy fork), then the store.
+            seq = self._live.extend(tokens)
+            if seq is None:
+                seq = Sequence(tokens=tokens) if self.store is None else self.store.restore_prefix(self, tokens)
+            if seq.n_pending or seq.seq_id is None:
                 self.scheduler.submit(seq, SamplingParams(max_tokens=0))
                 self._run([seq], progress=seq.n_pending >= _PROGRESS_MIN_TOKENS and self.config.progress)
         if seq.error is not None:
             self.scheduler.release(seq)
             raise seq.error
+        self._live.add(seq)
         snapshot = Snapshot(self, seq, layout, time.perf_counter() - t0)
         if self.store is not None:
             self.store.remember(snapshot)
