@@ -8,7 +8,7 @@ from typing import Literal
 
 from kvfork.errors import InvalidParameter
 
-__all__ = ["EngineConfig", "StoreConfig", "default_threads"]
+__all__ = ["EngineConfig", "ServerConfig", "StoreConfig", "default_threads"]
 
 FlashAttn = Literal["auto", "on", "off"]
 KvType = Literal["q8_0", "f16", "f32"]
@@ -93,3 +93,35 @@ class StoreConfig:
             raise InvalidParameter(f"block_size must be in [1, 4096], got {self.block_size}")
         if self.min_tokens < 1:
             raise InvalidParameter(f"min_tokens must be >= 1, got {self.min_tokens}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and policies of `kvfork serve` (the OpenAI-compatible server).
+
+    NOTE: host defaults to loopback: the server runs arbitrary prompts on this machine's CPU, so
+    exposing it is an explicit choice (--host 0.0.0.0, ideally with --api-key).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None  # the id /v1/models lists; None: the model file's stem
+    max_body_bytes: int = 4 << 20
+    max_n: int = 8
+    max_tokens: int = 2048  # cap on max_tokens per choice
+    max_queued: int = 64  # requests accepted but not finished; more get 429
+    live_prefixes: int = 16  # idle prefilled prefixes kept in the cache for later requests (LRU)
+    min_shared_tokens: int = 16  # a shorter common prefix is not worth its own prefill node
+    coalesce_s: float = 0.02  # how long an idle loop waits for more requests to share a prefix with
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidParameter(f"port must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise InvalidParameter("api_key must be non-empty (or None for no authentication)")
+        for name in ("max_body_bytes", "max_n", "max_tokens", "max_queued", "min_shared_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidParameter(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.live_prefixes < 0 or not 0.0 <= self.coalesce_s <= 1.0:
+            raise InvalidParameter("live_prefixes must be >= 0 and coalesce_s in [0, 1]")

@@ -26,7 +26,8 @@ def test_longer_document_prefills_only_its_tail(gemma, gemma_ref):
     assert longer._seq.n_shared > 0.8 * snap.n_tokens
     assert longer._seq.n_prompt_computed == longer.n_tokens - longer._seq.n_shared
     out = longer.fan_out([" In short,"], max_tokens=10)[0]
-    ref = gemma_ref.generate(gemma_ref.prompt_tokens(base + " " + long_text(5), " In short,", chat=False), max_tokens=10)
+    prompt = gemma_ref.prompt_tokens(base + " " + long_text(5), " In short,", chat=False)
+    ref = gemma_ref.generate(prompt, max_tokens=10)
     assert out.tokens == ref.tokens
     longer.close()
     snap.close()
@@ -39,6 +40,7 @@ def test_shorter_request_cannot_cut_into_a_sliding_window(gemma, gemma_ref):
     short = gemma.prefill(short_doc, chat=False)
     assert short._seq.parent is None, "cut would need positions the sliding window dropped: prefill instead"
     out = short.fan_out([" Next,"], max_tokens=8)[0]
-    assert out.tokens == gemma_ref.generate(gemma_ref.prompt_tokens(short_doc, " Next,", chat=False), max_tokens=8).tokens
+    prompt = gemma_ref.prompt_tokens(short_doc, " Next,", chat=False)
+    assert out.tokens == gemma_ref.generate(prompt, max_tokens=8).tokens
     short.close()
     snap.close()

@@ -37,16 +37,25 @@ class Scheduler:
         self._samplers: dict[Sequence, Sampler] = {}
 
     # -- building sequences ----------------------------------------------------------------
-    def fork(self, parent: Sequence) -> Sequence:
-        """A new sequence sharing all of `parent`'s tokens that are in the cache (cells tagged at admission)."""
+    def fork(self, parent: Sequence, n: int | None = None) -> Sequence:
+        """A new sequence sharing `parent`'s first `n` cached tokens (default: all of them).
+
+        Cells are tagged at admission. With n < parent.n_in_kv the child starts from the parent's
+        first n tokens only; on sliding-window models the caller must check that the window still
+        holds the positions the child needs (see snapshot.host.can_trim).
+        """
         if parent.status is SeqStatus.CLOSED or parent.released:
             raise SnapshotMismatch("cannot fork a released snapshot or branch")
         if parent.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             raise SnapshotMismatch("cannot fork a branch while it is generating")
+        if n is not None and not 0 < n <= parent.n_in_kv:
+            raise SnapshotMismatch(f"cannot fork at {n} tokens: the parent holds {parent.n_in_kv} in the cache")
         parent.n_children += 1
-        n = parent.n_in_kv
-        # NOTE: tokens the parent has not put in the cache yet (a last sampled token) become the child's own.
-        return Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
+        if n is None or n == parent.n_in_kv:
+            n = parent.n_in_kv
+            # NOTE: tokens the parent has not put in the cache yet (a last sampled token) become the child's own.
+            return Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
+        return Sequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
 
     def adopt(self, tokens: list[int], state: bytes, keep: int | None = None) -> Sequence:
         """A sequence whose cells come from a state blob (a restored snapshot) instead of a prefill.

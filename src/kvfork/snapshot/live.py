@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvfork.scheduler.sequence import Sequence, SeqStatus
+from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.snapshot.host import can_trim
 from kvfork.snapshot.index import common_prefix
 
