@@ -116,9 +116,14 @@ class Engine:
         t0 = time.perf_counter()
         with self._lock:
             # NOTE: tiers in order of cost: a live snapshot in this context (zero-copy fork), then the store.
-            seq = self._live.extend(tokens)
-            if seq is None:
-                seq = Sequence(tokens=tokens) if self.store is None else self.store.restore_prefix(self, tokens)
+            live = self._live.longest(tokens)
+            if live is not None:
+                seq = self.scheduler.fork(*live)
+                seq.tokens = tokens
+            elif self.store is not None:
+                seq = self.store.restore_prefix(self, tokens)
+            else:
+                seq = Sequence(tokens=tokens)
             if seq.n_pending or seq.seq_id is None:
                 self.scheduler.submit(seq, SamplingParams(max_tokens=0))
                 self._run([seq], progress=seq.n_pending >= _PROGRESS_MIN_TOKENS and self.config.progress)

@@ -26,26 +26,21 @@ class LiveSnapshots:
     def add(self, seq: Sequence) -> None:
         self._seqs.append(seq)
 
-    def extend(self, tokens: list[int]) -> Sequence | None:
-        """A new sequence for `tokens` sharing the longest live prefix's cells, or None.
+    def longest(self, tokens: list[int]) -> tuple[Sequence, int] | None:
+        """The live snapshot sharing the longest usable prefix with `tokens`, and that length.
 
-        The new sequence holds the shared part as forked cells and the rest as pending tokens.
-        A live snapshot longer than the shared part is cut (seq_cp of its first cells only) where
-        the cache allows it: not into a sliding window's past.
+        A live snapshot longer than the shared part is only usable where its cells can be cut
+        there (a fork of its first n cells): not into a sliding window's past.
         """
         self._seqs = [s for s in self._seqs if not s.released and s.status is not SeqStatus.CLOSED]
         want = np.asarray(tokens)
-        best: tuple[int, Sequence] | None = None
+        best: tuple[Sequence, int] | None = None
         for seq in self._seqs:
             if seq.n_pending or seq.status is not SeqStatus.IDLE or seq.seq_id is None:
                 continue
             n = common_prefix(want, np.asarray(seq.tokens[: seq.n_in_kv]))
             if n < seq.n_in_kv and not can_trim(self.n_swa, seq.n_in_kv, n):
                 continue
-            if n >= self.min_tokens and (best is None or n > best[0]):
-                best = (n, seq)
-        if best is None:
-            return None
-        n, parent = best
-        parent.n_children += 1
-        return Sequence(tokens=list(tokens), parent=parent, n_shared=n, n_in_kv=n)
+            if n >= self.min_tokens and (best is None or n > best[1]):
+                best = (seq, n)
+        return best
