@@ -249,6 +249,10 @@ class LlamaContext:
         llama_cpp.llama_memory_clear(self.mem, True)
 
     # -- state blobs: one sequence's KV cells serialized to bytes -------------------------------
+    def state_seq_size(self, seq_id: int) -> int:
+        """Bytes of the state blob of `seq_id`'s cells; -1 measures every used cell of the cache once."""
+        return int(llama_cpp.llama_state_seq_get_size(self.ptr, seq_id))
+
     def state_seq_get(self, seq_id: int) -> bytes:
         size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
         buf = (ctypes.c_uint8 * size)()
