@@ -1,0 +1,76 @@
+"""Accounting: turns a run's snapshots and completions into the prefill bill with and without sharing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvfork.pipeline.definition import Pipeline
+from kvfork.pipeline.result import AgentResult, PipelineResult
+
+if TYPE_CHECKING:
+    from kvfork.pipeline.runner import _AgentRun
+
+__all__ = ["SnapshotUse", "settle"]
+
+
+@dataclass(eq=False)
+class SnapshotUse:
+    """One snapshot prefilled during a run, and the agents that forked from it."""
+
+    n_tokens: int
+    prefill_s: float
+    forks: list[str] = field(default_factory=list)
+
+    @property
+    def shared(self) -> bool:
+        return len(self.forks) >= 2
+
+
+def settle(
+    pipeline: Pipeline, runs: Sequence[_AgentRun], uses: Sequence[SnapshotUse], share: bool, wall_s: float
+) -> PipelineResult:
+    """Per-agent and pipeline-wide prefill figures.
+
+    NOTE: a snapshot forked by one agent only is that agent's own prefill (computed, not reused);
+    a snapshot forked by several is prefilled once and counted in shared_prefill_tokens.
+    """
+    timed = [u for u in uses if u.prefill_s > 0]
+    rate = sum(u.n_tokens for u in timed) / sum(u.prefill_s for u in timed) if timed else 0.0
+    agents: dict[str, AgentResult] = {}
+    unshared = 0
+    for run in runs:
+        prompt = sum(c.prompt_tokens for c in run.completions)
+        reused = sum(c.reused_tokens for c in run.completions)
+        computed = sum(c.computed_tokens for c in run.completions)
+        shared = 0
+        if run.use is not None and run.completions:
+            if run.use.shared:
+                shared = run.use.n_tokens
+            else:
+                reused, computed = reused - run.use.n_tokens, computed + run.use.n_tokens
+        unshared += shared + computed
+        status = "skipped" if run.skipped else ("failed" if run.error is not None else "ok")
+        agents[run.agent.name] = AgentResult(
+            name=run.agent.name,
+            status=status,
+            completions=tuple(run.completions),
+            prompt_tokens=prompt,
+            reused_tokens=reused,
+            computed_tokens=computed,
+            shared_tokens=shared,
+            saved_s=shared / rate if rate > 0 else 0.0,
+            error=run.error,
+        )
+    turn_computed = sum(c.computed_tokens for run in runs for c in run.completions)
+    return PipelineResult(
+        name=pipeline.name,
+        agents=agents,
+        shared=share,
+        wall_s=wall_s,
+        shared_prefill_tokens=sum(u.n_tokens for u in uses if u.shared),
+        computed_tokens=sum(u.n_tokens for u in uses) + turn_computed,
+        unshared_tokens=unshared,
+        prefill_rate=rate,
+    )

@@ -1,0 +1,148 @@
+"""Loader: a pipeline file (TOML; YAML when PyYAML is installed) -> Pipeline and engine settings.
+
+```toml
+[pipeline]                      # all optional
+name = "review-board"
+system = "You are a careful reviewer."
+layout = "exact"                # or "shared-first" (opt-in: roles move after the shared document)
+model = "qwen2.5-coder-0.5b"    # the CLI's default; --model overrides it
+n_ctx = 8192
+chat_template = "gemma"         # only for models without a template of their own
+
+[documents]                     # name = inline text | { file = "path" } | { resource = "data/x.txt" }
+report = { resource = "data/sample_report.txt" }
+
+[sampling]                      # defaults for every agent
+max_tokens = 64
+
+[[agents]]
+name = "security"
+instruction = "List the security findings."
+inputs = ["report"]
+```
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import KvforkError, PipelineError
+from kvfork.pipeline.agent import Agent
+from kvfork.pipeline.definition import Pipeline
+
+__all__ = ["PipelineFile", "load_pipeline"]
+
+_TOP = {"pipeline", "documents", "sampling", "agents"}
+_SETTINGS = {"name", "system", "layout", "chat", "model", "n_ctx", "chat_template"}
+_AGENT = {"name", "instruction", "role", "inputs", "sampling", "turns", "peers", "followup"}
+
+
+@dataclass(frozen=True)
+class PipelineFile:
+    """A loaded pipeline file: the pipeline and the engine settings it asks for."""
+
+    path: Path
+    pipeline: Pipeline
+    model: str | None = None
+    n_ctx: int | None = None
+    chat_template: str | None = None  # for models without one in their GGUF (e.g. "gemma")
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> PipelineFile:
+    """Read and validate a pipeline file; every problem is a PipelineError naming the file."""
+    path = Path(path)
+    try:
+        raw = _parse(path)
+        return _build(path, raw)
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from exc
+    except (KvforkError, TypeError, ValueError) as exc:
+        raise PipelineError(f"{path}: {exc}") from exc
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipelineError(f"cannot read the pipeline file: {exc}") from exc
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml  # NOTE: optional: TOML needs nothing beyond the standard library
+        except ImportError as exc:
+            raise PipelineError("YAML pipeline files need PyYAML (pip install pyyaml); or write TOML") from exc
+        data = yaml.safe_load(text)
+    else:
+        try:
+            import tomllib
+        except ImportError:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ImportError as exc:
+                raise PipelineError("TOML pipeline files need Python 3.11+ or `pip install tomli`") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PipelineError(f"not valid TOML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PipelineError("the file must hold a table with [pipeline], [documents], [sampling] and [[agents]]")
+    return data
+
+
+def _build(path: Path, raw: Mapping[str, Any]) -> PipelineFile:
+    _no_unknown("the file", raw, _TOP)
+    settings = _table(raw, "pipeline")
+    _no_unknown("[pipeline]", settings, _SETTINGS)
+    documents = {name: _document(path, name, spec) for name, spec in _table(raw, "documents").items()}
+    agents_raw = raw.get("agents", [])
+    if not isinstance(agents_raw, list) or not all(isinstance(a, dict) for a in agents_raw):
+        raise PipelineError("agents must be an array of tables: [[agents]]")
+    agents = []
+    for i, spec in enumerate(agents_raw):
+        _no_unknown(f"agent #{i + 1}", spec, _AGENT)
+        agents.append(Agent(**spec))
+    pipeline = Pipeline(
+        tuple(agents),
+        documents,
+        system=settings.get("system"),
+        layout=settings.get("layout", "exact"),
+        sampling=SamplingParams().with_overrides(**_table(raw, "sampling")),
+        chat=settings.get("chat", True),
+        name=settings.get("name", path.stem),
+    )
+    return PipelineFile(path, pipeline, settings.get("model"), settings.get("n_ctx"), settings.get("chat_template"))
+
+
+def _document(path: Path, name: str, spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict) and len(spec) == 1 and "file" in spec:
+        doc = (path.parent / spec["file"]).resolve()
+        try:
+            return doc.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PipelineError(f"document {name!r}: cannot read {doc}: {exc}") from exc
+    if isinstance(spec, dict) and len(spec) == 1 and "resource" in spec:
+        try:
+            return resources.files("kvfork").joinpath(spec["resource"]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PipelineError(f"document {name!r}: no kvfork resource {spec['resource']!r}") from exc
+    raise PipelineError(f"document {name!r} must be text, {{ file = \"path\" }} or {{ resource = \"data/...\" }}")
+
+
+def _table(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise PipelineError(f"[{key}] must be a table")
+    return value
+
+
+def _no_unknown(where: str, table: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise PipelineError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")

@@ -1,0 +1,219 @@
+"""Runner: executes a pipeline level by level, every ready agent's turn in one batched fan-out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kvfork.branch import Branch
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import KvforkError
+from kvfork.pipeline.accounting import SnapshotUse, settle
+from kvfork.pipeline.agent import Agent
+from kvfork.pipeline.definition import Pipeline
+from kvfork.pipeline.result import PipelineResult
+from kvfork.pipeline.turns import first_turn, next_turn
+from kvfork.result import Completion
+from kvfork.runtime import Engine
+from kvfork.snapshot.base import Snapshot
+
+__all__ = ["Runner"]
+
+Key = tuple[str | None, str | None]  # (document name, system prompt): one shared snapshot each
+Slot = tuple[str | None, ...]  # a Key, or ("private", agent name) when nothing is shared
+
+
+@dataclass(eq=False)
+class _AgentRun:
+    """Mutable state of one agent during a run."""
+
+    agent: Agent
+    key: Key
+    params: SamplingParams | None = None
+    branch: Branch | None = None
+    completions: list[Completion] = field(default_factory=list)
+    use: SnapshotUse | None = None  # the snapshot it forked from
+    error: str | None = None
+    skipped: bool = False
+
+    @property
+    def replies(self) -> tuple[str, ...]:
+        return tuple(c.text for c in self.completions)
+
+
+class Runner:
+    """Runs one pipeline on one engine.
+
+    share=True: one snapshot per (document, system prompt), prefilled once; each level's ready
+    agents fork it, send only their own part (upstream outputs + instruction) and decode together
+    in one batch per turn. share=False: the reference: every agent prefills its whole prompt itself
+    (the same tokens) and runs alone, one after another.
+
+    NOTE: Engine.prefill also takes prefixes from the engine's SnapshotStore and from snapshots the
+    caller still holds open in the same context (the live tier), in both modes; for a share=False
+    reference use an engine without a store and without open snapshots of the same text. The bill
+    counts every snapshot as fully computed, so savings from those tiers are not claimed here.
+    """
+
+    def __init__(self, engine: Engine, pipeline: Pipeline, *, share: bool = True) -> None:
+        self.engine = engine
+        self.pipeline = pipeline
+        self.share = share
+        self._runs: dict[str, _AgentRun] = {}
+        self._snapshots: dict[Slot, Snapshot] = {}
+        self._uses: dict[Slot, SnapshotUse] = {}
+        self._users_left: dict[Key, int] = {}
+        self._broken: dict[Slot, KvforkError] = {}
+
+    def run(self) -> PipelineResult:
+        """Run every level; failures stay with their agent, downstream agents are skipped."""
+        graph = self.pipeline.graph  # NOTE: raises PipelineError before anything runs
+        t0 = time.perf_counter()
+        for agent in self.pipeline.agents:
+            key = (agent.document(self.pipeline.documents), self.pipeline.system_of(agent))
+            self._runs[agent.name] = _AgentRun(agent, key)
+            self._users_left[key] = self._users_left.get(key, 0) + 1
+        try:
+            for level in graph.levels:
+                ready = []
+                for name in level:
+                    run = self._runs[name]
+                    blocked = [u for u in graph.inputs[name] if self._runs[u].error is not None]
+                    if blocked:
+                        run.skipped = True
+                        run.error = f"skipped: input {blocked[0]!r} did not finish ({self._runs[blocked[0]].error})"
+                        self._done(run)
+                    else:
+                        ready.append(run)
+                self._run_level(ready)
+        finally:
+            for run in self._runs.values():
+                if run.branch is not None:
+                    run.branch.close()
+            for snapshot in self._snapshots.values():
+                snapshot.close()
+        wall = time.perf_counter() - t0
+        return settle(self.pipeline, list(self._runs.values()), list(self._uses.values()), self.share, wall)
+
+    # -- one level -------------------------------------------------------------------------------
+    def _run_level(self, ready: list[_AgentRun]) -> None:
+        for run in ready:
+            try:
+                run.params = run.agent.params(self.pipeline.sampling)
+            except KvforkError as exc:
+                self._fail(run, exc)
+        for turn in range(1, max((r.agent.turns for r in ready), default=0) + 1):
+            active = [r for r in ready if r.error is None and r.agent.turns >= turn]
+            items = [(r, self._turn_text(r, turn, ready)) for r in active]
+            if self.share:
+                order: dict[Key, int] = {}
+                for run in active:
+                    order.setdefault(run.key, len(order))
+                items.sort(key=lambda item: order[item[0].key])  # NOTE: stable: one snapshot's readers together
+                batches = self._batches(items)
+            else:
+                batches = ([item] for item in items)
+            for batch in batches:
+                self._generate([item for item in batch if self._fork(item[0])])
+                for run, _ in batch:
+                    if run.error is None and run.agent.turns == turn:
+                        self._done(run)
+
+    def _batches(self, items: list[tuple[_AgentRun, str]]) -> Iterator[list[tuple[_AgentRun, str]]]:
+        """Cut one turn into batches that fit the free sequence ids (snapshots and branches hold one each).
+
+        NOTE: computed lazily: the previous batch's finished branches and unneeded snapshots are freed
+        before the next batch is cut, so e.g. many map-reduce chunks run a few snapshots at a time.
+        """
+        while items:
+            free = self.engine.config.n_seq_max - len(self._snapshots)
+            free -= sum(r.branch is not None for r in self._runs.values())
+            batch: list[tuple[_AgentRun, str]] = []
+            opening: set[Key] = set()
+            for run, text in items:
+                opens = run.branch is None and run.key not in self._snapshots and run.key not in opening
+                cost = 0 if run.branch is not None else 1 + opens
+                if batch and cost > free:
+                    break
+                batch.append((run, text))
+                free -= cost
+                if opens:
+                    opening.add(run.key)
+            items = items[len(batch):]
+            yield batch
+
+    def _turn_text(self, run: _AgentRun, turn: int, ready: list[_AgentRun]) -> str:
+        if turn == 1:
+            ups = run.agent.upstream(self.pipeline.documents)
+            return first_turn(self.pipeline, run.agent, {u: self._runs[u].replies for u in ups})
+        # NOTE: a peer may already have taken this turn (share=False runs one agent at a time): read turn-1.
+        replies = {r.agent.name: r.completions[turn - 2].text for r in ready if len(r.completions) >= turn - 1}
+        return next_turn(self.pipeline, run.agent, replies)
+
+    def _generate(self, items: list[tuple[_AgentRun, str]]) -> None:
+        """One batched turn for `items`; a submission error is narrowed down to the agent(s) causing it."""
+        if not items:
+            return
+        before = [len(r.branch.tokens) for r, _ in items]  # type: ignore[union-attr]
+        branches = [r.branch.send(text) for r, text in items]  # type: ignore[union-attr]
+        try:
+            completions = self.engine.generate_branches(branches, [r.params for r, _ in items])  # type: ignore[misc]
+        except KvforkError as exc:
+            # NOTE: generate_branches rolls every branch back when a submission fails, before anything
+            # runs; then the batch is safe to split and retry, so one bad agent cannot sink the rest.
+            rolled_back = all(len(b.tokens) == n for b, n in zip(branches, before, strict=True))
+            if len(items) == 1 or not rolled_back:
+                for run, _ in items:
+                    self._fail(run, exc)
+                return
+            half = len(items) // 2
+            self._generate(items[:half])
+            self._generate(items[half:])
+            return
+        for (run, _), completion in zip(items, completions, strict=True):
+            run.completions.append(completion)
+            if completion.error is not None:
+                self._fail(run, KvforkError(completion.error))
+
+    # -- snapshots and branches --------------------------------------------------------------------
+    def _fork(self, run: _AgentRun) -> bool:
+        """Give `run` a branch (on its first turn); False if its snapshot could not be prefilled."""
+        if run.branch is not None:
+            return True
+        slot: Slot = run.key if self.share else ("private", run.agent.name)
+        if slot in self._broken:  # NOTE: one failed prefill (e.g. a document over n_ctx) fails all its readers
+            self._fail(run, self._broken[slot])
+            return False
+        snapshot = self._snapshots.get(slot)
+        if snapshot is None:
+            doc_name, system = run.key
+            text = self.pipeline.documents[doc_name] if doc_name is not None else ""
+            try:
+                snapshot = self.engine.prefill(text, system=system, chat=self.pipeline.chat)
+            except KvforkError as exc:
+                self._broken[slot] = exc
+                self._fail(run, exc)
+                return False
+            self._snapshots[slot] = snapshot
+            self._uses[slot] = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s)
+        run.branch = snapshot.fork()
+        run.use = self._uses[slot]
+        run.use.forks.append(run.agent.name)
+        if not self.share:
+            # NOTE: a private snapshot's cells stay pinned by its one branch; its id is freed with it.
+            self._snapshots.pop(slot).close()
+        return True
+
+    def _fail(self, run: _AgentRun, exc: BaseException) -> None:
+        run.error = f"{type(exc).__name__}: {exc}"
+        self._done(run)
+
+    def _done(self, run: _AgentRun) -> None:
+        """The agent will take no more turns: free its branch, and its snapshot once nobody needs it."""
+        if run.branch is not None:
+            run.branch.close()
+            run.branch = None
+        self._users_left[run.key] -= 1
+        if self.share and self._users_left[run.key] == 0 and run.key in self._snapshots:
+            self._snapshots.pop(run.key).close()
