@@ -86,11 +86,13 @@ def main() -> None:
         row["identical"] = sum(a == b for a, b in zip(fan_tokens, scratch_tokens, strict=False))
         rows.append(row)
         print(f"repeat {r + 1}: fan-out {row['fanout_s']:.1f} s, from scratch {row['scratch_s']:.1f} s,"
-              f" {row['speedup']:.2f}x, forks {row['forks_s'] * 1e3:.3f} ms, identical {row['identical']}/{len(agents)}")
+              f" {row['speedup']:.2f}x, forks {row['forks_s'] * 1e3:.3f} ms,"
+              f" identical {row['identical']}/{len(agents)}")
     n_doc = len(engine.prompt_tokens(doc, "", system=SYSTEM))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "model": engine.model_path.name, "threads": engine.config.n_threads, "machine": platform.processor() or platform.machine(),
+        "model": engine.model_path.name, "threads": engine.config.n_threads,
+        "machine": platform.processor() or platform.machine(),
         "commit": commit, "doc_tokens": n_doc, "agents": len(agents), "tokens_per_agent": args.tokens,
         "repeats": rows,
         "fanout_s": stats([r["fanout_s"] for r in rows]), "scratch_s": stats([r["scratch_s"] for r in rows]),
@@ -100,7 +102,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     s, f, k = result["speedup"], result["fanout_s"], result["forks_ms"]
-    print(f"\n{len(agents)} agents x {args.tokens} tokens over {n_doc:,} shared tokens ({result['model']}, {result['threads']} threads)")
+    print(f"\n{len(agents)} agents x {args.tokens} tokens over {n_doc:,} shared tokens"
+          f" ({result['model']}, {result['threads']} threads)")
     print(f"fan-out       median {f['median']:.1f} s (min {f['min']:.1f}, max {f['max']:.1f})")
     sc = result["scratch_s"]
     print(f"from scratch  median {sc['median']:.1f} s (min {sc['min']:.1f}, max {sc['max']:.1f})")

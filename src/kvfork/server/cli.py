@@ -1,0 +1,61 @@
+"""`kvfork serve`: the OpenAI-compatible server on one model (needs the `server` extra)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvfork.config import ServerConfig
+from kvfork.models import DEFAULT_MODEL
+
+__all__ = ["add_server_commands"]
+
+
+def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `kvfork serve` (its func takes the parsed args and returns an exit code)."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible server that shares prefill across requests")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or GGUF path")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    p.add_argument("--n-ctx", type=int, default=8192, help="KV cells shared by every request")
+    p.add_argument("--n-seq-max", type=int, default=64, help="sequence ids: live prefixes + prompts + choices")
+    # NOTE: the batch is also the most prefill tokens per step: a long prompt is chunked so that the
+    # branches already decoding wait at most one chunk per token.
+    p.add_argument("--batch", type=int, default=256, help="tokens per decode step (prefill chunk cap)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--chat-template", default=None, help="llama.cpp template name for models without one")
+    p.add_argument("--store", default=None, metavar="DIR", help="snapshot store folder (restores long prefixes)")
+    p.add_argument("--model-name", default=None, help="the id /v1/models lists (default: the file's stem)")
+    p.add_argument("--max-queued", type=int, default=64, help="requests in flight before 429")
+    p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=2048, help="cap on max_tokens per choice")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn  # NOTE: imported late so `kvfork --help` works without the server extra's import cost
+
+    from kvfork.runtime import Engine
+    from kvfork.server.app import create_app
+    from kvfork.snapshot.store import SnapshotStore
+
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+                          max_queued=args.max_queued, max_n=args.max_n, max_tokens=args.max_tokens)
+    overrides: dict = {"n_ctx": args.n_ctx, "n_seq_max": args.n_seq_max, "n_batch": args.batch,
+                       "n_ubatch": args.batch, "verbose": args.verbose, "progress": False}
+    if args.threads:
+        overrides["n_threads"] = args.threads
+    if args.chat_template:
+        overrides["chat_template"] = args.chat_template
+    store = SnapshotStore(args.store) if args.store else None
+    engine = Engine(args.model, store=store, **overrides)
+    app = create_app(engine, config)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        print(f"warning: serving on {config.host} without --api-key: anyone who can reach it can use it")
+    print(f"kvfork serve: {engine.model_path.name} on http://{config.host}:{config.port}/v1"
+          f" (model id '{app.state.kv.model_id}')")
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="info" if args.verbose else "warning")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,104 @@
+"""Request bodies of the OpenAI endpoints (and kvfork's snapshot extension), validated by pydantic."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kvfork.engine.sampling import SamplingParams
+from kvfork.server.errors import APIError
+
+__all__ = ["ChatMessage", "CompletionRequest", "ChatRequest", "SnapshotRequest", "StreamOptions"]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts other than text are refused."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, "only text content parts are supported", param="messages", code="invalid_value")
+            parts.append(part["text"])
+        return "".join(parts)
+
+    def as_pair(self) -> tuple[str, str]:
+        # NOTE: "developer" is OpenAI's newer name for the system role; chat templates know "system".
+        return ("system" if self.role == "developer" else self.role, self.text())
+
+
+class _Generation(BaseModel):
+    """Fields both endpoints share; unknown fields are accepted and ignored, as OpenAI clients send extras."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    stop: str | list[str] | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    snapshot_id: str | None = None  # kvfork extension: continue from a snapshot made with POST /v1/snapshots
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and (len(v) > 4 or not all(v)):
+            raise ValueError("at most 4 non-empty stop strings")
+        return v or None
+
+    def wanted_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """The engine's SamplingParams for one choice (temperature 0 is greedy)."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+        )
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[int]) -> str | list[int]:
+        if not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def wanted_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class SnapshotRequest(BaseModel):
+    """POST /v1/snapshots: prefill `prompt` (plain text) or `messages` (chat) once and keep it pinned."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None

@@ -1,0 +1,73 @@
+"""OpenAI response bodies: whole completions, stream chunks, usage, model lists."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from kvfork.server.job import Usage
+
+__all__ = ["Kind", "usage_body", "completion_body", "chunk_body", "usage_chunk", "sse", "models_body"]
+
+Kind = Literal["text", "chat"]
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def completion_body(kind: Kind, rid: str, model: str, texts: list[str], finish: list[str | None],
+                    usage: Usage) -> dict[str, Any]:
+    """A whole (non-streamed) completion with one choice per text."""
+    if kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                    "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                   for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage_body(usage)}
+
+
+def chunk_body(kind: Kind, rid: str, model: str, index: int, *, text: str | None = None,
+               finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+    """One stream chunk for one choice: a text delta, the assistant role (chat's first chunk), or the end."""
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+            delta["content"] = ""
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def usage_chunk(kind: Kind, rid: str, model: str, usage: Usage) -> dict[str, Any]:
+    """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage_body(usage)}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event line pair."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+def models_body(model_id: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                        "owned_by": "kvfork"}]}

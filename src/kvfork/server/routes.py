@@ -1,0 +1,93 @@
+"""The OpenAI endpoints: /v1/models, /v1/completions, /v1/chat/completions, plus /health and /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from kvfork.server.errors import APIError
+from kvfork.server.protocol import ChatMessage, ChatRequest, CompletionRequest
+from kvfork.server.responses import models_body
+from kvfork.server.serving import serve
+from kvfork.server.state import ServerState, state_of
+
+__all__ = ["router", "as_pairs", "chat_tokens", "snapshot_source"]
+
+router = APIRouter()
+
+
+def chat_tokens(st: ServerState, messages: list[tuple[str, str]], *, generation_prompt: bool = True) -> list[int]:
+    """The prompt tokens of a conversation in the model's chat template (as Engine.prefill tokenizes it)."""
+    text = st.engine.model.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+    return st.engine.tokenize(text, add_bos=True, special=True)
+
+
+def snapshot_source(st: ServerState, snapshot_id: str | None) -> dict | None:
+    if snapshot_id is None:
+        return None
+    info = st.loop.planner.snapshots.get(snapshot_id)
+    if info is None:
+        raise APIError(404, f"no snapshot '{snapshot_id}' on this server (GET /v1/snapshots lists them)",
+                       param="snapshot_id", code="snapshot_not_found")
+    return info.source
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    st = state_of(request)
+    return JSONResponse(models_body(st.model_id, st.created))
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    st = state_of(request)
+    st.check_model(body.model)
+    source = snapshot_source(st, body.snapshot_id)
+
+    def tokens() -> list[int]:
+        if isinstance(body.prompt, list):
+            n_vocab = st.engine.model.n_vocab
+            if not all(isinstance(t, int) and 0 <= t < n_vocab for t in body.prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {n_vocab})", param="prompt",
+                               code="invalid_value")
+            own = list(body.prompt)
+        else:
+            own = st.engine.tokenize(body.prompt, add_bos=source is None)
+        # NOTE: a snapshot's tokens + the new tokens: the snapshot is an exact token prefix by construction.
+        return [*source["tokens"], *own] if source is not None else own
+
+    return await serve(request, st, body, await run_in_threadpool(tokens), "text")
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
+    st = state_of(request)
+    st.check_model(body.model)
+    source = snapshot_source(st, body.snapshot_id)
+    messages = as_pairs(body.messages)
+    if source is not None:
+        if "messages" not in source:
+            raise APIError(400, "this snapshot was made from a prompt; continue it with /v1/completions",
+                           param="snapshot_id", code="invalid_value")
+        messages = [*[tuple(m) for m in source["messages"]], *messages]
+    tokens = await run_in_threadpool(chat_tokens, st, messages)
+    return await serve(request, st, body, tokens, "chat")
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    st = state_of(request)
+    ok = st.loop.alive
+    return JSONResponse({"status": "ok" if ok else "engine loop stopped", "model": st.model_id},
+                        status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def as_pairs(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    return [m.as_pair() for m in messages]

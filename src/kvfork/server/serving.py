@@ -1,0 +1,125 @@
+"""The handler side of one generation request: limits, submit to the loop, stream or collect the events."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvfork.server.errors import APIError
+from kvfork.server.job import Event, Job, Sink
+from kvfork.server.protocol import ChatRequest, CompletionRequest
+from kvfork.server.responses import Kind, chunk_body, completion_body, sse, usage_chunk
+from kvfork.server.state import ServerState
+
+__all__ = ["serve"]
+
+def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: list[int], kind: Kind) -> Job:
+    """Check n, max_tokens and the context length; one SamplingParams per choice."""
+    cfg, n_ctx = st.config, st.engine.ctx.n_ctx
+    if body.n > cfg.max_n:
+        raise APIError(400, f"n must be <= {cfg.max_n} on this server", param="n", code="invalid_value")
+    wanted = body.wanted_tokens()
+    if wanted is not None and wanted > cfg.max_tokens:
+        raise APIError(400, f"max_tokens must be <= {cfg.max_tokens} on this server", param="max_tokens",
+                       code="invalid_value")
+    room = n_ctx - len(tokens)
+    if room < 1 or (wanted is not None and wanted > room):
+        raise APIError(400, f"this model's context holds {n_ctx} tokens; the prompt has {len(tokens)} and"
+                            f" {wanted or 1} more were asked for; shorten the prompt or lower max_tokens",
+                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+    # NOTE: OpenAI's default is 16 tokens for completions and "as many as fit" for chat.
+    max_tokens = wanted or (min(16, room) if kind == "text" else min(cfg.max_tokens, room))
+    base = body.sampling(max_tokens)
+    # NOTE: n choices with one seed would be n identical samples; each choice gets seed + index.
+    params = [base if base.seed is None else base.with_overrides(seed=(base.seed + i) % 2**32)
+              for i in range(body.n)]
+    return Job(tokens=tokens, params=params, sink=Sink(asyncio.get_running_loop()))
+
+
+async def serve(request: Request, st: ServerState, body: CompletionRequest | ChatRequest, tokens: list[int],
+                kind: Kind) -> JSONResponse | StreamingResponse:
+    """Submit the request's job and answer as a stream of chunks or one body."""
+    job = make_job(st, body, tokens, kind)
+    st.loop.submit(job)
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_stream(st, job, kind, rid, body.model, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    texts: list[str] = [""] * job.n
+    finish: list[str | None] = [None] * job.n
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        while True:
+            event = await _next(job, gone)
+            if event is None:  # the client went away
+                st.loop.cancel(job)
+                return JSONResponse({}, status_code=499)
+            if event.kind == "delta":
+                texts[event.index] += event.text
+            elif event.kind == "finish":
+                finish[event.index] = event.finish_reason
+            elif event.kind == "error":
+                raise event.error or APIError(500, "the request failed")
+            elif event.kind == "done" and event.usage is not None:
+                return JSONResponse(completion_body(kind, rid, body.model, texts, finish, event.usage))
+    except BaseException:
+        st.loop.cancel(job)
+        raise
+    finally:
+        gone.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client hangs up.
+
+    NOTE: the body is read already, so the next ASGI message is the disconnect; polling
+    request.is_disconnected() instead can miss it (the server may not be reading the socket then).
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next(job: Job, gone: asyncio.Future[None]) -> Event | None:
+    """The job's next event, or None once the client is gone."""
+    get = asyncio.ensure_future(job.sink.get())
+    waits: set[asyncio.Future[object]] = {get, gone}  # type: ignore[arg-type]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if get.done():
+        return get.result()
+    get.cancel()
+    return None
+
+
+async def _stream(st: ServerState, job: Job, kind: Kind, rid: str, model: str,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    ended = False
+    try:
+        if kind == "chat":
+            for i in range(job.n):
+                yield sse(chunk_body(kind, rid, model, i, role=True))
+        while True:
+            event = await job.sink.get()
+            if event.kind == "delta":
+                yield sse(chunk_body(kind, rid, model, event.index, text=event.text))
+            elif event.kind == "finish":
+                yield sse(chunk_body(kind, rid, model, event.index, finish_reason=event.finish_reason))
+            elif event.kind == "error":
+                ended = True
+                error = event.error if isinstance(event.error, APIError) else APIError(500, str(event.error))
+                yield sse(error.body())
+                return
+            elif event.kind == "done":
+                ended = True
+                if include_usage and event.usage is not None:
+                    yield sse(usage_chunk(kind, rid, model, event.usage))
+                yield sse("[DONE]")
+                return
+    finally:
+        if not ended:
+            # NOTE: the client disconnected mid-stream (the generator is closed): free its branches now.
+            st.loop.cancel(job)

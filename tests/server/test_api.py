@@ -1,0 +1,83 @@
+"""The OpenAI surface through the official client: chat and completions, streamed and not, n > 1, snapshots."""
+
+from __future__ import annotations
+
+import httpx
+
+from kvfork.server.prefixes import MIN_SUFFIX
+from tests.server.conftest import chat_prompt
+
+MSGS = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name three colors."}]
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client().models.list().data] == ["gemma"]
+    assert httpx.get(f"{server.base_url}/health").json()["status"] == "ok"
+
+
+def test_chat_matches_from_scratch(server, ref):
+    out = server.client().chat.completions.create(model="gemma", messages=MSGS, max_tokens=12, temperature=0)
+    want = ref.generate(chat_prompt(ref, MSGS), max_tokens=12)
+    assert out.choices[0].message.content == want.text
+    assert out.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+    assert out.usage.prompt_tokens == len(chat_prompt(ref, MSGS))
+    assert out.usage.completion_tokens == len(want.tokens)
+    assert out.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_streaming_equals_whole(server):
+    client = server.client()
+    whole = client.completions.create(model="gemma", prompt="The water pump", max_tokens=10, temperature=0)
+    parts = list(client.completions.create(model="gemma", prompt="The water pump", max_tokens=10, temperature=0,
+                                           stream=True))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
+    assert parts[-1].choices[0].finish_reason in ("length", "stop")
+    chunks = list(client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    full = client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=8, temperature=0)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    # the same prompt again is served from the live prefix
+    assert full.usage.prompt_tokens_details.cached_tokens == full.usage.prompt_tokens
+
+
+def test_n_choices_are_forks_of_one_prefill(server, ref):
+    client = server.client()
+    greedy = client.chat.completions.create(model="gemma", messages=MSGS, n=3, max_tokens=8, temperature=0)
+    want = ref.generate(chat_prompt(ref, MSGS), max_tokens=8).text
+    assert [c.message.content for c in greedy.choices] == [want] * 3
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    sampled = client.completions.create(model="gemma", prompt="Once upon a time", n=3, max_tokens=8,
+                                        temperature=1.0, seed=7)
+    again = client.completions.create(model="gemma", prompt="Once upon a time", n=3, max_tokens=8,
+                                      temperature=1.0, seed=7)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    assert len({c.text for c in sampled.choices}) > 1  # each choice its own seed
+
+
+def test_stop_strings(server):
+    out = server.client().completions.create(model="gemma", prompt="1, 2, 3, 4, 5,", max_tokens=16, temperature=0,
+                                             stop=[" 8"])
+    assert " 8" not in out.choices[0].text and out.choices[0].finish_reason == "stop"
+
+
+def test_snapshot_endpoints(server, ref):
+    headers = {"Authorization": "Bearer test-key"}
+    base = server.base_url
+    doc = [{"role": "system", "content": "You review pump logs."}, {"role": "user", "content": "Log: pump 4 ran hot."},
+           {"role": "assistant", "content": "Noted."}]
+    made = httpx.post(f"{base}/v1/snapshots", json={"model": "gemma", "messages": doc}, headers=headers, timeout=60)
+    assert made.status_code == 201, made.text
+    snap = made.json()
+    assert snap["n_tokens"] > 10
+    assert snap["id"] in [s["id"] for s in httpx.get(f"{base}/v1/snapshots", headers=headers).json()["data"]]
+    question = [{"role": "user", "content": "What ran hot?"}]
+    out = server.client().chat.completions.create(model="gemma", messages=question, max_tokens=8, temperature=0,
+                                                  extra_body={"snapshot_id": snap["id"]})
+    # reused: the snapshot, less what a short continuation recomputes (prefixes.MIN_SUFFIX)
+    assert out.usage.prompt_tokens_details.cached_tokens >= min(snap["n_tokens"], out.usage.prompt_tokens - MIN_SUFFIX)
+    assert out.choices[0].message.content == ref.generate(chat_prompt(ref, doc + question), max_tokens=8).text
+    assert httpx.delete(f"{base}/v1/snapshots/{snap['id']}", headers=headers).status_code == 200
+    gone = httpx.delete(f"{base}/v1/snapshots/{snap['id']}", headers=headers)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "snapshot_not_found"

@@ -1,0 +1,27 @@
+"""--store: a snapshot made on one server is restored by the next one (a new process in real life)."""
+
+from __future__ import annotations
+
+import httpx
+
+from kvfork import Engine, SnapshotStore
+from kvfork.config import ServerConfig
+from tests.conftest import long_text
+from tests.server.conftest import ENGINE, chat_prompt, serving
+
+
+def test_a_stored_snapshot_warms_the_next_server(gemma_path, ref, tmp_path):
+    doc = [{"role": "system", "content": "You read logs."}, {"role": "user", "content": long_text(10)},
+           {"role": "assistant", "content": "Ready."}]
+    with Engine(gemma_path, store=SnapshotStore(tmp_path), **ENGINE) as engine:
+        with serving(engine, ServerConfig(model_name="gemma")) as first:
+            made = httpx.post(f"{first.base_url}/v1/snapshots", json={"model": "gemma", "messages": doc}, timeout=60)
+            assert made.status_code == 201, made.text
+    question = [{"role": "user", "content": "Which day came last?"}]
+    with Engine(gemma_path, store=SnapshotStore(tmp_path), **ENGINE) as engine:
+        with serving(engine, ServerConfig(model_name="gemma")) as second:
+            out = second.client().chat.completions.create(model="gemma", messages=doc + question, max_tokens=6,
+                                                          temperature=0)
+            assert second.metric("kvfork_snapshot_hits") == 1
+            assert out.usage.prompt_tokens_details.cached_tokens >= made.json()["n_tokens"] - 32
+            assert out.choices[0].message.content == ref.generate(chat_prompt(ref, doc + question), max_tokens=6).text
