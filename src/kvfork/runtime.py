@@ -124,12 +124,15 @@ class Engine:
                 seq = self.store.restore_prefix(self, tokens)
             else:
                 seq = Sequence(tokens=tokens)
-            if seq.n_pending or seq.seq_id is None:
-                self.scheduler.submit(seq, SamplingParams(max_tokens=0))
-                self._run([seq], progress=seq.n_pending >= _PROGRESS_MIN_TOKENS and self.config.progress)
-        if seq.error is not None:
-            self.scheduler.release(seq)
-            raise seq.error
+            try:
+                if seq.n_pending or seq.seq_id is None:
+                    self.scheduler.submit(seq, SamplingParams(max_tokens=0))
+                    self._run([seq], progress=seq.n_pending >= _PROGRESS_MIN_TOKENS and self.config.progress)
+                if seq.error is not None:
+                    raise seq.error
+            except BaseException:
+                self.scheduler.release(seq)  # NOTE: also unpins a live parent this prefill forked
+                raise
         self._live.add(seq)
         snapshot = Snapshot(self, seq, layout, time.perf_counter() - t0)
         if self.store is not None:
