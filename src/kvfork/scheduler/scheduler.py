@@ -201,8 +201,9 @@ class Scheduler:
             return
         seq.generated.append(token)
         seq.tokens.append(token)
-        # NOTE: detokenize the whole turn, not piece by piece: a piece may be half of a UTF-8 character.
-        seq.text = self.model.detokenize(seq.generated)
+        # NOTE: decode the turn's bytes, not piece by piece: a piece may be half of a UTF-8 character.
+        seq.text_bytes += self.model.token_bytes(token)
+        seq.text = seq.text_bytes.decode("utf-8", errors="replace")
         for stop in seq.params.stop:
             cut = seq.text.find(stop)
             if cut >= 0:

@@ -38,6 +38,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     text: str = ""
+    text_bytes: bytearray = field(default_factory=bytearray)  # the turn's raw pieces; text is their decoding
     error: Exception | None = None
     n_children: int = 0  # forks sharing this sequence's cells: it stays pinned while > 0
     released: bool = False  # its owner let go; freed when n_children drops to 0
@@ -70,6 +71,7 @@ class Sequence:
         self.generated = []
         self.finish_reason = None
         self.text = ""
+        self.text_bytes = bytearray()
         self.error = None
         self.n_prompt_computed = 0
         self.t_submit = time.perf_counter()
