@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from kvfork.pipeline.definition import Pipeline
 from kvfork.pipeline.turns import first_turn, placeholder_outputs
 from kvfork.runtime import Engine
+from kvfork.snapshot.index import common_prefix as pairwise_prefix
 
 __all__ = ["Plan", "SnapshotPlan", "plan", "common_prefix", "shareable_fraction"]
 
@@ -16,12 +17,7 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix common to every prompt (0 for none)."""
     if not prompts:
         return 0
-    n = min(len(p) for p in prompts)
-    first = prompts[0]
-    for i in range(n):
-        if any(p[i] != first[i] for p in prompts[1:]):
-            return i
-    return n
+    return min((pairwise_prefix(prompts[0], p) for p in prompts[1:]), default=len(prompts[0]))
 
 
 def shareable_fraction(prompts: Sequence[Sequence[int]]) -> float:

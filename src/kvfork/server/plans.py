@@ -17,9 +17,10 @@ from kvfork.server.choices import Choices
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job
 from kvfork.server.metrics import ServerMetrics
-from kvfork.server.prefixes import LivePrefixes, PrefixHit, coalesce, common_prefix
+from kvfork.server.prefixes import LivePrefixes, PrefixHit, coalesce
 from kvfork.snapshot.base import Snapshot
 from kvfork.snapshot.host import can_trim
+from kvfork.snapshot.index import common_prefix
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine

@@ -6,27 +6,17 @@ from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from typing import NamedTuple
 
-import numpy as np
-
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.snapshot.host import can_trim
+from kvfork.snapshot.index import common_prefix
 
-__all__ = ["LivePrefixes", "PrefixHit", "common_prefix", "coalesce"]
+__all__ = ["LivePrefixes", "PrefixHit", "coalesce"]
 
 # NOTE: a fork that leaves only a few prompt tokens to prefill computes them as a tiny ubatch, and
 # llama.cpp's CPU kernels for 3-7 rows round differently from the same rows inside a long prompt:
 # measured on gemma3-270m (q8_0 KV, flash attention), suffixes of 3-6 tokens (once 7) flipped a greedy
 # token against a from-scratch run; 1-2 and 8-16 did not. So such forks back off to leave this many.
 MIN_SUFFIX = 16
-
-
-def common_prefix(a: Seq[int], b: Seq[int]) -> int:
-    """Length of the longest common token prefix of `a` and `b`."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
-    return int(diff[0]) if diff.size else n
 
 
 class PrefixHit(NamedTuple):

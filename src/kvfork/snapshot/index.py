@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from kvfork.snapshot.keys import block_hashes
 
-__all__ = ["PrefixIndex", "PrefixMatch"]
+__all__ = ["PrefixIndex", "PrefixMatch", "common_prefix"]
 
 
 class PrefixMatch(NamedTuple):
@@ -20,9 +20,10 @@ class PrefixMatch(NamedTuple):
     n_tokens: int  # tokens in the stored entry (> n_shared: it must be trimmed)
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Length of the longest common token prefix of `a` and `b` (lists or arrays)."""
     n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if len(diff) else n
 
 
