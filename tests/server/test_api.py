@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from kvfork.server.prefixes import MIN_SUFFIX
+from kvfork.server.protocol import ChatRequest
 from tests.server.conftest import chat_prompt
 
 MSGS = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name three colors."}]
@@ -81,3 +82,20 @@ def test_snapshot_endpoints(server, ref):
     assert httpx.delete(f"{base}/v1/snapshots/{snap['id']}", headers=headers).status_code == 200
     gone = httpx.delete(f"{base}/v1/snapshots/{snap['id']}", headers=headers)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "snapshot_not_found"
+
+
+def test_ignore_eos_generates_max_tokens(server, ref):
+    # NOTE: this small model rarely ends a turn on its own, so the parse is checked directly as well
+    assert ChatRequest(model="gemma", messages=MSGS, ignore_eos=True).sampling(8).ignore_eos
+    assert not ChatRequest(model="gemma", messages=MSGS).sampling(8).ignore_eos
+    full = server.client().chat.completions.create(model="gemma", messages=MSGS, max_tokens=24, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 24 and full.choices[0].finish_reason == "length"
+    assert full.choices[0].message.content == ref.generate(chat_prompt(ref, MSGS), max_tokens=24, ignore_eos=True).text
+
+
+def test_kv_cells_gauge(server):
+    server.client().completions.create(model="gemma", prompt="Count: 1, 2, 3,", max_tokens=4, temperature=0)
+    total = server.metric('kvfork_kv_cells{state="total"}')
+    reserved = server.metric('kvfork_kv_cells{state="reserved"}')
+    assert total == 2048 and 0 <= reserved <= total

@@ -25,3 +25,16 @@ def test_a_stored_snapshot_warms_the_next_server(gemma_path, ref, tmp_path):
             assert second.metric("kvfork_snapshot_hits") == 1
             assert out.usage.prompt_tokens_details.cached_tokens >= made.json()["n_tokens"] - 32
             assert out.choices[0].message.content == ref.generate(chat_prompt(ref, doc + question), max_tokens=6).text
+
+
+def test_store_bytes_and_budgets_in_metrics(gemma_path, tmp_path):
+    with Engine(gemma_path, store=SnapshotStore(tmp_path, ram_bytes=64 << 20, disk_bytes=128 << 20), **ENGINE) as e:
+        with serving(e, ServerConfig(model_name="gemma")) as srv:
+            assert srv.metric('kvfork_store_budget_bytes{tier="ram"}') == 64 << 20
+            assert srv.metric('kvfork_store_budget_bytes{tier="disk"}') == 128 << 20
+            assert srv.metric('kvfork_store_bytes{tier="disk"}') == 0
+            made = httpx.post(f"{srv.base_url}/v1/snapshots", json={"model": "gemma", "prompt": long_text(4)},
+                              timeout=60)
+            assert made.status_code == 201, made.text
+            assert srv.metric('kvfork_store_bytes{tier="disk"}') > 0
+            assert srv.metric('kvfork_store_bytes{tier="ram"}') > 0

@@ -29,6 +29,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     """
     config = config or ServerConfig()
     metrics = ServerMetrics(engine.store)
+    metrics.kv_cells.labels("total").set(engine.ctx.n_ctx)
     loop = EngineLoop(engine, config, metrics)
     model_id = config.model_name or engine.model_path.stem
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kvfork.config import ServerConfig
+from kvfork.errors import KvforkError
 from kvfork.models import DEFAULT_MODEL
 
 __all__ = ["add_server_commands"]
@@ -25,6 +26,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--chat-template", default=None, help="llama.cpp template name for models without one")
     p.add_argument("--store", default=None, metavar="DIR", help="snapshot store folder (restores long prefixes)")
+    p.add_argument("--store-ram-mb", type=int, default=None, help="store's host-RAM budget (default 1024)")
+    p.add_argument("--store-disk-mb", type=int, default=None, help="store's disk budget (default 16384)")
     p.add_argument("--model-name", default=None, help="the id /v1/models lists (default: the file's stem)")
     p.add_argument("--max-queued", type=int, default=64, help="requests in flight before 429")
     p.add_argument("--max-n", type=int, default=8)
@@ -47,7 +50,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["n_threads"] = args.threads
     if args.chat_template:
         overrides["chat_template"] = args.chat_template
-    store = SnapshotStore(args.store) if args.store else None
+    budgets = {k: v << 20 for k, v in (("ram_bytes", args.store_ram_mb), ("disk_bytes", args.store_disk_mb))
+               if v is not None}
+    if budgets and not args.store:
+        raise KvforkError("--store-ram-mb/--store-disk-mb need --store DIR")
+    store = SnapshotStore(args.store, **budgets) if args.store else None
     engine = Engine(args.model, store=store, **overrides)
     app = create_app(engine, config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:

@@ -110,6 +110,7 @@ class EngineLoop:
                     if sched.has_work:
                         self.planner.make_room()
                         self.planner.after_step(sched.step())
+                        self.metrics.kv_cells.labels("reserved").set(sched.table.cells_reserved())
             except Exception as exc:  # noqa: BLE001 - one bad step must not stop the server
                 log.exception("engine step failed")
                 self.planner.fail_all(exc if isinstance(exc, KvforkError) else KvforkError(str(exc)))

@@ -32,8 +32,16 @@ class ServerMetrics:
         self.active_branches = Gauge("kvfork_active_branches", "Branches (choices) generating now", registry=r)
         self.queue_length = Gauge("kvfork_queue_length", "Requests accepted that have no token yet", registry=r)
         self.live_prefixes = Gauge("kvfork_live_prefixes", "Prefilled prefixes kept in the KV cache", registry=r)
+        self.kv_cells = Gauge("kvfork_kv_cells", "KV cells: the context's budget, and those held now by live"
+                              " sequences (prompt + max_tokens, shared cells once)", ["state"], registry=r)
         self._store = store
         if store is not None:
+            self.store_bytes = Gauge("kvfork_store_bytes", "Snapshot bytes held per store tier", ["tier"],
+                                     registry=r)
+            self.store_budget = Gauge("kvfork_store_budget_bytes", "Configured byte budget per store tier",
+                                      ["tier"], registry=r)
+            self.store_budget.labels("ram").set(store.config.ram_bytes)
+            self.store_budget.labels("disk").set(store.config.disk_bytes)
             self.snapshot_hits = Gauge("kvfork_snapshot_hits", "Snapshot store lookups that restored a prefix",
                                        registry=r)
             self.snapshot_misses = Gauge("kvfork_snapshot_misses", "Snapshot store lookups that found nothing",
@@ -45,4 +53,6 @@ class ServerMetrics:
             stats = self._store.stats()
             self.snapshot_hits.set(stats.hits_ram + stats.hits_disk)
             self.snapshot_misses.set(stats.misses)
+            self.store_bytes.labels("ram").set(stats.bytes_ram)
+            self.store_bytes.labels("disk").set(stats.bytes_disk)
         return generate_latest(self.registry)

@@ -54,6 +54,7 @@ class _Generation(BaseModel):
     stop: str | list[str] | None = None
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = False  # extension (as llama-server and vLLM): generate max_tokens even past end-of-text
     snapshot_id: str | None = None  # kvfork extension: continue from a snapshot made with POST /v1/snapshots
 
     @field_validator("stop")
@@ -72,6 +73,7 @@ class _Generation(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            ignore_eos=self.ignore_eos,
         )
 
 
