@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvfork.engine.logprobs import TokenLogprob
+
 __all__ = ["Completion"]
 
 
@@ -24,6 +26,7 @@ class Completion:
     ttft_s: float  # submit -> first token
     total_s: float  # submit -> done
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when SamplingParams.logprobs was set
 
     @property
     def completion_tokens(self) -> int:

@@ -245,6 +245,7 @@ class Engine:
             ttft_s=(seq.t_first_token or end) - seq.t_submit,
             total_s=end - seq.t_submit,
             error=str(seq.error) if seq.error is not None else None,
+            logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
 

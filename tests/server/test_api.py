@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import httpx
+import openai
+import pytest
 
 from kvfork.server.prefixes import MIN_SUFFIX
 from kvfork.server.protocol import ChatRequest
@@ -99,3 +101,30 @@ def test_kv_cells_gauge(server):
     total = server.metric('kvfork_kv_cells{state="total"}')
     reserved = server.metric('kvfork_kv_cells{state="reserved"}')
     assert total == 2048 and 0 <= reserved <= total
+
+
+def test_logprobs_chat_and_completions(server, ref):
+    client = server.client()
+    chat = client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=8, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 8
+    assert b"".join(bytes(c.bytes) for c in content).decode() == chat.choices[0].message.content
+    want = ref.generate(chat_prompt(ref, MSGS), max_tokens=8, logprobs=2).logprobs
+    assert [c.logprob for c in content] == [lp.logprob for lp in want]
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == c.logprob for c in content)
+    text = client.completions.create(model="gemma", prompt="The water pump", max_tokens=6, temperature=0, logprobs=1)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text and len(lp.token_logprobs) == 6
+    assert lp.text_offset[0] == 0 and all(len(t) == 1 for t in lp.top_logprobs)
+    assert text.choices[0].logprobs is not None
+    plain = client.completions.create(model="gemma", prompt="The water pump", max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_refused_where_not_served(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="non-streamed"):
+        client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=4, logprobs=True, stream=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=4, top_logprobs=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from kvfork.engine.logprobs import MAX_TOP_LOGPROBS
 from kvfork.errors import InvalidParameter
 
 __all__ = ["SamplingParams"]
@@ -31,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and its k likeliest alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +52,8 @@ class SamplingParams:
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
              "seed must be in [0, 2**32)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
         )
         for ok, message in checks:
             if not ok:

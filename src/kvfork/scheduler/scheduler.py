@@ -9,6 +9,7 @@ from collections import deque
 from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
 from kvfork.engine.llama import LlamaContext, LlamaModel, Sampler
+from kvfork.engine.logprobs import token_logprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
@@ -192,6 +193,8 @@ class Scheduler:
             self.running.append(seq)
 
     def _sample(self, seq: Sequence, index: int) -> None:
+        # NOTE: the raw logits are read before the sampler chain runs over them
+        row = self.ctx.logits(index) if seq.params.logprobs is not None else None
         token = self._samplers[seq].sample(self.ctx, index)
         now = time.perf_counter()
         if seq.t_first_token is None:
@@ -201,6 +204,8 @@ class Scheduler:
             return
         seq.generated.append(token)
         seq.tokens.append(token)
+        if row is not None:
+            seq.logprobs.append(token_logprob(row, token, seq.params.logprobs or 0))
         # NOTE: decode the turn's bytes, not piece by piece: a piece may be half of a UTF-8 character.
         seq.text_bytes += self.model.token_bytes(token)
         seq.text = seq.text_bytes.decode("utf-8", errors="replace")

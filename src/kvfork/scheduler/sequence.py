@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
 
 __all__ = ["Sequence", "SeqStatus"]
@@ -40,6 +41,7 @@ class Sequence:
     text: str = ""
     text_bytes: bytearray = field(default_factory=bytearray)  # the turn's raw pieces; text is their decoding
     error: Exception | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when params.logprobs is set
     n_children: int = 0  # forks sharing this sequence's cells: it stays pinned while > 0
     released: bool = False  # its owner let go; freed when n_children drops to 0
     one_shot: bool = False  # free as soon as the current turn ends (fan-out branches)
@@ -73,6 +75,7 @@ class Sequence:
         self.text = ""
         self.text_bytes = bytearray()
         self.error = None
+        self.logprobs = []
         self.n_prompt_computed = 0
         self.t_submit = time.perf_counter()
         self.t_first_token = None

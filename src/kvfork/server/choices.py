@@ -95,7 +95,8 @@ class Choices:
             self.fail([job], error)
             return
         job.ended[i] = True
-        job.sink.put(Event("finish", i, finish_reason=_FINISH.get(seq.finish_reason or "stop", "stop")))
+        job.sink.put(Event("finish", i, finish_reason=_FINISH.get(seq.finish_reason or "stop", "stop"),
+                           logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None))
         if job.finished:
             self.end(job, None)
 

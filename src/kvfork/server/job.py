@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.scheduler.sequence import Sequence
 
@@ -36,6 +37,7 @@ class Event:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: Exception | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # a choice's, on its "finish" event, when asked for
 
 
 class Sink:

@@ -67,19 +67,27 @@ class _Generation(BaseModel):
     def wanted_tokens(self) -> int | None:
         return self.max_tokens
 
+    def wanted_logprobs(self) -> int | None:
+        """None: no logprobs; k: each token's log-probability with its k likeliest alternatives."""
+        return None
+
     def sampling(self, max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams for one choice (temperature 0 is greedy)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            ignore_eos=self.ignore_eos,
+            ignore_eos=self.ignore_eos, logprobs=self.wanted_logprobs(),
         )
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[int]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -92,9 +100,16 @@ class CompletionRequest(_Generation):
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def wanted_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class SnapshotRequest(BaseModel):

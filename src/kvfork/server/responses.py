@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
+from kvfork.engine.logprobs import TokenLogprob
 from kvfork.server.job import Usage
 
-__all__ = ["Kind", "usage_body", "completion_body", "chunk_body", "usage_chunk", "sse", "models_body"]
+__all__ = ["Kind", "usage_body", "logprobs_body", "completion_body", "chunk_body", "usage_chunk", "sse", "models_body"]
 
 Kind = Literal["text", "chat"]
 
@@ -22,16 +24,36 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def completion_body(kind: Kind, rid: str, model: str, texts: list[str], finish: list[str | None],
-                    usage: Usage) -> dict[str, Any]:
-    """A whole (non-streamed) completion with one choice per text."""
+def logprobs_body(kind: Kind, logprobs: tuple[TokenLogprob, ...], piece: Callable[[int], bytes]) -> dict[str, Any]:
+    """One choice's logprobs in the endpoint's format (`piece`: a token's bytes)."""
+    def text(token: int) -> str:
+        return piece(token).decode("utf-8", errors="replace")
+
     if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            return {"token": text(token), "logprob": logprob, "bytes": list(piece(token))}
+
+        return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in logprobs], "refusal": None}
+    offsets, at = [], 0
+    for lp in logprobs:
+        offsets.append(at)
+        at += len(text(lp.token))
+    return {"tokens": [text(lp.token) for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{text(t): v for t, v in lp.top} for lp in logprobs], "text_offset": offsets}
+
+
+def completion_body(kind: Kind, rid: str, model: str, texts: list[str], finish: list[str | None],
+                    usage: Usage, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    """A whole (non-streamed) completion with one choice per text (and its logprobs body, if any)."""
+    lps = logprobs or [None] * len(texts)
+    if kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                    "finish_reason": f} for i, (t, f, lp) in enumerate(zip(texts, finish, lps, strict=True))]
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": f}
+                   for i, (t, f, lp) in enumerate(zip(texts, finish, lps, strict=True))]
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices,
             "usage": usage_body(usage)}

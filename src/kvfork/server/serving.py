@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kvfork.server.errors import APIError
 from kvfork.server.job import Event, Job, Sink
 from kvfork.server.protocol import ChatRequest, CompletionRequest
-from kvfork.server.responses import Kind, chunk_body, completion_body, sse, usage_chunk
+from kvfork.server.responses import Kind, chunk_body, completion_body, logprobs_body, sse, usage_chunk
 from kvfork.server.state import ServerState
 
 __all__ = ["serve"]
@@ -44,6 +45,9 @@ async def serve(request: Request, st: ServerState, body: CompletionRequest | Cha
                 kind: Kind) -> JSONResponse | StreamingResponse:
     """Submit the request's job and answer as a stream of chunks or one body."""
     job = make_job(st, body, tokens, kind)
+    if body.stream and job.params[0].logprobs is not None:
+        raise APIError(400, "logprobs are returned for non-streamed requests only on this server",
+                       param="logprobs", code="unsupported_parameter")
     st.loop.submit(job)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
@@ -52,6 +56,7 @@ async def serve(request: Request, st: ServerState, body: CompletionRequest | Cha
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     texts: list[str] = [""] * job.n
     finish: list[str | None] = [None] * job.n
+    logprobs: list[Any] = [None] * job.n
     gone = asyncio.ensure_future(_disconnect(request))
     try:
         while True:
@@ -63,10 +68,12 @@ async def serve(request: Request, st: ServerState, body: CompletionRequest | Cha
                 texts[event.index] += event.text
             elif event.kind == "finish":
                 finish[event.index] = event.finish_reason
+                if event.logprobs is not None:
+                    logprobs[event.index] = logprobs_body(kind, event.logprobs, st.engine.model.token_bytes)
             elif event.kind == "error":
                 raise event.error or APIError(500, "the request failed")
             elif event.kind == "done" and event.usage is not None:
-                return JSONResponse(completion_body(kind, rid, body.model, texts, finish, event.usage))
+                return JSONResponse(completion_body(kind, rid, body.model, texts, finish, event.usage, logprobs))
     except BaseException:
         st.loop.cancel(job)
         raise
