@@ -61,3 +61,14 @@ def test_a_later_request_forks_part_of_an_earlier_prompt(server, ref):
     shared = common_prefix(chat_prompt(ref, first), chat_prompt(ref, second))
     assert out.usage.prompt_tokens_details.cached_tokens >= shared - 8 > 100
     assert out.choices[0].message.content == ref.generate(chat_prompt(ref, second), max_tokens=8).text
+
+
+def test_documents_after_one_system_prompt_do_not_chain_in_the_cache(server, ref):
+    """Each new document shares only the system prompt with the last one: forking that short head of the
+    previous (long) prompt would pin it, and the next would pin both: 6 x ~430 tokens > the 2,048 cells."""
+    client = server.client()
+    for i in range(6):
+        msgs = [{"role": "system", "content": "You read maintenance logs and answer tersely."},
+                {"role": "user", "content": f"Log number {i}.\n{long_text(30 + i)}\n\nWhat was logged first?"}]
+        out = client.chat.completions.create(model="gemma", messages=msgs, max_tokens=4, temperature=0)
+        assert out.choices[0].message.content == ref.generate(chat_prompt(ref, msgs), max_tokens=4).text

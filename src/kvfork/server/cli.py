@@ -24,6 +24,10 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     # branches already decoding wait at most one chunk per token.
     p.add_argument("--batch", type=int, default=256, help="tokens per decode step (prefill chunk cap)")
     p.add_argument("--threads", type=int, default=None)
+    # NOTE: the defaults are what makes shared and from-scratch greedy outputs bit-identical (see EngineConfig)
+    p.add_argument("--kv-type", choices=["q8_0", "f16", "f32"], default="q8_0",
+                   help="KV cache type; f16 prefills faster on CPUs but gives up bit-exactness")
+    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default="on")
     p.add_argument("--chat-template", default=None, help="llama.cpp template name for models without one")
     p.add_argument("--store", default=None, metavar="DIR", help="snapshot store folder (restores long prefixes)")
     p.add_argument("--store-ram-mb", type=int, default=None, help="store's host-RAM budget (default 1024)")
@@ -45,7 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
                           max_queued=args.max_queued, max_n=args.max_n, max_tokens=args.max_tokens)
     overrides: dict = {"n_ctx": args.n_ctx, "n_seq_max": args.n_seq_max, "n_batch": args.batch,
-                       "n_ubatch": args.batch, "verbose": args.verbose, "progress": False}
+                       "n_ubatch": args.batch, "verbose": args.verbose, "progress": False,
+                       "kv_type": args.kv_type, "flash_attn": args.flash_attn}
     if args.threads:
         overrides["n_threads"] = args.threads
     if args.chat_template:
