@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
@@ -71,12 +72,24 @@ class LlamaModel:
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(ptr)
         self.n_layer: int = llama_cpp.llama_model_n_layer(ptr)
         self.n_swa: int = llama_cpp.llama_model_n_swa(ptr)
+        self.rope_type: int = llama_cpp.llama_model_rope_type(ptr)  # llama_rope_type: -1 none, 0 norm, 2 neox, ...
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(ptr, buf, len(buf))
         self.description = buf.value.decode("utf-8", errors="replace")
         template = chat_template.encode() if chat_template else llama_cpp.llama_model_chat_template(ptr, None)
         self.chat_template: str | None = template.decode("utf-8") if template else None
         self._pieces: dict[int, bytes] = {}
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (e.g. "qwen2.rope.freq_base"), None when the file has no such key."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # n is the full length; the buffer held a truncated copy
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """Token ids of `text`; add_special adds BOS where the model wants it."""
@@ -227,6 +240,13 @@ class LlamaContext:
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc}")
 
+    def logits(self, index: int) -> np.ndarray:
+        """A copy of the raw logits at batch index `index` of the last decode (n_vocab floats)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
+        if not ptr:
+            raise EngineError(f"no logits at batch index {index} of the last decode")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
     # -- KV memory: sequence-level operations on the unified cache -------------------------------
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         """Tag the cells of `src` in [p0, p1) as also belonging to `dst` (no data is copied)."""
@@ -243,7 +263,23 @@ class LlamaContext:
         return int(llama_cpp.llama_memory_seq_pos_max(self.mem, seq_id))
 
     def can_shift(self) -> bool:
+        """Whether this cache supports seq_add (llama.cpp's K-shift re-rotates the moved keys)."""
         return bool(llama_cpp.llama_memory_can_shift(self.mem))
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
+        """Move `seq_id`'s cells at positions [p0, p1) (p1 < 0: to the end) by `delta`.
+
+        The keys are re-rotated to their new positions (K-shift) at the next decode. A cell moved below
+        position 0 is dropped. NOTE: a cell shared with other sequences (a fork) has one position, so it
+        moves for all of them. Raises InvalidParameter where the cache cannot shift: llama.cpp would
+        abort the process at the next decode instead.
+        """
+        if not self.can_shift():
+            raise InvalidParameter(
+                "this model's KV cache cannot shift positions (multi-axis RoPE, or a sliding-window cache"
+                " smaller than the full one); recompute the tokens at their new positions instead"
+            )
+        llama_cpp.llama_memory_seq_add(self.mem, seq_id, p0, p1, delta)
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.mem, True)
