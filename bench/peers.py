@@ -6,6 +6,7 @@ openai client, against the servers a user would otherwise run, on the same model
 
 Systems, all started before the first repeat, order rotated per repeat:
   kvfork serve              sent at once (the server coalesces them: one prefill, N forks); staggered
+  kvfork-f16                the same with llama.cpp's default f16 cache (faster prefill; not bit-exact)
   llama-server -np N        llama.cpp's own server, its defaults (f16 cache, prompt cache, cache-ram):
                             sent at once; staggered (the first alone, then the rest at once)
   llama-cpp-python server   its RAM prompt cache on (serves one request at a time); sent at once
@@ -77,6 +78,10 @@ def start_servers(args: argparse.Namespace, path: Path, logs: Path) -> dict[str,
     makers: dict[str, Callable[[], Server]] = {
         "kvfork": lambda: kvfork_server(str(path), args.threads, 2 * ctx + args.agents * 256,
                                         log=logs / "kvfork.log"),
+        # NOTE: kvfork with llama.cpp's default f16 cache, as llama-server runs: faster prefill, not bit-exact
+        "kvfork-f16": lambda: kvfork_server(str(path), args.threads, 2 * ctx + args.agents * 256,
+                                            extra=["--kv-type", "f16", "--flash-attn", "auto"],
+                                            log=logs / "kvfork-f16.log"),
         "llama-server": lambda: llama_server(path, args.threads, args.agents, ctx, log=logs / "llama-server.log"),
         "llama-cpp-python": lambda: llama_cpp_python_server(path, args.threads, ctx,
                                                             log=logs / "llama-cpp-python.log"),
@@ -100,7 +105,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="*", default=None, help="kvfork llama-server llama-cpp-python")
+    ap.add_argument("--doc-chars", type=int, default=None, help="cut the report (a quick smoke run)")
+    ap.add_argument("--only", nargs="*", default=None, help="kvfork kvfork-f16 llama-server llama-cpp-python")
+    ap.add_argument("--no-staggered", action="store_true", help="only send all agents at once")
     ap.add_argument("--out", type=Path, default=Path("bench/out/peers.json"))
     args = ap.parse_args()
     path = resolve_model(args.model)
@@ -109,34 +116,51 @@ def main() -> None:
     runs: list[tuple[str, Callable[[Ask, int], tuple[float, list[dict]]], str]] = []
     for name in servers:
         runs.append((f"{name}, all at once", at_once, name))
-        if name != "llama-cpp-python":  # NOTE: it serves one request at a time: staggered is the same thing
+        # NOTE: llama-cpp-python serves one request at a time: staggered is the same thing there
+        if name != "llama-cpp-python" and not args.no_staggered:
             runs.append((f"{name}, staggered", staggered, name))
-    walls: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    walls: dict[str, dict[int, float]] = {label: {} for label, _, _ in runs}  # label -> repeat -> seconds
+    failed: dict[str, str] = {}
     details: dict[str, list] = {label: [] for label, _, _ in runs}
     try:
         for r in range(args.repeats):
             for k in range(len(runs)):
                 label, how, name = runs[(k + r) % len(runs)]
-                doc = document(f"{uuid.uuid4().hex[:12]}")
-                wall, rows = how(asker(servers[name], doc, args.tokens), args.agents)
-                walls[label].append(wall)
+                if name in failed:
+                    continue
+                doc = document(f"{uuid.uuid4().hex[:12]}", args.doc_chars)
+                try:
+                    wall, rows = how(asker(servers[name], doc, args.tokens), args.agents)
+                except Exception as e:  # noqa: BLE001 - a peer that fails is reported and left out from then on
+                    alive = servers[name].proc is not None and servers[name].proc.poll() is None
+                    failed[name] = f"repeat {r + 1}, {label}: {type(e).__name__}: {e} (process alive: {alive})"
+                    print(f"FAILED {failed[name]}", flush=True)
+                    continue
+                walls[label][r] = wall
                 details[label].append(rows)
                 cached = [row["cached_tokens"] for row in rows]
                 print(f"repeat {r + 1} {label}: {wall:.1f} s; prompt {rows[0]['prompt_tokens']} tokens;"
                       f" completion {sum(row['completion_tokens'] for row in rows)} tokens; cached {cached}",
                       flush=True)
-        memory = {name: s.memory() for name, s in servers.items()}
+        memory = {name: s.memory() for name, s in servers.items() if name not in failed}
     finally:
         for s in servers.values():
             s.__exit__(None, None, None)
     result = {"provenance": provenance(), "model": path.name, "threads": args.threads, "agents": args.agents,
-              "tokens": args.tokens, "wall_s": {k: stats(v) for k, v in walls.items() if v}, "runs": details,
+              "tokens": args.tokens, "failed": failed, "runs": details,
+              "wall_s": {k: stats(list(v.values())) for k, v in walls.items() if v},
               "rss_bytes": {k: {"rss": m[0], "peak": m[1]} for k, m in memory.items()}}
-    base = "kvfork, all at once"
-    lines = [f"| {args.agents} agents, {args.tokens} tokens each | wall time | kvfork's speedup |", "|---|---|---|"]
+    bases = [b for b in ("kvfork, all at once", "kvfork-f16, all at once") if walls.get(b)]
+    lines = [f"| {args.agents} agents, {args.tokens} tokens each | wall time |"
+             + "".join(f" time / {b} |" for b in bases), "|---|---|" + "---|" * len(bases)]
     for label, s in result["wall_s"].items():
-        ratio = [w / b for w, b in zip(walls[label], walls.get(base, []), strict=False)]
-        lines.append(f"| {label} | {fmt(s, ' s')} | {fmt(stats(ratio), 'x', digits=2) if ratio else '-'} |")
+        cells = []
+        for base in bases:
+            # NOTE: ratios within one repeat only: the two ran back to back on the same machine state
+            ratio = [w / walls[base][r] for r, w in walls[label].items() if r in walls[base]]
+            cells.append(fmt(stats(ratio), "x", digits=2) if ratio else "-")
+        lines.append(f"| {label} | {fmt(s, ' s')} | " + " | ".join(cells) + " |")
+    lines += [f"| {name} failed | {why} |" + " |" * len(bases) for name, why in failed.items()]
     result["table"] = "\n".join(lines)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(result["table"] + "\n")

@@ -44,7 +44,7 @@ def document(tag: str, n_chars: int | None = None) -> str:
     a cache: every repeat measures a cold shared prefill.
     """
     text = report()
-    if n_chars is not None:
+    if n_chars is not None:  # NOTE: longer documents repeat the report as an appendix
         while len(text) < n_chars:
             text += "\n\nAppendix (continued from the start):\n" + report()
         text = text[:n_chars]
