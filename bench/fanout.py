@@ -14,29 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import time
 from importlib import resources
 from pathlib import Path
 
+from workload import INSTRUCTIONS, SYSTEM, stats
+
 from kvfork import Engine
-
-INSTRUCTIONS = [
-    "Summarize the incident in three short bullet points, each with the most important number.",
-    "List the three biggest risks that remain open after this incident, one line each please.",
-    "Ask three sharp questions that a reviewer should put to the authors of this review.",
-    "Check the figures in the summary against the appendix tables and name any inconsistency.",
-    "Write a two-sentence status update for customers affected by the outage, in plain words.",
-    "Which action item matters most for preventing a repeat, and why? Answer in two sentences.",
-    "Estimate the total cost of the incident from the report's figures, showing the arithmetic.",
-    "Describe the timeline of detection and recovery in four short steps with their timestamps.",
-]
-SYSTEM = "You are a careful analyst. Answer from the report only, briefly and precisely."
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def fan_out(engine: Engine, doc: str, agents: list[str], n: int) -> tuple[float, float, list[tuple]]:

@@ -16,23 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import time
 from importlib import resources
 from pathlib import Path
 
+from workload import INSTRUCTIONS, SYSTEM, stats
+
 from kvfork import Engine
 
-SYSTEM = "You are a careful analyst. Answer from the report only, briefly and precisely."
-AGENTS = [
-    "Summarize the incident in three short bullet points, each with the most important number.",
-    "List the three biggest risks that remain open after this incident, one line each please.",
-]
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+AGENTS = INSTRUCTIONS[:2]
 
 
 def scenario_a(engine: Engine, doc: str, n_tokens: int) -> dict[str, float]:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from importlib import resources
 
+from workload import stats
+
 from kvfork import Engine
 from kvfork.config import default_threads
 from kvfork.snapshot.host import HostSnapshot
@@ -30,10 +32,6 @@ from kvfork.snapshot.layout import StateLayout
 from kvfork.snapshot.store import SnapshotStore
 
 ASK = "Summarize the incident in one sentence."
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def main() -> None:
