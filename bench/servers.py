@@ -51,9 +51,13 @@ class Server:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> Server:
-        out = open(self.log, "w") if self.log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's end
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                                     start_new_session=True)
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env}, start_new_session=True)
+        finally:
+            if self.log:  # NOTE: the child holds its own copy of the descriptor
+                out.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
