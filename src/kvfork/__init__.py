@@ -18,6 +18,7 @@ from kvfork.errors import (
 from kvfork.models import CATALOG, DEFAULT_MODEL, pull, resolve_model
 from kvfork.pipeline import Agent, AgentResult, Pipeline, PipelineResult, load_pipeline
 from kvfork.result import Completion
+from kvfork.reuse import ReuseConfig, ReuseReport, Segment
 from kvfork.runtime import Engine
 from kvfork.snapshot.base import Snapshot
 from kvfork.snapshot.host import HostSnapshot
@@ -54,4 +55,7 @@ __all__ = [
     "AgentResult",
     "PipelineResult",
     "load_pipeline",
+    "ReuseConfig",
+    "ReuseReport",
+    "Segment",
 ]

@@ -65,7 +65,13 @@ class Branch:
 
     # -- used by the engine ----------------------------------------------------------------------
     def _take_turn(self) -> Sequence:
-        """Turn queued text into pending tokens; returns the sequence to submit."""
+        """Turn queued text into pending tokens; returns the sequence to submit.
+
+        NOTE: with nothing queued nothing is added: the branch generates from what it holds (e.g. a
+        composed prompt that ends with the assistant header already).
+        """
+        if not self._outbox:
+            return self._seq
         text = "\n\n".join(self._outbox)
         if self._layout is None:
             new = text

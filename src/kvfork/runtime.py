@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from kvfork.branch import Branch
@@ -18,7 +19,10 @@ from kvfork.errors import ContextOverflow, InvalidParameter
 from kvfork.models import DEFAULT_MODEL, resolve_model
 from kvfork.prompt import ChatLayout
 from kvfork.result import Completion
+from kvfork.reuse.composer import Composer, Part, Segment
+from kvfork.reuse.config import ReuseConfig
 from kvfork.scheduler.scheduler import Scheduler
+from kvfork.scheduler.scoring import next_token_logits
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.snapshot.base import Snapshot
 from kvfork.snapshot.live import LiveSnapshots
@@ -65,6 +69,7 @@ class Engine:
         self.store = store  # consulted by every prefill: restore the longest stored prefix, store the result
         self._lock = threading.RLock()
         self._live = LiveSnapshots(self.model.n_swa)
+        self._composer: Composer | None = None
 
     # -- text and prompts ------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
@@ -191,9 +196,53 @@ class Engine:
             branch._took_reply(completion)
         return results
 
+    # -- reuse of shared content that is not a prefix (kvfork.reuse) ------------------------------
+    @property
+    def composer(self) -> Composer:
+        """The engine's segment reuse (and its kvcomm anchor pool), made on first use."""
+        with self._lock:
+            if self._composer is None:
+                self._composer = Composer(self)
+            return self._composer
+
+    def segment(self, name: str, tokens: Seq[int], *, head: Seq[int] = ()) -> Segment:
+        """Compute `tokens` once after `head` and keep their KV as a Segment to place into other prompts."""
+        with self._lock:
+            return self.composer.segment(name, tokens, head)[0]
+
+    def capture_segment(self, source: Snapshot | Branch, start: int, end: int, name: str) -> Segment:
+        """The KV that a snapshot or branch already holds for its tokens [start, end), as a Segment."""
+        with self._lock:
+            return self.composer.capture(name, source._seq, start, end)
+
+    def compose(self, parts: Seq[Part], *, agent: str, reuse: ReuseConfig | str | None = None) -> Snapshot:
+        """A snapshot of the parts' tokens, in order: token lists computed, Segments reused as `reuse` says.
+
+        `agent` names whose prompt this is (kvcomm pools anchors per segment name and agent). The
+        snapshot's `reuse` report says what was placed and computed; with reuse "exact" its KV is
+        bit-identical to a from-scratch prefill. Fork it to generate.
+        """
+        config = ReuseConfig.of(reuse)
+        t0 = time.perf_counter()
+        with self._lock:
+            seq, report = self.composer.compose(parts, agent, config)
+        # NOTE: not added to the live tier: its placed cells are approximate, and a later exact
+        # prefill of the same tokens must not fork them.
+        snapshot = Snapshot(self, seq, None, time.perf_counter() - t0)
+        snapshot.reuse = report
+        return snapshot
+
+    def next_token_logits(self, source: Snapshot | Branch, tokens: Seq[int]) -> np.ndarray:
+        """Teacher forcing: raw logits [len(tokens), n_vocab]; row i scores tokens[i] after the source's
+        tokens and tokens[:i]. The source is left as it was (a temporary fork does the work)."""
+        with self._lock:
+            return next_token_logits(self.scheduler, self.ctx, source._seq, [int(t) for t in tokens])
+
     def close(self) -> None:
         """Free the context and the model; the engine cannot be used afterwards."""
         with self._lock:
+            if self._composer is not None:
+                self._composer.close()
             self.ctx.close()
             self.model.close()
 

@@ -68,6 +68,20 @@ class BranchTable:
                 self.n_forks += 1
         self._live.add(seq)
 
+    def borrow_id(self) -> int:
+        """A sequence id for a moment's scratch work (restoring cells before tagging them to a sequence).
+
+        NOTE: it holds no reservation: the caller must have counted the cells it will write (on the
+        sequence that keeps them) and must give it back, empty, with `return_id`.
+        """
+        if not self._free_ids:
+            raise ContextOverflow("no free sequence id; close snapshots or branches, or raise n_seq_max")
+        return self._free_ids.pop()
+
+    def return_id(self, seq_id: int) -> None:
+        self.ctx.seq_rm(seq_id, -1, -1)
+        self._free_ids.append(seq_id)
+
     def release(self, seq: Sequence) -> None:
         """Free `seq` now, or once its last fork is freed (its cells are pinned until then)."""
         seq.released = True

@@ -12,6 +12,7 @@ from kvfork.result import Completion
 from kvfork.scheduler.sequence import Sequence
 
 if TYPE_CHECKING:
+    from kvfork.reuse.report import ReuseReport
     from kvfork.runtime import Engine
 
 __all__ = ["Snapshot"]
@@ -29,6 +30,7 @@ class Snapshot:
         self._seq = seq
         self.layout = layout
         self.prefill_s = prefill_s  # seconds the prefill took (0 for a restore)
+        self.reuse: ReuseReport | None = None  # set by Engine.compose: what was reused, placed, computed
 
     @property
     def tokens(self) -> list[int]:

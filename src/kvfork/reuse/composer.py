@@ -1,0 +1,298 @@
+"""Composer: builds an agent's prompt in the KV cache from computed tokens and reusable segments.
+
+A prompt is a list of parts: token lists (always computed) and Segments (content that other
+prompts share at other offsets: a document after agent-specific system prompts, an upstream
+agent's output). The head (the tokens before the first segment) comes from a live snapshot when
+one holds it (zero-copy, exact) and is kept as one for the next prompt with the same head. Each
+segment is then computed or placed, as the ReuseConfig's mode says, and what follows is computed
+on top of it.
+
+Placing writes the segment's cells into a scratch sequence (llama_state_seq_set_data of a blob
+holding only those cells, keys re-rotated to their new positions) and tags them to the agent's
+sequence (seq_cp): the cells before them are not copied or touched.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections import OrderedDict
+from collections.abc import Generator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import ContextOverflow, InvalidParameter
+from kvfork.kvcache.cells import combine, covers, select, shift_positions, summary
+from kvfork.kvcache.codec import decode, encode
+from kvfork.kvcache.rope import RopeSpec, rerotate
+from kvfork.kvcache.state import SeqState
+from kvfork.reuse.anchors import AnchorPool
+from kvfork.reuse.config import ReuseConfig
+from kvfork.reuse.report import ReuseReport, SegmentOutcome
+from kvfork.scheduler.sequence import Sequence
+from kvfork.snapshot.base import Snapshot
+
+if TYPE_CHECKING:
+    from kvfork.runtime import Engine
+
+__all__ = ["Composer", "Segment", "Part", "Steps", "split_head"]
+
+_MAX_HEADS = 8  # agent heads kept live between prompts (each holds a sequence id)
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """Tokens whose KV was computed once, elsewhere: `kv` holds their cells at positions p0.. .
+
+    `name` says which slot of a prompt template the segment fills ("document", "upstream:planner"):
+    kvcomm anchors are pooled per (name, agent).
+    """
+
+    name: str
+    tokens: tuple[int, ...]
+    kv: SeqState
+    p0: int
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @cached_property
+    def summary(self) -> np.ndarray:
+        return summary(self.kv)
+
+    def cells(self, start: int = 0) -> SeqState:
+        """The cells of tokens[start:], at their base positions."""
+        return select(self.kv, self.p0 + start, self.p0 + self.n_tokens)
+
+
+Part = Seq[int] | Segment
+Steps = Generator[Sequence, None, None]  # yields a sequence whose pending tokens must be prefilled
+
+
+class Composer:
+    """One engine's segment reuse: capture segments, compose prompts, the kvcomm anchor pool.
+
+    Contract: every method runs under the engine's lock.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.anchors = AnchorPool()
+        self._heads: OrderedDict[tuple[int, ...], Snapshot] = OrderedDict()
+
+    @cached_property
+    def spec(self) -> RopeSpec:
+        """How this model's keys move; refuses (before anything is placed) models whose keys cannot."""
+        try:
+            spec = RopeSpec.from_model(self.engine.model)
+            spec.check()
+        except InvalidParameter as exc:
+            raise InvalidParameter(f"reuse modes other than 'exact' are not available for this model: {exc}") from exc
+        return spec
+
+    # -- segments ----------------------------------------------------------------------------------
+    def capture(self, name: str, seq: Sequence, start: int, end: int) -> Segment:
+        """The cells of seq's tokens [start, end) as a Segment (seq must hold them in the cache)."""
+        if not 0 <= start < end <= seq.n_in_kv or seq.seq_id is None:
+            raise InvalidParameter(f"cannot capture tokens [{start}, {end}) of a sequence holding {seq.n_in_kv}")
+        cells = select(decode(self.engine.ctx.state_seq_get(seq.seq_id)), start, end)
+        if not covers(cells, start, end, self.engine.model.n_swa or None):
+            raise InvalidParameter(f"the cache no longer holds tokens [{start}, {end}) (sliding window)")
+        return Segment(name, tuple(seq.tokens[start:end]), cells, start)
+
+    def segment(self, name: str, tokens: Seq[int], head: Seq[int] = ()) -> tuple[Segment, int]:
+        """Compute a segment's base KV: prefill head + tokens (the head from a live snapshot when one
+        holds it); returns the segment and how many tokens were computed."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InvalidParameter("an empty segment")
+        if head:
+            seq = self.engine.scheduler.fork(self._head(list(head))[0]._seq)
+            seq.tokens.extend(tokens)
+        else:
+            seq = Sequence(tokens=tokens)
+        seq = self._prefilled(seq)
+        try:
+            n = len(head)
+            return self.capture(name, seq, n, n + len(tokens)), seq.n_prompt_computed
+        finally:
+            self.engine.scheduler.release(seq)
+
+    # -- composing ------------------------------------------------------------------------------
+    def compose(self, parts: Seq[Part], agent: str, config: ReuseConfig) -> tuple[Sequence, ReuseReport]:
+        """A sequence holding every part's tokens in order; the caller owns (and releases) it."""
+        t0 = time.perf_counter()
+        report = ReuseReport(config.mode)
+        head, rest = split_head(parts)
+        snap, computed = self._head(head)
+        report.prefix_tokens, report.computed_tokens = len(head) - computed, computed
+        seq = self.engine.scheduler.fork(snap._seq)
+        try:
+            for pending in self.steps(seq, rest, agent, config, report):
+                self._run(pending)
+        except BaseException:
+            self.engine.scheduler.release(seq)
+            raise
+        report.seconds = time.perf_counter() - t0
+        return seq, report
+
+    def steps(self, seq: Sequence, parts: Seq[Part], agent: str, config: ReuseConfig,
+              report: ReuseReport) -> Steps:
+        """Add the parts to `seq` (a fork of the head): a generator that yields `seq` whenever its
+        pending tokens must be prefilled before it can go on; the driver prefills them and resumes
+        it (Composer.compose runs them at once; the server submits them to its running batch)."""
+        for part in parts:
+            yield from self._add(seq, part, agent, config, report)
+        yield from self._compute(seq, report)
+        if seq.seq_id is None:
+            self._allocate(seq)
+        report.prompt_tokens = len(seq.tokens)
+
+    def _placeable(self, part: Part, config: ReuseConfig) -> bool:
+        return isinstance(part, Segment) and config.mode != "exact" and part.n_tokens >= max(1, config.min_segment)
+
+    @staticmethod
+    def _compute(seq: Sequence, report: ReuseReport) -> Steps:
+        if seq.n_pending:
+            yield seq
+            report.computed_tokens += seq.n_prompt_computed
+
+    def _add(self, seq: Sequence, part: Part, agent: str, config: ReuseConfig, report: ReuseReport) -> Steps:
+        if not self._placeable(part, config):
+            seq.tokens.extend(int(t) for t in _tokens(part))
+            if isinstance(part, Segment):
+                report.segments.append(SegmentOutcome(part.name, part.n_tokens, "computed", 0))
+            return
+        assert isinstance(part, Segment)
+        n = part.n_tokens
+        start = min(config.blend_tokens, n - 1) if config.mode == "blend" else 0
+        seq.tokens.extend(part.tokens[:start])
+        yield from self._compute(seq, report)
+        at = len(seq.tokens) - start  # the position of the segment's first token
+        deviation, outcome = None, SegmentOutcome(part.name, n, "placed", n - start)
+        if config.mode == "blend":
+            outcome = SegmentOutcome(part.name, n, "blended", n - start)
+        elif config.mode == "kvcomm":
+            est = self.anchors.estimate(part.name, agent, part.summary, config)
+            if not est.accepted:
+                seq.tokens.extend(part.tokens)
+                yield from self._compute(seq, report)
+                real = select(self._state(seq), at, at + n)
+                base = rerotate(part.cells(), self.spec, at - part.p0)
+                dev = rerotate(combine(real, base, operator.sub), self.spec, -at)
+                self.anchors.add(part.name, agent, part.summary, dev, n, config)
+                report.segments.append(SegmentOutcome(part.name, n, "fallback", 0, len(est.anchors),
+                                                      None if not est.anchors else est.entropy))
+                return
+            relative = shift_positions(part.cells(), -part.p0)
+            deviation = rerotate(self.anchors.deviation(est, relative), self.spec, at)
+            outcome = SegmentOutcome(part.name, n, "corrected", n, len(est.anchors), est.entropy)
+        self._place(seq, part, start, at, deviation)
+        report.reused_tokens += outcome.n_reused
+        report.segments.append(outcome)
+
+    def _place(self, seq: Sequence, part: Segment, start: int, at: int, deviation: SeqState | None) -> None:
+        """Write tokens[start:] of the segment at positions at+start.. of `seq`, keys re-rotated."""
+        cells = rerotate(part.cells(start), self.spec, at - part.p0)
+        if deviation is not None:
+            cells = combine(cells, select(deviation, at + start, at + part.n_tokens), operator.add)
+        table, ctx = self.engine.scheduler.table, self.engine.ctx
+        n0 = len(seq.tokens)
+        seq.tokens.extend(part.tokens[start:])
+        try:
+            if seq.seq_id is None:
+                self._allocate(seq)  # NOTE: a fork not admitted yet (nothing was computed since the head)
+            if not table.can_allocate(seq) or table.n_free_ids < 1:
+                raise ContextOverflow(f"no room for {part.n_tokens - start:,} more KV cells (or no free sequence"
+                                      f" id) in a context of {ctx.n_ctx:,}; close branches or raise n_ctx")
+        except BaseException:
+            del seq.tokens[n0:]
+            raise
+        scratch = table.borrow_id()
+        try:
+            ctx.state_seq_set(scratch, encode(cells))
+            ctx.seq_cp(scratch, seq.seq_id, -1, -1)  # type: ignore[arg-type]
+        except BaseException:
+            del seq.tokens[n0:]
+            raise
+        finally:
+            table.return_id(scratch)
+        seq.n_in_kv = len(seq.tokens)
+
+    # -- sequences ------------------------------------------------------------------------------
+    def _allocate(self, seq: Sequence) -> None:
+        table = self.engine.scheduler.table
+        table.check_fits(seq)
+        if not table.can_allocate(seq):
+            raise ContextOverflow("no free sequence id or KV cells for a composed prompt; close snapshots or"
+                                  " branches, or raise n_seq_max / n_ctx")
+        table.allocate(seq)
+
+    def _state(self, seq: Sequence) -> SeqState:
+        return decode(self.engine.ctx.state_seq_get(seq.seq_id))  # type: ignore[arg-type]
+
+    def _run(self, seq: Sequence) -> None:
+        """Prefill seq's pending tokens (no generation)."""
+        if not seq.n_pending:
+            return
+        self.engine.scheduler.submit(seq, SamplingParams(max_tokens=0))
+        self.engine._run([seq])
+        if seq.error is not None:
+            raise seq.error
+
+    def _prefilled(self, seq: Sequence) -> Sequence:
+        """`seq` with its pending tokens prefilled; released if that fails."""
+        try:
+            self._run(seq)
+        except BaseException:
+            self.engine.scheduler.release(seq)
+            raise
+        return seq
+
+    def _head(self, head: list[int]) -> tuple[Snapshot, int]:
+        """A live snapshot of exactly `head` (kept for later prompts; the oldest is closed past the cap),
+        and how many of its tokens were computed now."""
+        key = tuple(head)
+        snap = self._heads.get(key)
+        if snap is not None and not snap._seq.released:
+            self._heads.move_to_end(key)
+            return snap, 0
+        live = self.engine._live.longest(head)
+        t0 = time.perf_counter()
+        seq = self.engine.scheduler.fork(*live) if live is not None else Sequence(tokens=[])
+        seq.tokens = list(head)
+        self.engine._live.add(self._prefilled(seq))
+        snap = Snapshot(self.engine, seq, None, time.perf_counter() - t0)
+        self._heads[key] = snap
+        while len(self._heads) > _MAX_HEADS:
+            self._heads.popitem(last=False)[1].close()
+        return snap, seq.n_prompt_computed
+
+    def close(self) -> None:
+        for snap in self._heads.values():
+            snap.close()
+        self._heads.clear()
+        self.anchors.clear()
+
+
+def _tokens(part: Part) -> Seq[int]:
+    return part.tokens if isinstance(part, Segment) else part
+
+
+def split_head(parts: Seq[Part]) -> tuple[list[int], Seq[Part]]:
+    """The head's tokens (the parts before the first Segment; the first part if there is none) and the rest.
+
+    NOTE: the head ends there in every mode (exact too), so all modes share heads alike.
+    """
+    first = next((i for i, p in enumerate(parts) if isinstance(p, Segment)), min(1, len(parts)))
+    head = [int(t) for p in parts[:first] for t in _tokens(p)]
+    if not head:
+        raise InvalidParameter("a composed prompt needs tokens of its own (its head) before any Segment")
+    return head, parts[first:]
+
