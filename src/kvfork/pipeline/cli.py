@@ -10,6 +10,7 @@ from typing import Any
 from kvfork.models import DEFAULT_MODEL
 from kvfork.pipeline.definition import LAYOUTS
 from kvfork.pipeline.loader import PipelineFile, load_pipeline
+from kvfork.reuse.config import REUSE_MODES
 
 __all__ = ["add_pipeline_commands"]
 
@@ -27,6 +28,8 @@ def add_pipeline_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-share", action="store_true", help="prefill every agent from scratch (the reference)")
     p.add_argument("--compare", action="store_true", help="also run without sharing; time it and check outputs match")
     p.add_argument("--max-chars", type=int, default=600, help="show at most this much of each answer (0: all)")
+    p.add_argument("--reuse", choices=REUSE_MODES, default=None,
+                   help="reuse documents under other roles and upstream replies (approximate unless exact)")
     p.set_defaults(func=run_command)
 
 
@@ -52,7 +55,7 @@ def run_command(args: argparse.Namespace) -> int:
     pipeline = spec.pipeline.with_layout(args.layout) if args.layout else spec.pipeline
     with _engine(spec, args) as engine:
         print(f"pipeline {pipeline.name}: {len(pipeline.agents)} agents on {engine.model_path.name}", file=sys.stderr)
-        result = pipeline.run(engine, share=not args.no_share)
+        result = pipeline.run(engine, share=not args.no_share, reuse=args.reuse or spec.reuse)
         for agent in result:
             print(f"\n=== {agent.name} ({agent.status}, {agent.completion_tokens} tokens) ===")
             if agent.error:

@@ -35,11 +35,12 @@ from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import KvforkError, PipelineError
 from kvfork.pipeline.agent import Agent
 from kvfork.pipeline.definition import Pipeline
+from kvfork.reuse.config import REUSE_MODES
 
 __all__ = ["PipelineFile", "load_pipeline"]
 
 _TOP = {"pipeline", "documents", "sampling", "agents"}
-_SETTINGS = {"name", "system", "layout", "chat", "model", "n_ctx", "chat_template"}
+_SETTINGS = {"name", "system", "layout", "chat", "model", "n_ctx", "chat_template", "reuse"}
 _AGENT = {"name", "instruction", "role", "inputs", "sampling", "turns", "peers", "followup"}
 
 
@@ -52,6 +53,7 @@ class PipelineFile:
     model: str | None = None
     n_ctx: int | None = None
     chat_template: str | None = None  # for models without one in their GGUF (e.g. "gemma")
+    reuse: str = "exact"  # reuse mode of the run (kvfork.reuse; anything but "exact" is approximate)
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineFile:
@@ -115,7 +117,11 @@ def _build(path: Path, raw: Mapping[str, Any]) -> PipelineFile:
         chat=settings.get("chat", True),
         name=settings.get("name", path.stem),
     )
-    return PipelineFile(path, pipeline, settings.get("model"), settings.get("n_ctx"), settings.get("chat_template"))
+    reuse = settings.get("reuse", "exact")
+    if reuse not in REUSE_MODES:
+        raise PipelineError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {reuse!r}")
+    return PipelineFile(path, pipeline, settings.get("model"), settings.get("n_ctx"), settings.get("chat_template"),
+                        reuse)
 
 
 def _document(path: Path, name: str, spec: Any) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kvfork.result import Completion
+from kvfork.reuse.report import ReuseReport
 
 __all__ = ["AgentResult", "PipelineResult"]
 
@@ -74,6 +75,14 @@ class PipelineResult:
     computed_tokens: int
     unshared_tokens: int
     prefill_rate: float  # tokens/s measured on this run's snapshot prefills (0 if unknown)
+    reuse: Mapping[str, ReuseReport] = field(default_factory=dict)  # per agent, under a reuse mode
+
+    @property
+    def reuse_rate(self) -> float:
+        """Share of the reuse-mode snapshots' tokens that were placed or forked rather than computed."""
+        reports = {id(r): r for r in self.reuse.values()}.values()
+        total = sum(r.prompt_tokens for r in reports)
+        return sum(r.prompt_tokens - r.computed_tokens for r in reports) / total if total else 0.0
 
     def __getitem__(self, name: str) -> AgentResult:
         return self.agents[name]
@@ -107,6 +116,10 @@ class PipelineResult:
                 f"saved: {self.saved_tokens:,} prefill tokens = {self.saved_s:.1f} s"
                 f" at the measured {self.prefill_rate:.0f} tok/s"
             )
+        if self.reuse:
+            modes = sorted({r.mode for r in self.reuse.values()})
+            lines.append(f"reuse ({', '.join(modes)}): {100 * self.reuse_rate:.0f}% of the snapshots' tokens were not"
+                         " computed (placed segments are approximate: see docs/reuse.md)")
         for a in self.agents.values():
             what = f"{a.completion_tokens} tokens, reused {a.reused_tokens:,} / computed {a.computed_tokens:,}"
             lines.append(f"  {a.name:16s} {a.status:8s} {what}" + (f"  [{a.error}]" if a.error else ""))

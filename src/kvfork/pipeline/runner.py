@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,8 +14,11 @@ from kvfork.pipeline.accounting import SnapshotUse, settle
 from kvfork.pipeline.agent import Agent
 from kvfork.pipeline.definition import Pipeline
 from kvfork.pipeline.result import PipelineResult
+from kvfork.pipeline.reusing import PipelineReuse
 from kvfork.pipeline.turns import first_turn, next_turn
 from kvfork.result import Completion
+from kvfork.reuse.composer import Part
+from kvfork.reuse.config import ReuseConfig
 from kvfork.runtime import Engine
 from kvfork.snapshot.base import Snapshot
 
@@ -36,6 +40,7 @@ class _AgentRun:
     use: SnapshotUse | None = None  # the snapshot it forked from
     error: str | None = None
     skipped: bool = False
+    turn_sent: bool = False  # the first turn is in the branch's composed prompt already
 
     @property
     def replies(self) -> tuple[str, ...]:
@@ -56,10 +61,14 @@ class Runner:
     counts every snapshot as fully computed, so savings from those tiers are not claimed here.
     """
 
-    def __init__(self, engine: Engine, pipeline: Pipeline, *, share: bool = True) -> None:
+    def __init__(self, engine: Engine, pipeline: Pipeline, *, share: bool = True,
+                 reuse: ReuseConfig | str | None = None) -> None:
         self.engine = engine
         self.pipeline = pipeline
         self.share = share
+        # NOTE: reuse (opt-in, approximate) places a document's KV under system prompts other than the
+        # one it was first computed after (agents with their own role); see kvfork.reuse.
+        self.reuse = PipelineReuse(engine, pipeline, ReuseConfig.of(reuse)) if share else None
         self._runs: dict[str, _AgentRun] = {}
         self._snapshots: dict[Slot, Snapshot] = {}
         self._uses: dict[Slot, SnapshotUse] = {}
@@ -94,7 +103,10 @@ class Runner:
             for snapshot in self._snapshots.values():
                 snapshot.close()
         wall = time.perf_counter() - t0
-        return settle(self.pipeline, list(self._runs.values()), list(self._uses.values()), self.share, wall)
+        result = settle(self.pipeline, list(self._runs.values()), list(self._uses.values()), self.share, wall)
+        if self.reuse is not None and self.reuse.reports:
+            result = dataclasses.replace(result, reuse=dict(self.reuse.reports))
+        return result
 
     # -- one level -------------------------------------------------------------------------------
     def _run_level(self, ready: list[_AgentRun]) -> None:
@@ -156,7 +168,10 @@ class Runner:
         if not items:
             return
         before = [len(r.branch.tokens) for r, _ in items]  # type: ignore[union-attr]
-        branches = [r.branch.send(text) for r, text in items]  # type: ignore[union-attr]
+        # NOTE: a composed first turn is in the branch's prompt already: nothing to send.
+        branches = [r.branch if r.turn_sent else r.branch.send(text) for r, text in items]  # type: ignore[union-attr]
+        for r, _ in items:
+            r.turn_sent = False
         try:
             completions = self.engine.generate_branches(branches, [r.params for r, _ in items])  # type: ignore[misc]
         except KvforkError as exc:
@@ -185,12 +200,19 @@ class Runner:
         if slot in self._broken:  # NOTE: one failed prefill (e.g. a document over n_ctx) fails all its readers
             self._fail(run, self._broken[slot])
             return False
+        if self.reuse is not None and self.reuse.active:
+            turn = self.reuse.first_turn(run.agent, run.key[1])
+            if turn is not None:
+                return self._fork_composed(run, turn)
         snapshot = self._snapshots.get(slot)
         if snapshot is None:
             doc_name, system = run.key
             text = self.pipeline.documents[doc_name] if doc_name is not None else ""
             try:
-                snapshot = self.engine.prefill(text, system=system, chat=self.pipeline.chat)
+                if self.reuse is not None and self.reuse.active and doc_name is not None:
+                    snapshot = self.reuse.snapshot(doc_name, system, text, system or "")
+                else:
+                    snapshot = self.engine.prefill(text, system=system, chat=self.pipeline.chat)
             except KvforkError as exc:
                 self._broken[slot] = exc
                 self._fail(run, exc)
@@ -198,11 +220,31 @@ class Runner:
             self._snapshots[slot] = snapshot
             self._uses[slot] = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s)
         run.branch = snapshot.fork()
+        if snapshot.reuse is not None and self.reuse is not None:
+            self.reuse.reports[run.agent.name] = snapshot.reuse
         run.use = self._uses[slot]
         run.use.forks.append(run.agent.name)
         if not self.share:
             # NOTE: a private snapshot's cells stay pinned by its one branch; its id is freed with it.
             self._snapshots.pop(slot).close()
+        return True
+
+    def _fork_composed(self, run: _AgentRun, turn: list[Part]) -> bool:
+        """The agent's own snapshot: document, its first turn and upstream replies placed; then a branch."""
+        doc_name, system = run.key
+        text = self.pipeline.documents[doc_name] if doc_name is not None else ""
+        try:
+            snapshot = self.reuse.snapshot(doc_name, system, text, run.agent.name, turn)  # type: ignore[union-attr]
+        except KvforkError as exc:
+            self._fail(run, exc)
+            return False
+        run.branch = snapshot.fork()
+        run.turn_sent = True
+        self.reuse.reports[run.agent.name] = snapshot.reuse  # type: ignore[union-attr,assignment]
+        run.use = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s)
+        run.use.forks.append(run.agent.name)
+        self._uses[("composed", run.agent.name)] = run.use
+        snapshot.close()  # NOTE: the branch keeps its cells pinned; nobody else forks this one
         return True
 
     def _fail(self, run: _AgentRun, exc: BaseException) -> None:
@@ -211,6 +253,8 @@ class Runner:
 
     def _done(self, run: _AgentRun) -> None:
         """The agent will take no more turns: free its branch, and its snapshot once nobody needs it."""
+        if self.reuse is not None and self.reuse.active and run.error is None and run.completions:
+            self.reuse.keep_reply(run.agent, run.branch, run.completions[-1])
         if run.branch is not None:
             run.branch.close()
             run.branch = None
