@@ -114,6 +114,9 @@ class ServerConfig:
     live_prefixes: int = 16  # idle prefilled prefixes kept in the cache for later requests (LRU)
     min_shared_tokens: int = 16  # a shorter common prefix is not worth its own prefill node
     coalesce_s: float = 0.02  # how long an idle loop waits for more requests to share a prefix with
+    reuse: str = "exact"  # chat requests' reuse mode unless they ask for another (see kvfork.reuse; opt-in)
+    reuse_min_tokens: int = 64  # a message this long becomes a segment other requests may reuse
+    reuse_cache_mb: int = 256  # host memory for segments kept for reuse (decoded KV), LRU
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -125,3 +128,7 @@ class ServerConfig:
                 raise InvalidParameter(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.live_prefixes < 0 or not 0.0 <= self.coalesce_s <= 1.0:
             raise InvalidParameter("live_prefixes must be >= 0 and coalesce_s in [0, 1]")
+        if self.reuse not in ("exact", "shift", "kvcomm", "blend"):
+            raise InvalidParameter(f"reuse must be exact, shift, kvcomm or blend; got {self.reuse!r}")
+        if self.reuse_min_tokens < 1 or self.reuse_cache_mb < 0:
+            raise InvalidParameter("reuse_min_tokens must be >= 1 and reuse_cache_mb >= 0")

@@ -135,11 +135,12 @@ class Choices:
         computed = min(job.computed, len(job.tokens))
         self.metrics.prefill_computed.inc(computed)
         self.metrics.prefill_reused.inc(len(job.tokens) - computed)
+        self.metrics.prefill_placed.inc(job.placed)
         self.metrics.completion_tokens.inc(job.completion_tokens)
         outcome = "error" if error is not None else "cancelled" if job.cancelled else "ok"
         self.metrics.requests.labels(outcome).inc()
         if error is None and not job.cancelled:
-            usage = Usage(len(job.tokens), job.completion_tokens, len(job.tokens) - computed)
+            usage = Usage(len(job.tokens), job.completion_tokens, len(job.tokens) - computed, job.placed)
             job.sink.put(Event("done", usage=usage))
         if job.on_end is not None:
             job.on_end(job)

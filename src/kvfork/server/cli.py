@@ -36,6 +36,11 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queued", type=int, default=64, help="requests in flight before 429")
     p.add_argument("--max-n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=2048, help="cap on max_tokens per choice")
+    # NOTE: opt-in and approximate: see docs/reuse.md for what each mode costs in quality
+    p.add_argument("--reuse", choices=["exact", "shift", "kvcomm", "blend"], default="exact",
+                   help="chat requests' default reuse of long messages seen before at another offset")
+    p.add_argument("--reuse-min-tokens", type=int, default=64, help="shortest message kept as a segment")
+    p.add_argument("--reuse-cache-mb", type=int, default=256, help="host memory for message segments")
     p.set_defaults(func=_serve)
 
 
@@ -47,7 +52,9 @@ def _serve(args: argparse.Namespace) -> int:
     from kvfork.snapshot.store import SnapshotStore
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-                          max_queued=args.max_queued, max_n=args.max_n, max_tokens=args.max_tokens)
+                          max_queued=args.max_queued, max_n=args.max_n, max_tokens=args.max_tokens,
+                          reuse=args.reuse, reuse_min_tokens=args.reuse_min_tokens,
+                          reuse_cache_mb=args.reuse_cache_mb)
     overrides: dict = {"n_ctx": args.n_ctx, "n_seq_max": args.n_seq_max, "n_batch": args.batch,
                        "n_ubatch": args.batch, "verbose": args.verbose, "progress": False,
                        "kv_type": args.kv_type, "flash_attn": args.flash_attn}

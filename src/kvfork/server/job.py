@@ -11,6 +11,7 @@ from typing import Literal
 
 from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
+from kvfork.reuse.config import ReuseConfig
 from kvfork.scheduler.sequence import Sequence
 
 __all__ = ["Event", "Sink", "Job", "Usage"]
@@ -25,6 +26,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    placed_tokens: int = 0  # of the cached ones: placed segments (reuse modes; approximate KV)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class Job:
     first_token: bool = False
     done: bool = False
     on_end: Callable[[Job], None] | None = None
+    # reuse modes (chat only): the prompt as pieces, (tokens, is a message's content), and the mode
+    pieces: list[tuple[list[int], bool]] | None = None
+    reuse: ReuseConfig | None = None
+    placed: int = 0  # prompt tokens placed from segments instead of computed
 
     @property
     def n(self) -> int:

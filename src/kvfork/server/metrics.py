@@ -24,6 +24,11 @@ class ServerMetrics:
             "kvfork_prefill_tokens_computed", "Prompt tokens prefilled (computed) for requests", registry=r)
         self.prefill_reused = Counter(
             "kvfork_prefill_tokens_reused", "Prompt tokens taken from a live shared prefix instead", registry=r)
+        self.prefill_placed = Counter(
+            "kvfork_prefill_tokens_placed", "Of the reused: placed from segments at another offset (reuse modes)",
+            registry=r)
+        self.reuse_segments = Counter(
+            "kvfork_reuse_segments", "Message segments under reuse modes, by what happened", ["action"], registry=r)
         self.completion_tokens = Counter("kvfork_completion_tokens", "Tokens generated", registry=r)
         self.requests = Counter("kvfork_requests", "Requests finished, by outcome", ["outcome"], registry=r)
         self.ttft = Histogram(

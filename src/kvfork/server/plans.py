@@ -18,6 +18,7 @@ from kvfork.server.errors import APIError
 from kvfork.server.job import Job
 from kvfork.server.metrics import ServerMetrics
 from kvfork.server.prefixes import LivePrefixes, PrefixHit, coalesce
+from kvfork.server.segments import ReusePlacer
 from kvfork.snapshot.base import Snapshot
 from kvfork.snapshot.host import can_trim
 from kvfork.snapshot.index import common_prefix
@@ -45,6 +46,7 @@ class _Waiter:
     jobs: list[Job]
     then: Callable[[Sequence], None]
     fail: Callable[[Exception], None]
+    keep: bool = True  # the node becomes a live prefix afterwards (not a reuse-mode prompt: approximate)
 
 
 class Planner:
@@ -65,6 +67,7 @@ class Planner:
         self.snapshots: dict[str, SnapshotInfo] = {}
         self._waiters: dict[Sequence, list[_Waiter]] = {}
         self.choices = Choices(self.sched, metrics)
+        self.reuse = ReusePlacer(self)
 
     # -- placing work -------------------------------------------------------------------------------
     def plan(self, jobs: list[Job]) -> None:
@@ -73,6 +76,9 @@ class Planner:
         for job in jobs:
             if self.choices.admit(job):
                 continue  # cancelled before it started
+            if job.reuse is not None and job.reuse.mode != "exact" and job.pieces is not None:
+                self._guard([job], functools.partial(self.reuse.place, job))
+                continue
             hit = self.prefixes.best(job.tokens)
             if not self._join_in_flight(job, hit.n if hit else 0):
                 pending.append((job, hit.n if hit else 0))
@@ -93,8 +99,8 @@ class Planner:
         """
         best, best_n = None, max(live, self.config.min_shared_tokens - 1)
         for node, waiters in self._waiters.items():
-            if not all(w.jobs for w in waiters):
-                continue  # a snapshot being made stays whole
+            if not all(w.jobs and w.keep for w in waiters):
+                continue  # a snapshot being made stays whole; a reuse-mode prompt is approximate
             n = common_prefix(node.tokens, job.tokens)
             if n > best_n and (node.n_in_kv <= n or can_trim(self.prefixes.n_swa, len(node.tokens), n)):
                 best, best_n = node, n
@@ -185,6 +191,23 @@ class Planner:
             raise
         self._waiters[node] = [waiter]
 
+    def prefill_then(self, tokens: list[int], job: Job, then: Callable[[Sequence], None]) -> None:
+        """A node holding exactly `tokens` (live, or prefilled and billed to `job`), then `then(node)`."""
+        hit = self.prefixes.best(tokens)
+        if hit is not None and hit.n == len(tokens) == hit.node.n_in_kv:
+            then(hit.node)
+            return
+
+        def computed(node: Sequence) -> None:
+            job.computed += node.n_prompt_computed
+            then(node)
+
+        self._prefill(tokens, _Waiter([job], computed, functools.partial(self.choices.fail, [job])), hit=hit)
+
+    def wait(self, seq: Sequence, job: Job, then: Callable[[Sequence], None], *, keep: bool) -> None:
+        """Call `then(seq)` once the submitted `seq` is prefilled; its failure fails `job`."""
+        self._waiters[seq] = [_Waiter([job], then, functools.partial(self.choices.fail, [job]), keep)]
+
     def _keep(self, node: Sequence) -> None:
         for old in self.prefixes.add(node):
             self.sched.release(old)
@@ -226,7 +249,7 @@ class Planner:
                 w.then(node)
             except (KvforkError, APIError) as exc:
                 w.fail(exc)
-        if node not in self.prefixes.pinned.values():
+        if node not in self.prefixes.pinned.values() and all(w.keep for w in waiters):
             self._keep(node)  # NOTE: after the forks, so a full LRU cannot free it under them
 
     # -- failures -----------------------------------------------------------------------------------

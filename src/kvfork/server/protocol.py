@@ -99,6 +99,8 @@ class CompletionRequest(_Generation):
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
+    # kvfork extension: reuse of long messages seen before at another offset (approximate unless "exact")
+    reuse: Literal["exact", "shift", "kvcomm", "blend"] | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -20,7 +20,10 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        # NOTE: placed_tokens is kvfork's extension: cached tokens whose KV was placed from a segment
+        # computed at another offset (reuse modes, approximate); present only when there were some.
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens,
+                                  **({"placed_tokens": usage.placed_tokens} if usage.placed_tokens else {})},
     }
 
 

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kvfork.reuse.config import ReuseConfig
 from kvfork.server.errors import APIError
 from kvfork.server.protocol import ChatMessage, ChatRequest, CompletionRequest
 from kvfork.server.responses import models_body
@@ -22,6 +23,26 @@ def chat_tokens(st: ServerState, messages: list[tuple[str, str]], *, generation_
     """The prompt tokens of a conversation in the model's chat template (as Engine.prefill tokenizes it)."""
     text = st.engine.model.apply_chat_template(messages, add_generation_prompt=generation_prompt)
     return st.engine.tokenize(text, add_bos=True, special=True)
+
+
+_SLOT = "\ue000"  # stands for a message's content while the template is rendered (a private-use character)
+
+
+def chat_pieces(st: ServerState, messages: list[tuple[str, str]]) -> list[tuple[list[int], bool]]:
+    """The prompt as pieces for reuse modes: (tokens, is a message's content), in order.
+
+    NOTE: contents are tokenized on their own, so a message is the same tokens wherever it appears
+    (the exact path tokenizes the whole text, which can join tokens across a boundary).
+    """
+    text = st.engine.model.apply_chat_template([(role, f"{_SLOT}{i}{_SLOT}") for i, (role, _) in enumerate(messages)],
+                                               add_generation_prompt=True)
+    pieces: list[tuple[list[int], bool]] = []
+    for i, chunk in enumerate(text.split(_SLOT)):
+        if i % 2 and chunk.isdigit() and int(chunk) < len(messages):
+            pieces.append((st.engine.tokenize(messages[int(chunk)][1], special=True), True))
+        elif chunk:
+            pieces.append((st.engine.tokenize(chunk, add_bos=not pieces, special=True), False))
+    return pieces
 
 
 def snapshot_source(st: ServerState, snapshot_id: str | None) -> dict | None:
@@ -72,6 +93,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
             raise APIError(400, "this snapshot was made from a prompt; continue it with /v1/completions",
                            param="snapshot_id", code="invalid_value")
         messages = [*[tuple(m) for m in source["messages"]], *messages]
+    mode = body.reuse or st.config.reuse
+    if mode != "exact" and source is None:
+        pieces = await run_in_threadpool(chat_pieces, st, messages)
+        tokens = [t for piece, _ in pieces for t in piece]
+        return await serve(request, st, body, tokens, "chat", reuse=(pieces, ReuseConfig(mode=mode)))
     tokens = await run_in_threadpool(chat_tokens, st, messages)
     return await serve(request, st, body, tokens, "chat")
 

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kvfork.reuse.config import ReuseConfig
 from kvfork.server.errors import APIError
 from kvfork.server.job import Event, Job, Sink
 from kvfork.server.protocol import ChatRequest, CompletionRequest
@@ -42,9 +43,12 @@ def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: lis
 
 
 async def serve(request: Request, st: ServerState, body: CompletionRequest | ChatRequest, tokens: list[int],
-                kind: Kind) -> JSONResponse | StreamingResponse:
-    """Submit the request's job and answer as a stream of chunks or one body."""
+                kind: Kind, reuse: tuple[list[tuple[list[int], bool]], ReuseConfig] | None = None
+                ) -> JSONResponse | StreamingResponse:
+    """Submit the request's job and answer as a stream of chunks or one body (`reuse`: pieces and mode)."""
     job = make_job(st, body, tokens, kind)
+    if reuse is not None:
+        job.pieces, job.reuse = reuse
     if body.stream and job.params[0].logprobs is not None:
         raise APIError(400, "logprobs are returned for non-streamed requests only on this server",
                        param="logprobs", code="unsupported_parameter")

@@ -1,0 +1,136 @@
+"""Reuse modes in the server: long messages seen before at another offset are placed, not computed.
+
+A chat request under a reuse mode other than "exact" arrives as pieces: template text and each
+message's content. Contents at least `reuse_min_tokens` long are looked up in a SegmentCache (by
+their tokens); a hit is placed as kvfork.reuse says (shift, kvcomm, blend), a miss is computed and
+kept as a segment for later requests. The head (everything before the first placed content) comes
+from the usual live prefixes. The composed prompt is approximate: it is never kept as a live prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import KvforkError
+from kvfork.reuse.composer import Part, Segment, Steps, split_head
+from kvfork.reuse.report import ReuseReport
+from kvfork.scheduler.sequence import Sequence
+from kvfork.server.errors import APIError
+from kvfork.server.job import Job
+
+if TYPE_CHECKING:
+    from kvfork.server.plans import Planner
+
+__all__ = ["SegmentCache", "ReusePlacer"]
+
+log = logging.getLogger(__name__)
+
+
+class SegmentCache:
+    """Segments by their tokens, LRU under a byte budget (decoded K/V values and stored bytes)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[int, ...], tuple[Segment, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, tokens: tuple[int, ...]) -> Segment | None:
+        item = self._items.get(tokens)
+        if item is None:
+            return None
+        self._items.move_to_end(tokens)
+        return item[0]
+
+    def put(self, segment: Segment) -> None:
+        size = sum(t.values.nbytes + len(t.raw or b"") for part in segment.kv.caches for t in (*part.k, *part.v))
+        if size > self.budget or segment.tokens in self._items:
+            return
+        self._items[segment.tokens] = (segment, size)
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, (_, old) = self._items.popitem(last=False)
+            self.bytes -= old
+
+
+class ReusePlacer:
+    """Builds reuse-mode prompts in the loop thread: head node, then Composer.steps driven by waiters."""
+
+    def __init__(self, planner: Planner) -> None:
+        self.planner = planner
+        self.cache = SegmentCache(planner.config.reuse_cache_mb << 20)
+
+    def place(self, job: Job) -> None:
+        assert job.pieces is not None and job.reuse is not None
+        parts: list[Part] = []
+        fresh: list[tuple[int, int]] = []  # (offset, length) of contents computed now, to keep as segments
+        offset, least = 0, self.planner.config.reuse_min_tokens
+        for tokens, content in job.pieces:
+            seg = self.cache.get(tuple(tokens)) if content and len(tokens) >= least else None
+            if seg is not None:
+                parts.append(seg)
+            else:
+                parts.append(tokens)
+                if content and len(tokens) >= least:
+                    fresh.append((offset, len(tokens)))
+            offset += len(tokens)
+        head, rest = split_head(parts)
+        agent = hashlib.sha256(repr(head).encode()).hexdigest()[:16]  # NOTE: kvcomm pools per agent prefix
+
+        def start(node: Sequence) -> None:
+            seq = self.planner.sched.fork(node, len(head))
+            report = ReuseReport(job.reuse.mode)  # type: ignore[union-attr]
+            report.prefix_tokens = len(head)
+            steps = self.planner.engine.composer.steps(seq, rest, agent, job.reuse, report)  # type: ignore[arg-type]
+            self._advance(job, seq, steps, report, fresh)
+
+        self.planner.prefill_then(head, job, start)
+
+    def _advance(self, job: Job, seq: Sequence, steps: Steps, report: ReuseReport,
+                 fresh: list[tuple[int, int]]) -> None:
+        sched = self.planner.sched
+        if job.cancelled:
+            steps.close()
+            sched.release(seq)
+            return
+        try:
+            pending = next(steps)
+        except StopIteration:
+            self._finish(job, seq, report, fresh)
+            return
+        except (KvforkError, APIError) as exc:
+            sched.release(seq)
+            self.planner.choices.fail([job], exc)
+            return
+        try:
+            sched.submit(pending, SamplingParams(max_tokens=0))
+        except KvforkError as exc:
+            sched.release(seq)
+            self.planner.choices.fail([job], exc)
+            return
+        self.planner.wait(pending, job, lambda _: self._advance(job, seq, steps, report, fresh), keep=False)
+
+    def _finish(self, job: Job, seq: Sequence, report: ReuseReport, fresh: list[tuple[int, int]]) -> None:
+        composer = self.planner.engine.composer
+        for offset, length in fresh:
+            try:
+                self.cache.put(composer.capture(f"message:{length}", seq, offset, offset + length))
+            except KvforkError as exc:  # NOTE: reuse is an optimization: a failed capture fails nothing
+                log.warning("could not keep a message segment: %s", exc)
+        metrics = self.planner.metrics
+        for outcome in report.segments:
+            metrics.reuse_segments.labels(outcome.action).inc()
+        job.computed += report.computed_tokens
+        job.placed += report.reused_tokens
+        try:
+            self.planner.choices.fork(job, seq, None)
+        except (KvforkError, APIError) as exc:
+            self.planner.choices.fail([job], exc)
+        finally:
+            self.planner.sched.release(seq)  # NOTE: the choices' branches pin its cells until they end
