@@ -1,0 +1,281 @@
+"""Issue 7's evaluation: reuse of shared content that is not a prefix, every mode against exact.
+
+Three agents with different system prompts read the same shipping log (a new log per sample) and
+answer a question with a known numeric answer:
+  clerk     log + question                      -> describes the shipment, "Answer: N"
+  auditor   log + question + the clerk's reply  -> "Answer: N"
+  reporter  log + question + both replies       -> "Answer: N"
+The clerk computes its prompt exactly (it is first: nothing to reuse) and its cached log becomes
+the shared segment; the downstream agents get the log and the upstream replies placed under the
+reuse mode. Each mode runs its own chain (downstream agents read that mode's upstream replies),
+side by side per sample, greedy.
+
+Per mode: reuse rate (prompt tokens placed rather than computed, downstream agents), kvcomm's
+segment acceptance, time to first token of the downstream agents (composing included) and its
+speedup against exact within the same sample, answer accuracy, and fidelity against exact on the
+same prompt: greedy agreement (teacher-forced argmax equals exact's greedy token) and mean
+KL(exact || mode) of the next-token distributions over exact's reply.
+
+Writes bench/out/reuse_eval.json, docs/reuse.md's table (bench/out/reuse_eval.md) and docs/img/reuse.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from reuse_tasks import Task, answer_of, make_tasks
+from workload import fmt, provenance, stats
+
+from kvfork import Engine
+from kvfork.engine.sampling import SamplingParams
+from kvfork.reuse import REUSE_MODES, ReuseConfig, Segment
+
+AGENTS = {
+    "clerk": ("You are a logistics clerk who reads shipping records carefully.",
+              "Question: {q}\nFirst describe that shipment in one sentence (carrier, goods, ports, date, crates,"
+              " weight, delay), then end with 'Answer: <number>'.", 72),
+    "auditor": ("You are a strict auditor who double-checks every figure against the source records.",
+                "Question: {q}\nThe clerk replied:\n\ue000clerk\ue000\nCheck the clerk's reply against the log and"
+                " reply with 'Answer: <number>' only.", 12),
+    "reporter": ("You are an operations reporter who states final figures plainly for the team.",
+                 "Question: {q}\nThe clerk replied:\n\ue000clerk\ue000\nThe auditor replied:\n\ue000auditor\ue000\n"
+                 "Reply with the final figure as 'Answer: <number>' only.", 12),
+}
+DOC = "\ue000doc\ue000"
+
+
+def pieces(engine: Engine, agent: str, question: str) -> list[str]:
+    """The agent's chat prompt split at its slots (U+E000 sentinels): text, "slot:doc", text, ..."""
+    system, instruction, _ = AGENTS[agent]
+    text = engine.model.apply_chat_template(
+        [("system", system), ("user", f"Shipping log:\n{DOC}\n\n" + instruction.format(q=question))],
+        add_generation_prompt=True)
+    out = []
+    for i, chunk in enumerate(text.split("\ue000")):
+        out.append(("slot:" if i % 2 else "") + chunk)
+    return out
+
+
+def build(engine: Engine, agent: str, task: Task, slots: dict[str, Segment | list[int]]) -> list:
+    parts: list = []
+    for piece in pieces(engine, agent, task.question):
+        if piece.startswith("slot:"):
+            parts.append(slots[piece[5:]])
+        elif piece:
+            parts.append(engine.tokenize(piece, special=True))
+    return parts
+
+
+def flat(parts: list) -> tuple[int, ...]:
+    return tuple(t for p in parts for t in (p.tokens if isinstance(p, Segment) else p))
+
+
+def reply_slot(engine: Engine, branch, completion, name: str, min_segment: int) -> Segment | list[int]:
+    """The reply as a Segment of the branch's cached cells (its last token is not cached: tokens)."""
+    toks = [t for t in completion.tokens if not engine.model.is_eog(t)]
+    start = len(branch.tokens) - len(completion.tokens)
+    cached = min(len(toks), branch._seq.n_in_kv - start)
+    if cached < max(1, min_segment):
+        return toks
+    seg = engine.capture_segment(branch, start, start + cached, f"reply:{name}")
+    if cached == len(toks):
+        return seg
+    return _Tail(seg, toks[cached:])
+
+
+class _Tail(list):
+    """A reply whose last tokens were never cached: the segment, then those tokens."""
+
+    def __init__(self, seg: Segment, rest: list[int]) -> None:
+        super().__init__(rest)
+        self.seg = seg
+
+
+def expand(parts: list) -> list:
+    out = []
+    for p in parts:
+        if isinstance(p, _Tail):
+            out += [p.seg, list(p)]
+        else:
+            out.append(p)
+    return out
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    def logsm(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    lp, lq = logsm(p_logits), logsm(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=1)
+
+
+def run_agent(engine: Engine, agent: str, parts: list, mode: str, config: ReuseConfig) -> dict:
+    """Compose, generate greedily; returns the record and keeps snapshot and branch open in it."""
+    cfg = config if mode == config.mode else ReuseConfig(**{**vars(config), "mode": mode})
+    t0 = time.perf_counter()
+    snap = engine.compose(expand(parts), agent=agent, reuse=cfg)
+    compose_s = time.perf_counter() - t0
+    branch = snap.fork()
+    comp = engine.generate_branches([branch], [SamplingParams(max_tokens=AGENTS[agent][2], temperature=0)])[0]
+    rep = snap.reuse
+    return {"snap": snap, "branch": branch, "completion": comp, "ttft_s": compose_s + comp.ttft_s,
+            "head": len(parts[0]), "compose_s": compose_s, "report": rep.as_dict(), "text": comp.text}
+
+
+def one_sample(engine: Engine, task: Task, modes: list[str], config: ReuseConfig, refs: dict) -> dict:
+    out: dict = {m: {} for m in modes}
+    doc = engine.tokenize(task.document, special=False)
+    clerk = run_agent(engine, "clerk", build(engine, "clerk", task, {"doc": doc}), "exact", config)
+    head = len(engine.tokenize(pieces(engine, "clerk", task.question)[0], special=True))
+    doc_seg = engine.capture_segment(clerk["snap"], head, head + len(doc), "doc")
+    open_ = [clerk]
+    try:
+        for mode in modes:
+            replies = {"clerk": reply_slot(engine, clerk["branch"], clerk["completion"], "clerk", config.min_segment)}
+            out[mode]["clerk"] = _record(engine, clerk, task, refs, flat(build(engine, "clerk", task, {"doc": doc})))
+            for agent in ("auditor", "reporter"):
+                slots = {"doc": doc_seg, **replies}
+                parts = build(engine, agent, task, slots)
+                res = run_agent(engine, agent, parts, mode, config)
+                open_.append(res)
+                prompt = flat(expand(parts))
+                out[mode][agent] = _record(engine, res, task, refs, prompt)
+                replies[agent] = reply_slot(engine, res["branch"], res["completion"], agent, config.min_segment)
+    finally:
+        for r in open_:
+            r["branch"].close()
+            r["snap"].close()
+    return out
+
+
+def _record(engine: Engine, res: dict, task: Task, refs: dict, prompt: tuple[int, ...]) -> dict:
+    """The agent's figures; fidelity against exact on this very prompt (exact computed once per prompt)."""
+    comp = res["completion"]
+    if prompt not in refs:
+        if res["report"]["mode"] == "exact":
+            ref_snap, ref_tokens = res["snap"], list(comp.tokens)
+            refs[prompt] = (ref_tokens, engine.next_token_logits(ref_snap, ref_tokens))
+        else:  # the mode's chain made a prompt exact never saw: compute exact on it now
+            head = res["head"]
+            ref = engine.compose([list(prompt[:head]), list(prompt[head:])], agent="reference", reuse="exact")
+            try:
+                b = ref.fork()
+                c = engine.generate_branches([b], [SamplingParams(max_tokens=len(comp.tokens) or 1, temperature=0)])[0]
+                b.close()
+                refs[prompt] = (list(c.tokens), engine.next_token_logits(ref, list(c.tokens)))
+            finally:
+                ref.close()
+    ref_tokens, ref_logits = refs[prompt]
+    logits = ref_logits if res["report"]["mode"] == "exact" else engine.next_token_logits(res["snap"], ref_tokens)
+    agree = float((logits.argmax(axis=1) == np.asarray(ref_tokens)).mean())
+    return {"text": comp.text, "answer": answer_of(comp.text), "correct": answer_of(comp.text) == task.answer,
+            "ttft_s": res["ttft_s"], "compose_s": res["compose_s"], "report": res["report"],
+            "agreement": agree, "kl": float(kl(ref_logits, logits).mean()),
+            "same_output": list(comp.tokens) == ref_tokens}
+
+
+def summarize(samples: list[dict], modes: list[str]) -> dict:
+    down = ("auditor", "reporter")
+    summary: dict = {}
+    for mode in modes:
+        recs = [s[mode][a] for s in samples for a in AGENTS]
+        drecs = [s[mode][a] for s in samples for a in down]
+        prompt = sum(r["report"]["prompt_tokens"] for r in drecs)
+        placed = sum(r["report"]["reused_tokens"] for r in drecs)
+        segs = [seg for r in drecs for seg in r["report"]["segments"]]
+        speed = [statistics.median(s["exact"][a]["ttft_s"] for a in down) / statistics.median(s[mode][a]["ttft_s"]
+                 for a in down) for s in samples]
+        summary[mode] = {
+            "reuse_rate": placed / prompt if prompt else 0.0,
+            "segments_placed": sum(seg["action"] != "computed" and seg["action"] != "fallback" for seg in segs),
+            "segments_fallback": sum(seg["action"] == "fallback" for seg in segs),
+            "segments": len(segs),
+            "ttft_downstream_s": stats([r["ttft_s"] for r in drecs]),
+            "ttft_speedup": stats(speed),
+            "accuracy": {a: sum(s[mode][a]["correct"] for s in samples) / len(samples) for a in AGENTS},
+            "accuracy_all": sum(r["correct"] for r in recs) / len(recs),
+            "agreement": statistics.fmean(r["agreement"] for r in drecs),
+            "kl": statistics.fmean(r["kl"] for r in drecs),
+            "kl_max": max(r["kl"] for r in drecs),
+            "same_output": sum(r["same_output"] for r in drecs) / len(drecs),
+        }
+    return summary
+
+
+def markdown(summary: dict, n: int) -> str:
+    head = ("| mode | reuse rate | downstream TTFT | speedup vs exact | accuracy (clerk / auditor / reporter)"
+            " | greedy agreement | mean KL | same reply |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for mode, s in summary.items():
+        acc = " / ".join(f"{100 * s['accuracy'][a]:.0f}%" for a in AGENTS)
+        fb = f", {s['segments_fallback']} of {s['segments']} segments fell back" if mode == "kvcomm" else ""
+        rows.append(f"| {mode} | {100 * s['reuse_rate']:.1f}%{fb} | {fmt(s['ttft_downstream_s'], ' s', digits=2)}"
+                    f" | {fmt(s['ttft_speedup'], 'x', digits=2)} | {acc} | {100 * s['agreement']:.1f}%"
+                    f" | {s['kl']:.4f} (max {s['kl_max']:.3f}) | {100 * s['same_output']:.0f}% |")
+    return head + "\n".join(rows) + f"\n\n{n} samples; downstream agents = auditor and reporter.\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = list(summary)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    axes[0].bar(modes, [summary[m]["ttft_speedup"]["median"] for m in modes], color="#4878a8")
+    axes[0].axhline(3, ls="--", color="grey")
+    axes[0].set_title("downstream TTFT speedup vs exact (median)")
+    axes[1].bar(modes, [100 * summary[m]["accuracy_all"] for m in modes], color="#6a9f58")
+    axes[1].set_title("answer accuracy, all agents (%)")
+    axes[2].bar(modes, [summary[m]["kl"] for m in modes], color="#c4704f")
+    axes[2].set_title("mean KL(exact || mode), downstream")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--records", type=int, default=10, help="shipments per log")
+    ap.add_argument("--modes", nargs="+", default=list(REUSE_MODES), choices=REUSE_MODES)
+    ap.add_argument("--temperature", type=float, default=ReuseConfig.temperature)
+    ap.add_argument("--gamma", type=float, default=ReuseConfig.gamma)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/reuse_eval.json"))
+    ap.add_argument("--plot", type=Path, default=Path("docs/img/reuse.png"))
+    args = ap.parse_args()
+    modes = ["exact"] + [m for m in args.modes if m != "exact"]
+    config = ReuseConfig(temperature=args.temperature, gamma=args.gamma)
+    engine = Engine(args.model, n_ctx=8192, n_threads=args.threads, progress=False)
+    tasks = make_tasks(args.samples, args.records)
+    samples, refs = [], {}
+    for i, task in enumerate(tasks):
+        t0 = time.perf_counter()
+        samples.append(one_sample(engine, task, modes, config, refs))
+        refs.clear()
+        line = "  ".join(f"{m}: " + "".join("+" if samples[-1][m][a]["correct"] else "-" for a in AGENTS)
+                         + f" {statistics.fmean(samples[-1][m][a]['ttft_s'] for a in ('auditor', 'reporter')):.2f}s"
+                         for m in modes)
+        print(f"sample {i + 1}/{len(tasks)} ({time.perf_counter() - t0:.0f} s)  {line}", flush=True)
+    summary = summarize(samples, modes)
+    table = markdown(summary, len(samples))
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    doc_tokens = [len(engine.tokenize(t.document)) for t in tasks]
+    args.out.write_text(json.dumps({"provenance": provenance(), "model": engine.model_path.name,
+                                    "config": vars(config), "doc_tokens": stats(doc_tokens), "summary": summary,
+                                    "samples": samples}, indent=1, default=str))
+    args.out.with_suffix(".md").write_text(table)
+    plot(summary, args.plot)
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
