@@ -47,6 +47,7 @@ AGENTS = {
                  "Reply with the final figure as 'Answer: <number>' only.", 12),
 }
 DOC = "\ue000doc\ue000"
+ROOT = Path(__file__).resolve().parents[1]  # outputs land in the repository whatever the working folder
 
 
 def pieces(engine: Engine, agent: str, question: str) -> list[str]:
@@ -248,8 +249,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=ReuseConfig.temperature)
     ap.add_argument("--gamma", type=float, default=ReuseConfig.gamma)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("bench/out/reuse_eval.json"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/img/reuse.png"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/out/reuse_eval.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/reuse.png")
     args = ap.parse_args()
     modes = ["exact"] + [m for m in args.modes if m != "exact"]
     config = ReuseConfig(temperature=args.temperature, gamma=args.gamma)

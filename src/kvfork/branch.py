@@ -47,7 +47,10 @@ class Branch:
         return self
 
     def generate(self, **sampling: Any) -> Completion:
-        """Prefill what was sent and generate a reply (SamplingParams fields as keywords)."""
+        """Prefill what was sent and generate a reply (SamplingParams fields as keywords).
+
+        With nothing sent it generates from what the branch holds (a composed prompt, say).
+        """
         return self._engine.generate_branches([self], [self._engine.sampling(**sampling)])[0]
 
     def fork(self) -> Branch:

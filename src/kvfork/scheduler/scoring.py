@@ -40,7 +40,7 @@ def next_token_logits(scheduler: Scheduler, ctx: LlamaContext, parent: Sequence,
             for i in range(seq.n_in_kv, seq.n_in_kv + take):
                 batch.add(seq.tokens[i], i, seq.seq_id, True)  # type: ignore[arg-type]
             ctx.decode(batch)
-            rows += [ctx.logits(j).copy() for j in range(take)]
+            rows += [ctx.logits(j) for j in range(take)]
             seq.n_in_kv += take
         return np.stack(rows)
     finally:
