@@ -70,3 +70,21 @@ def test_an_unknown_reuse_mode_is_a_400(server):
     r = httpx.post(f"{server.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                    json={"model": "gemma", "messages": [{"role": "user", "content": "hi"}], "reuse": "approx"})
     assert r.status_code == 400 and "reuse" in r.text
+
+
+def test_a_reply_is_placed_the_first_time_a_downstream_agent_sends_it(server, ref):
+    client = server.client()
+    upstream = client.chat.completions.create(
+        model="gemma", messages=_messages("You are a plant engineer.", "Describe the log in detail."),
+        max_tokens=64, temperature=0, extra_body={"reuse": "shift", "ignore_eos": True})
+    reply = upstream.choices[0].message.content
+    n_reply = len(ref.tokenize(reply, special=True))
+    assert n_reply == 64, reply
+    downstream = [{"role": "system", "content": "You are the shift lead."},
+                  {"role": "user", "content": "Question: what should the night crew check first?"},
+                  {"role": "user", "content": reply}]
+    out = _ask(client, downstream, "shift")
+    # the reply was never a message before: its KV came from the upstream agent's own branch
+    # (all but its last token, which was sampled and never decoded)
+    assert out.usage.prompt_tokens_details.placed_tokens == n_reply - 1
+    assert out.choices[0].message.content

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.sequence import Sequence
@@ -28,6 +29,7 @@ class Choices:
         self.metrics = metrics
         self.jobs: set[Job] = set()
         self._owner: dict[Sequence, tuple[Job, int]] = {}
+        self.on_reply: Callable[[Job, Sequence], None] | None = None  # sees a finished choice before it is freed
 
     def owns(self, seq: Sequence) -> bool:
         return seq in self._owner
@@ -90,6 +92,8 @@ class Choices:
         self.metrics.active_branches.dec()
         job.completion_tokens += len(seq.generated)
         error = seq.error
+        if error is None and self.on_reply is not None:
+            self.on_reply(job, seq)
         self.sched.release(seq)
         if error is not None:
             self.fail([job], error)

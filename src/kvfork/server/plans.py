@@ -68,6 +68,7 @@ class Planner:
         self._waiters: dict[Sequence, list[_Waiter]] = {}
         self.choices = Choices(self.sched, metrics)
         self.reuse = ReusePlacer(self)
+        self.choices.on_reply = self.reuse.keep_reply
 
     # -- placing work -------------------------------------------------------------------------------
     def plan(self, jobs: list[Job]) -> None:

@@ -9,6 +9,7 @@ from the usual live prefixes. The composed prompt is approximate: it is never ke
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -31,31 +32,36 @@ log = logging.getLogger(__name__)
 
 
 class SegmentCache:
-    """Segments by their tokens, LRU under a byte budget (decoded K/V values and stored bytes)."""
+    """Segments by the tokens they stand for, LRU under a byte budget (decoded K/V values and stored bytes).
+
+    An entry is a Segment and the tokens after it that were never cached (a reply's last token):
+    together they are the key's tokens.
+    """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.bytes = 0
-        self._items: OrderedDict[tuple[int, ...], tuple[Segment, int]] = OrderedDict()
+        self._items: OrderedDict[tuple[int, ...], tuple[Segment, tuple[int, ...], int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, tokens: tuple[int, ...]) -> Segment | None:
+    def get(self, tokens: tuple[int, ...]) -> tuple[Segment, tuple[int, ...]] | None:
         item = self._items.get(tokens)
         if item is None:
             return None
         self._items.move_to_end(tokens)
-        return item[0]
+        return item[0], item[1]
 
-    def put(self, segment: Segment) -> None:
+    def put(self, segment: Segment, rest: tuple[int, ...] = ()) -> None:
+        key = segment.tokens + rest
         size = sum(t.values.nbytes + len(t.raw or b"") for part in segment.kv.caches for t in (*part.k, *part.v))
-        if size > self.budget or segment.tokens in self._items:
+        if size > self.budget or key in self._items:
             return
-        self._items[segment.tokens] = (segment, size)
+        self._items[key] = (segment, rest, size)
         self.bytes += size
         while self.bytes > self.budget:
-            _, (_, old) = self._items.popitem(last=False)
+            _, (_, _, old) = self._items.popitem(last=False)
             self.bytes -= old
 
 
@@ -71,10 +77,12 @@ class ReusePlacer:
         parts: list[Part] = []
         fresh: list[tuple[int, int]] = []  # (offset, length) of contents computed now, to keep as segments
         offset, least = 0, self.planner.config.reuse_min_tokens
-        for tokens, content in job.pieces:
-            seg = self.cache.get(tuple(tokens)) if content and len(tokens) >= least else None
-            if seg is not None:
-                parts.append(seg)
+        for slot, (tokens, content) in enumerate(job.pieces):
+            hit = self.cache.get(tuple(tokens)) if content and len(tokens) >= least else None
+            if hit is not None:
+                # NOTE: kvcomm pools anchors per slot of the prompt (the piece's place), as per template slot
+                seg = dataclasses.replace(hit[0], name=f"message:{slot}")
+                parts += [seg, list(hit[1])] if hit[1] else [seg]
             else:
                 parts.append(tokens)
                 if content and len(tokens) >= least:
@@ -116,11 +124,38 @@ class ReusePlacer:
             return
         self.planner.wait(pending, job, lambda _: self._advance(job, seq, steps, report, fresh), keep=False)
 
+    def keep_reply(self, job: Job, seq: Sequence) -> None:
+        """Keep a reuse-mode choice's reply as a segment (before its branch is freed): an agent that
+        gets it as a message next places it at once. Keyed by the tokens of its text and of its
+        stripped text (what clients send back); a reply whose text does not tokenize back to its
+        tokens is not kept."""
+        if job.reuse is None or job.reuse.mode == "exact" or seq.seq_id is None:
+            return
+        model = self.planner.engine.model
+        gen = [t for t in seq.generated if not model.is_eog(t)]
+        start = len(seq.tokens) - len(seq.generated)
+        cached = min(len(gen), seq.n_in_kv - start)
+        if len(gen) < self.planner.config.reuse_min_tokens or cached < 1:
+            return
+        seen: set[tuple[int, ...]] = set()
+        for text in (seq.text, seq.text.strip()):
+            toks = tuple(self.planner.engine.tokenize(text, special=True))
+            off = len(gen) - len(toks)
+            if toks in seen or off < 0 or off >= cached or tuple(gen[off:]) != toks:
+                continue
+            seen.add(toks)
+            try:
+                seg = self.planner.engine.composer.capture("reply", seq, start + off, start + cached)
+            except KvforkError as exc:  # NOTE: reuse is an optimization: a failed capture fails nothing
+                log.warning("could not keep a reply segment: %s", exc)
+                return
+            self.cache.put(seg, tuple(gen[cached:]))
+
     def _finish(self, job: Job, seq: Sequence, report: ReuseReport, fresh: list[tuple[int, int]]) -> None:
         composer = self.planner.engine.composer
         for offset, length in fresh:
             try:
-                self.cache.put(composer.capture(f"message:{length}", seq, offset, offset + length))
+                self.cache.put(composer.capture("message", seq, offset, offset + length))
             except KvforkError as exc:  # NOTE: reuse is an optimization: a failed capture fails nothing
                 log.warning("could not keep a message segment: %s", exc)
         metrics = self.planner.metrics
