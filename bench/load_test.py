@@ -37,6 +37,8 @@ from workload import INSTRUCTIONS, SYSTEM, provenance, report, stats
 from kvfork.models import resolve_model
 
 HEAP_MIB = 256
+ROLES = [SYSTEM, "You are a site reliability engineer reviewing an incident.",
+         "You are a security auditor; answer tersely.", "You are a project manager writing for executives."]
 
 
 def documents() -> list[str]:
@@ -45,12 +47,12 @@ def documents() -> list[str]:
 
 
 class Client(threading.Thread):
-    def __init__(self, index: int, base_url: str, deadline: float, docs: list[str]) -> None:
+    def __init__(self, index: int, base_url: str, deadline: float, docs: list[str], roles: bool = False) -> None:
         super().__init__(daemon=True)
         self.rng = random.Random(index)
         self.api = openai.OpenAI(base_url=base_url, api_key="none", timeout=600, max_retries=0)
         self.http = httpx.Client(base_url=base_url, timeout=600)
-        self.deadline, self.docs, self.index = deadline, docs, index
+        self.deadline, self.docs, self.index, self.roles = deadline, docs, index, roles
         self.sent = 0
         self.outcomes: Counter[str] = Counter()
         self.failures: list[str] = []
@@ -58,6 +60,9 @@ class Client(threading.Thread):
 
     def messages(self) -> list[dict]:
         doc = self.rng.choice(self.docs)
+        if self.roles:  # NOTE: --reuse: agents with their own system prompts, the document a message of its own
+            return [{"role": "system", "content": self.rng.choice(ROLES)}, {"role": "user", "content": doc},
+                    {"role": "user", "content": self.rng.choice(INSTRUCTIONS)}]
         return [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": f"{doc}\n\n{self.rng.choice(INSTRUCTIONS)}"}]
 
@@ -154,12 +159,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--store-ram-mb", type=int, default=48)
     ap.add_argument("--store-disk-mb", type=int, default=96)
+    ap.add_argument("--reuse", choices=["shift", "kvcomm", "blend"], default=None,
+                    help="serve with this reuse mode; clients then use 4 system prompts over the documents")
+    ap.add_argument("--reuse-cache-mb", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("bench/out/load_test.json"))
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     store = tempfile.mkdtemp(prefix="kvfork-load-")
     extra = ["--store", store, "--store-ram-mb", str(args.store_ram_mb), "--store-disk-mb", str(args.store_disk_mb),
              "--max-queued", str(2 * args.clients), "--n-seq-max", "96"]
+    if args.reuse:
+        extra += ["--reuse", args.reuse, "--reuse-cache-mb", str(args.reuse_cache_mb)]
     docs = documents()
     with kvfork_server(str(resolve_model(args.model)), args.threads, 8192, extra=extra,
                        log=args.out.with_suffix(".log")) as server:
@@ -167,9 +177,11 @@ def main() -> None:
         warm = Client(-1, server.base_url, 0, docs)
         warm.do_chat()
         rss0 = server.memory()[0]
-        rss_budget = rss0 + (args.store_ram_mb << 20) + (HEAP_MIB << 20)
+        rss_budget = rss0 + (args.store_ram_mb << 20) + (HEAP_MIB << 20) + ((args.reuse_cache_mb << 20)
+                                                                           if args.reuse else 0)
         samples: list[dict] = []
-        clients = [Client(i, server.base_url, time.monotonic() + args.seconds, docs) for i in range(args.clients)]
+        clients = [Client(i, server.base_url, time.monotonic() + args.seconds, docs, args.reuse is not None)
+                   for i in range(args.clients)]
         t0 = time.monotonic()
         for c in clients:
             c.start()
@@ -205,10 +217,12 @@ def main() -> None:
               "latency_s": latency, "health_after": health, "rss_after_warmup": rss0, "rss_budget": rss_budget,
               "rss_peak_vmhwm": peak, "over_budget_bytes": over, "samples": samples,
               "requests_metric": re.findall(r"^kvfork_requests_total\{.*$", final_metrics, re.M),
-              "prefill_metric": re.findall(r"^kvfork_prefill_tokens_\w+_total .*$", final_metrics, re.M)}
+              "prefill_metric": re.findall(r"^kvfork_prefill_tokens_\w+_total .*$", final_metrics, re.M),
+              "reuse": args.reuse,
+              "reuse_metric": re.findall(r"^kvfork_reuse_segments_total\{.*$", final_metrics, re.M)}
     ok = result["lost"] == 0 and result["failed"] == 0 and health == 200 and all(v <= 0 for v in over.values())
     result["passed"] = ok
-    md = [f"| {args.clients} clients, {wall:.0f} s | |", "|---|---|",
+    md = [f"| {args.clients} clients, {wall:.0f} s{f', --reuse {args.reuse}' if args.reuse else ''} | |", "|---|---|",
           f"| requests sent / returned / failed | {sent} / {returned} / {outcomes['failed']} |",
           f"| by kind | {', '.join(f'{k} {v}' for k, v in sorted(outcomes.items()))} |",
           f"| peak KV cells held / context | {max(s['cells'] for s in samples):.0f} /"
@@ -221,6 +235,8 @@ def main() -> None:
           f" {max(s['rss'] for s in samples) / 1e6:.0f} MB / {rss_budget / 1e6:.0f} MB |",
           *(f"| latency {k} (median, min-max) | {v['median']:.1f} s ({v['min']:.1f}-{v['max']:.1f}), n={v['n']} |"
             for k, v in latency.items()),
+          *([f"| prefill tokens | {'; '.join(result['prefill_metric'])} |",
+              f"| reuse segments | {'; '.join(result['reuse_metric'])} |"] if args.reuse else []),
           f"| passed | {ok} |"]
     result["table"] = "\n".join(md)
     args.out.write_text(json.dumps(result, indent=2))

@@ -186,11 +186,17 @@ class Scheduler:
         seq.n_shared = min(seq.n_shared, last)
 
     def _admit(self) -> None:
-        while self.waiting and self.table.can_allocate(self.waiting[0]):
-            seq = self.waiting.popleft()
-            self.table.allocate(seq)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+        # NOTE: first fit, in arrival order: a sequence that does not fit now must not hold back the
+        # ones behind it that do (a fork that needs a few cells to decode, whose parent holds many).
+        for seq in list(self.waiting):
+            if self.table.can_allocate(seq):
+                self.waiting.remove(seq)
+                self._start(seq)
+
+    def _start(self, seq: Sequence) -> None:
+        self.table.allocate(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def _sample(self, seq: Sequence, index: int) -> None:
         # NOTE: the raw logits are read before the sampler chain runs over them

@@ -107,6 +107,7 @@ class EngineLoop:
                 with self.engine._lock:
                     if jobs:
                         self.planner.plan(jobs)
+                    self.planner.reuse.retry()
                     if sched.has_work:
                         self.planner.make_room()
                         self.planner.after_step(sched.step())

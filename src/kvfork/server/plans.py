@@ -223,10 +223,15 @@ class Planner:
             if node is None:
                 break
             self.sched.release(node)
-        if waiting and not self.sched.running and not table.can_allocate(waiting[0]):
-            exc = APIError(503, "no room in the KV cache for this request now (snapshots hold it); retry or"
-                                " delete snapshots", code="cache_full")
-            self._fail_seq(waiting[0], exc)
+        # NOTE: fail the sequences that cannot start while nothing runs that could free room, one after
+        # another (not just the first), so the step never finds nothing to run.
+        while waiting and not self.sched.running and not any(table.can_allocate(s) for s in waiting):
+            seq = waiting[0]
+            self._fail_seq(seq, APIError(503, "no room in the KV cache for this request now (snapshots or other"
+                                              " requests hold it); retry", code="cache_full"))
+            if waiting and waiting[0] is seq:  # NOTE: nobody owned it: drop it all the same
+                self.sched.cancel(seq)
+                self.sched.release(seq)
         self.metrics.live_prefixes.set(len(self.prefixes))
 
     def after_step(self, finished: list[Sequence]) -> None:

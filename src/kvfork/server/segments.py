@@ -10,13 +10,14 @@ from the usual live prefixes. The composed prompt is approximate: it is never ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 from kvfork.engine.sampling import SamplingParams
-from kvfork.errors import KvforkError
+from kvfork.errors import ContextOverflow, KvforkError
 from kvfork.reuse.composer import Part, Segment, Steps, split_head
 from kvfork.reuse.report import ReuseReport
 from kvfork.scheduler.sequence import Sequence
@@ -71,8 +72,45 @@ class ReusePlacer:
     def __init__(self, planner: Planner) -> None:
         self.planner = planner
         self.cache = SegmentCache(planner.config.reuse_cache_mb << 20)
+        self.deferred: deque[Job] = deque()  # jobs waiting for room in the cache
 
     def place(self, job: Job) -> None:
+        """Start composing `job`'s prompt now if its cells can be reserved, else once they can (retry)."""
+        if not self._room_for(job):
+            self.deferred.append(job)
+            return
+        self._place(job)
+
+    def retry(self) -> None:
+        """Start deferred jobs that fit now; fail (503) the first one that cannot while nothing runs."""
+        while self.deferred:
+            job = self.deferred[0]
+            if job.cancelled or job.done:
+                self.deferred.popleft()
+                continue
+            if not self._room_for(job):
+                if not self.planner.sched.has_work:
+                    self.deferred.popleft()
+                    self.planner.choices.fail([job], APIError(
+                        503, "no room in the KV cache for this request now; retry", code="cache_full"))
+                    continue
+                return
+            self.deferred.popleft()
+            self.planner._guard([job], functools.partial(self._place, job))
+
+    def _room_for(self, job: Job) -> bool:
+        """Whether the prompt's own cells and its choices' tokens fit next to what is reserved, after
+        evicting idle live prefixes. NOTE: a placed segment is this prompt's own copy: nothing shares it."""
+        table = self.planner.sched.table
+        need = len(job.tokens) + sum(p.max_tokens for p in job.params)
+        while table.cells_reserved() + need > table.n_cells:
+            node = self.planner.prefixes.evict_idle()
+            if node is None:
+                return False
+            self.planner.sched.release(node)
+        return True
+
+    def _place(self, job: Job) -> None:
         assert job.pieces is not None and job.reuse is not None
         parts: list[Part] = []
         fresh: list[tuple[int, int]] = []  # (offset, length) of contents computed now, to keep as segments
@@ -111,6 +149,11 @@ class ReusePlacer:
             pending = next(steps)
         except StopIteration:
             self._finish(job, seq, report, fresh)
+            return
+        except ContextOverflow:  # NOTE: others took the room meanwhile: retryable, not the request's fault
+            sched.release(seq)
+            self.planner.choices.fail([job], APIError(503, "no room in the KV cache for this request now; retry",
+                                                      code="cache_full"))
             return
         except (KvforkError, APIError) as exc:
             sched.release(seq)
