@@ -9,11 +9,16 @@ from importlib import resources
 from kvfork import DEFAULT_MODEL, Engine, Pipeline, PipelineResult
 
 
-def options(description: str) -> argparse.Namespace:
+def options(description: str, *, reuse: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or GGUF path")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--n-ctx", type=int, default=16384 if reuse else 8192,
+                        help="KV cells (reuse modes place a copy of the document per role)")
     parser.add_argument("--compare", action="store_true", help="also run without sharing (slow: one prefill per agent)")
+    if reuse:
+        parser.add_argument("--reuse", choices=["shift", "kvcomm", "blend"], default="shift",
+                            help="how the document and the reviews are reused (approximate; see docs/reuse.md)")
     return parser.parse_args()
 
 
@@ -24,7 +29,7 @@ def report() -> str:
 
 def engine(args: argparse.Namespace) -> Engine:
     t0 = time.perf_counter()
-    e = Engine(args.model, n_ctx=8192)
+    e = Engine(args.model, n_ctx=args.n_ctx)
     print(f"model {e.model_path.name} loaded in {time.perf_counter() - t0:.1f} s, {e.config.n_threads} threads")
     return e
 

@@ -35,6 +35,13 @@ def test_roles_read_a_placed_document_and_the_chair_placed_replies(gemma):
     assert all(s.action == "placed" and s.n_reused >= 16 for s in chair)
     assert all(r.prompt_tokens == r.prefix_tokens + r.reused_tokens + r.computed_tokens for r in reports.values())
     assert result.reuse_rate > 0.5 and "reuse (shift)" in result.summary()
+    # the bill counts placed tokens as reused, not computed
+    assert result["facts"].reused_tokens == 0 and result["risks"].reused_tokens == doc_tokens
+    # (the chair's prompt ends in its snapshot: its last token is decoded again for the first logits)
+    assert result["chair"].reused_tokens == sum(s.n_reused for s in chair) - 1
+    assert all(a.prompt_tokens == a.reused_tokens + a.computed_tokens for a in result)
+    # from scratch every prompt is computed (+1: the chair's token decoded again is computed either way)
+    assert result.unshared_tokens == sum(a.prompt_tokens for a in result) + 1 > result.computed_tokens
     assert all(len(a.tokens) == 20 for a in result)
 
 

@@ -22,6 +22,7 @@ class SnapshotUse:
     n_tokens: int
     prefill_s: float
     forks: list[str] = field(default_factory=list)
+    placed: int = 0  # of n_tokens, placed from segments instead of computed (reuse modes)
 
     @property
     def shared(self) -> bool:
@@ -36,7 +37,7 @@ def settle(
     NOTE: a snapshot forked by one agent only is that agent's own prefill (computed, not reused);
     a snapshot forked by several is prefilled once and counted in shared_prefill_tokens.
     """
-    timed = [u for u in uses if u.prefill_s > 0]
+    timed = [u for u in uses if u.prefill_s > 0 and not u.placed]
     rate = sum(u.n_tokens for u in timed) / sum(u.prefill_s for u in timed) if timed else 0.0
     agents: dict[str, AgentResult] = {}
     unshared = 0
@@ -44,13 +45,15 @@ def settle(
         prompt = sum(c.prompt_tokens for c in run.completions)
         reused = sum(c.reused_tokens for c in run.completions)
         computed = sum(c.computed_tokens for c in run.completions)
-        shared = 0
+        shared = placed = 0
         if run.use is not None and run.completions:
             if run.use.shared:
                 shared = run.use.n_tokens
             else:
-                reused, computed = reused - run.use.n_tokens, computed + run.use.n_tokens
-        unshared += shared + computed
+                placed = run.use.placed  # NOTE: placed tokens were not computed: they count as reused
+                own = run.use.n_tokens - placed
+                reused, computed = reused - own, computed + own
+        unshared += shared + computed + placed
         status = "skipped" if run.skipped else ("failed" if run.error is not None else "ok")
         agents[run.agent.name] = AgentResult(
             name=run.agent.name,
@@ -70,7 +73,7 @@ def settle(
         shared=share,
         wall_s=wall_s,
         shared_prefill_tokens=sum(u.n_tokens for u in uses if u.shared),
-        computed_tokens=sum(u.n_tokens for u in uses) + turn_computed,
+        computed_tokens=sum(u.n_tokens - u.placed for u in uses) + turn_computed,
         unshared_tokens=unshared,
         prefill_rate=rate,
     )

@@ -218,7 +218,8 @@ class Runner:
                 self._fail(run, exc)
                 return False
             self._snapshots[slot] = snapshot
-            self._uses[slot] = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s)
+            placed = snapshot.reuse.reused_tokens if snapshot.reuse is not None else 0
+            self._uses[slot] = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s, placed=placed)
         run.branch = snapshot.fork()
         if snapshot.reuse is not None and self.reuse is not None:
             self.reuse.reports[run.agent.name] = snapshot.reuse
@@ -241,7 +242,7 @@ class Runner:
         run.branch = snapshot.fork()
         run.turn_sent = True
         self.reuse.reports[run.agent.name] = snapshot.reuse  # type: ignore[union-attr,assignment]
-        run.use = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s)
+        run.use = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s, placed=snapshot.reuse.reused_tokens)  # type: ignore[union-attr]
         run.use.forks.append(run.agent.name)
         self._uses[("composed", run.agent.name)] = run.use
         snapshot.close()  # NOTE: the branch keeps its cells pinned; nobody else forks this one
