@@ -183,7 +183,7 @@ class Composer:
             if not est.accepted:
                 seq.tokens.extend(part.tokens)
                 yield from self._compute(seq, report)
-                real = select(self._state(seq), at, at + n)
+                real = self.capture(part.name, seq, at, at + n).kv
                 base = rerotate(part.cells(), self.spec, at - part.p0)
                 dev = rerotate(combine(real, base, operator.sub), self.spec, -at)
                 self.anchors.add(part.name, agent, part.summary, dev, n, config)
@@ -234,9 +234,6 @@ class Composer:
                                   " branches, or raise n_seq_max / n_ctx")
         table.allocate(seq)
 
-    def _state(self, seq: Sequence) -> SeqState:
-        return decode(self.engine.ctx.state_seq_get(seq.seq_id))  # type: ignore[arg-type]
-
     def _run(self, seq: Sequence) -> None:
         """Prefill seq's pending tokens (no generation)."""
         if not seq.n_pending:
@@ -270,7 +267,8 @@ class Composer:
         self.engine._live.add(self._prefilled(seq))
         snap = Snapshot(self.engine, seq, None, time.perf_counter() - t0)
         self._heads[key] = snap
-        while len(self._heads) > _MAX_HEADS:
+        # NOTE: each head holds a sequence id: keep at most a quarter of them (and no more than 8)
+        while len(self._heads) > min(_MAX_HEADS, max(1, self.engine.config.n_seq_max // 4)):
             self._heads.popitem(last=False)[1].close()
         return snap, seq.n_prompt_computed
 
