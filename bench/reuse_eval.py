@@ -76,11 +76,9 @@ def flat(parts: list) -> tuple[int, ...]:
     return tuple(t for p in parts for t in (p.tokens if isinstance(p, Segment) else p))
 
 
-def reply_slot(engine: Engine, branch, completion, name: str, min_segment: int) -> Segment | list[int]:
+def reply_slot(engine: Engine, branch, name: str, min_segment: int) -> Segment | list[int]:
     """The reply as a Segment of the branch's cached cells (its last token is not cached: tokens)."""
-    toks = [t for t in completion.tokens if not engine.model.is_eog(t)]
-    start = len(branch.tokens) - len(completion.tokens)
-    cached = min(len(toks), branch._seq.n_in_kv - start)
+    toks, start, cached = engine.composer.reply(branch._seq)
     if cached < max(1, min_segment):
         return toks
     seg = engine.capture_segment(branch, start, start + cached, f"reply:{name}")
@@ -138,7 +136,7 @@ def one_sample(engine: Engine, task: Task, modes: list[str], config: ReuseConfig
     open_ = [clerk]
     try:
         for mode in modes:
-            replies = {"clerk": reply_slot(engine, clerk["branch"], clerk["completion"], "clerk", config.min_segment)}
+            replies = {"clerk": reply_slot(engine, clerk["branch"], "clerk", config.min_segment)}
             out[mode]["clerk"] = _record(engine, clerk, task, refs, flat(build(engine, "clerk", task, {"doc": doc})))
             for agent in ("auditor", "reporter"):
                 slots = {"doc": doc_seg, **replies}
@@ -147,7 +145,7 @@ def one_sample(engine: Engine, task: Task, modes: list[str], config: ReuseConfig
                 open_.append(res)
                 prompt = flat(expand(parts))
                 out[mode][agent] = _record(engine, res, task, refs, prompt)
-                replies[agent] = reply_slot(engine, res["branch"], res["completion"], agent, config.min_segment)
+                replies[agent] = reply_slot(engine, res["branch"], agent, config.min_segment)
     finally:
         for r in open_:
             r["branch"].close()

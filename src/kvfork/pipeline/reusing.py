@@ -15,7 +15,6 @@ from kvfork.errors import KvforkError
 from kvfork.pipeline.agent import Agent
 from kvfork.pipeline.definition import Pipeline
 from kvfork.pipeline.turns import first_turn
-from kvfork.result import Completion
 from kvfork.reuse.composer import Part, Segment
 from kvfork.reuse.config import ReuseConfig
 from kvfork.reuse.report import ReuseReport
@@ -87,7 +86,7 @@ class PipelineReuse:
                 turn.append(self.engine.tokenize(chunk, special=True))
         return turn
 
-    def keep_reply(self, agent: Agent, branch: Branch | None, completion: Completion) -> None:
+    def keep_reply(self, agent: Agent, branch: Branch | None) -> None:
         """Keep the KV of a one-turn agent's reply (before its branch is closed) for downstream agents.
 
         NOTE: the reply's tokens are placed as generated (end-of-generation tokens dropped); the
@@ -95,9 +94,7 @@ class PipelineReuse:
         """
         if branch is None or agent.turns != 1:
             return
-        tokens = [t for t in completion.tokens if not self.engine.model.is_eog(t)]
-        start = len(branch.tokens) - len(completion.tokens)
-        cached = min(len(tokens), branch._seq.n_in_kv - start)
+        tokens, start, cached = self.engine.composer.reply(branch._seq)
         if cached < max(1, self.config.min_segment):
             self._replies[agent.name] = [tokens]
             return

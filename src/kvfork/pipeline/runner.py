@@ -255,7 +255,7 @@ class Runner:
     def _done(self, run: _AgentRun) -> None:
         """The agent will take no more turns: free its branch, and its snapshot once nobody needs it."""
         if self.reuse is not None and self.reuse.active and run.error is None and run.completions:
-            self.reuse.keep_reply(run.agent, run.branch, run.completions[-1])
+            self.reuse.keep_reply(run.agent, run.branch)
         if run.branch is not None:
             run.branch.close()
             run.branch = None

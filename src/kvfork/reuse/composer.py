@@ -106,6 +106,13 @@ class Composer:
             raise InvalidParameter(f"the cache no longer holds tokens [{start}, {end}) (sliding window)")
         return Segment(name, tuple(seq.tokens[start:end]), cells, start)
 
+    def reply(self, seq: Sequence) -> tuple[list[int], int, int]:
+        """The last turn's reply of `seq`: its tokens (end-of-generation dropped), the position of the
+        first, and how many of them are in the cache (all but a last sampled one that was never decoded)."""
+        tokens = [t for t in seq.generated if not self.engine.model.is_eog(t)]
+        start = len(seq.tokens) - len(seq.generated)
+        return tokens, start, max(0, min(len(tokens), seq.n_in_kv - start))
+
     def segment(self, name: str, tokens: Seq[int], head: Seq[int] = ()) -> tuple[Segment, int]:
         """Compute a segment's base KV: prefill head + tokens (the head from a live snapshot when one
         holds it); returns the segment and how many tokens were computed."""

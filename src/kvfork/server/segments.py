@@ -174,10 +174,7 @@ class ReusePlacer:
         tokens is not kept."""
         if job.reuse is None or job.reuse.mode == "exact" or seq.seq_id is None:
             return
-        model = self.planner.engine.model
-        gen = [t for t in seq.generated if not model.is_eog(t)]
-        start = len(seq.tokens) - len(seq.generated)
-        cached = min(len(gen), seq.n_in_kv - start)
+        gen, start, cached = self.planner.engine.composer.reply(seq)
         if len(gen) < self.planner.config.reuse_min_tokens or cached < 1:
             return
         seen: set[tuple[int, ...]] = set()
