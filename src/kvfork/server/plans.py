@@ -250,6 +250,8 @@ class Planner:
             return
         for w in waiters:
             if w.jobs and all(j.cancelled for j in w.jobs):
+                if not w.keep:  # NOTE: a reuse-mode prompt its client left: nobody else may use it
+                    self.sched.release(node)
                 continue
             try:
                 w.then(node)
