@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -88,3 +89,35 @@ def test_a_reply_is_placed_the_first_time_a_downstream_agent_sends_it(server, re
     # (all but its last token, which was sampled and never decoded)
     assert out.usage.prompt_tokens_details.placed_tokens == n_reply - 1
     assert out.choices[0].message.content
+
+
+def test_a_client_that_leaves_during_composition_leaks_no_cells(server):
+    planner = server.app.state.kv.loop.planner
+    table = planner.sched.table
+    body = {"model": "gemma", "stream": True, "max_tokens": 8, "reuse": "shift",
+            "messages": _messages("You are a night-shift operator.", "What failed?")}
+    body["messages"][1]["content"] = "Another plant log:\n" + long_text(85)  # new content: computed, not placed
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200  # the headers come at once; leave while the prompt is being composed
+        deadline = time.time() + 30
+        while not _composing(planner) and time.time() < deadline:
+            time.sleep(0.001)
+        assert _composing(planner)
+    deadline, quiet = time.time() + 60, 0
+    while quiet < 20 and time.time() < deadline:  # idle for half a second in a row (read from this thread)
+        quiet = 0 if planner.sched.has_work else quiet + 1
+        time.sleep(0.025)
+    kept = set(planner.prefixes._lru) | set(planner.prefixes.pinned.values())
+    stray = [s for s in table._live if s not in kept and s.n_children == 0]
+    assert not stray, [(len(s.tokens), s.status, s.released) for s in stray]
+
+
+def _composing(planner) -> bool:
+    """A reuse-mode prompt is prefilling now (read from the test thread: retried if the dict changes)."""
+    for _ in range(10):
+        try:
+            return any(not w.keep for ws in list(planner._waiters.values()) for w in ws)
+        except RuntimeError:
+            continue
+    return False
