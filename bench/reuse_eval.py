@@ -33,6 +33,7 @@ from workload import fmt, provenance, stats
 
 from kvfork import Engine
 from kvfork.engine.sampling import SamplingParams
+from kvfork.prompt import slot, split_slots
 from kvfork.reuse import REUSE_MODES, ReuseConfig, Segment
 
 AGENTS = {
@@ -40,35 +41,30 @@ AGENTS = {
               "Question: {q}\nFirst describe that shipment in one sentence (carrier, goods, ports, date, crates,"
               " weight, delay), then end with 'Answer: <number>'.", 72),
     "auditor": ("You are a strict auditor who double-checks every figure against the source records.",
-                "Question: {q}\nThe clerk replied:\n\ue000clerk\ue000\nCheck the clerk's reply against the log and"
+                "Question: {q}\nThe clerk replied:\n{clerk}\nCheck the clerk's reply against the log and"
                 " reply with 'Answer: <number>' only.", 12),
     "reporter": ("You are an operations reporter who states final figures plainly for the team.",
-                 "Question: {q}\nThe clerk replied:\n\ue000clerk\ue000\nThe auditor replied:\n\ue000auditor\ue000\n"
+                 "Question: {q}\nThe clerk replied:\n{clerk}\nThe auditor replied:\n{auditor}\n"
                  "Reply with the final figure as 'Answer: <number>' only.", 12),
 }
-DOC = "\ue000doc\ue000"
 ROOT = Path(__file__).resolve().parents[1]  # outputs land in the repository whatever the working folder
 
+Slots = dict[str, list]  # slot name -> its parts (token lists and Segments)
 
-def pieces(engine: Engine, agent: str, question: str) -> list[str]:
-    """The agent's chat prompt split at its slots (U+E000 sentinels): text, "slot:doc", text, ..."""
+
+def pieces(engine: Engine, agent: str, question: str) -> list[tuple[str, bool]]:
+    """The agent's chat prompt cut at its slots: (text, False) and (slot name, True), in order."""
     system, instruction, _ = AGENTS[agent]
-    text = engine.model.apply_chat_template(
-        [("system", system), ("user", f"Shipping log:\n{DOC}\n\n" + instruction.format(q=question))],
-        add_generation_prompt=True)
-    out = []
-    for i, chunk in enumerate(text.split("\ue000")):
-        out.append(("slot:" if i % 2 else "") + chunk)
-    return out
+    user = f"Shipping log:\n{slot('doc')}\n\n" + instruction.format(q=question, clerk=slot("clerk"),
+                                                                       auditor=slot("auditor"))
+    return split_slots(engine.model.apply_chat_template([("system", system), ("user", user)],
+                                                        add_generation_prompt=True))
 
 
-def build(engine: Engine, agent: str, task: Task, slots: dict[str, Segment | list[int]]) -> list:
+def build(engine: Engine, agent: str, task: Task, slots: Slots) -> list:
     parts: list = []
-    for piece in pieces(engine, agent, task.question):
-        if piece.startswith("slot:"):
-            parts.append(slots[piece[5:]])
-        elif piece:
-            parts.append(engine.tokenize(piece, special=True))
+    for piece, is_slot in pieces(engine, agent, task.question):
+        parts += slots[piece] if is_slot else [engine.tokenize(piece, special=True)]
     return parts
 
 
@@ -76,33 +72,13 @@ def flat(parts: list) -> tuple[int, ...]:
     return tuple(t for p in parts for t in (p.tokens if isinstance(p, Segment) else p))
 
 
-def reply_slot(engine: Engine, branch, name: str, min_segment: int) -> Segment | list[int]:
-    """The reply as a Segment of the branch's cached cells (its last token is not cached: tokens)."""
+def reply_slot(engine: Engine, branch, name: str, min_segment: int) -> list:
+    """The reply's parts: a Segment of the branch's cached cells, then the tokens never cached."""
     toks, start, cached = engine.composer.reply(branch._seq)
     if cached < max(1, min_segment):
-        return toks
+        return [toks]
     seg = engine.capture_segment(branch, start, start + cached, f"reply:{name}")
-    if cached == len(toks):
-        return seg
-    return _Tail(seg, toks[cached:])
-
-
-class _Tail(list):
-    """A reply whose last tokens were never cached: the segment, then those tokens."""
-
-    def __init__(self, seg: Segment, rest: list[int]) -> None:
-        super().__init__(rest)
-        self.seg = seg
-
-
-def expand(parts: list) -> list:
-    out = []
-    for p in parts:
-        if isinstance(p, _Tail):
-            out += [p.seg, list(p)]
-        else:
-            out.append(p)
-    return out
+    return [seg, toks[cached:]] if cached < len(toks) else [seg]
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -118,7 +94,7 @@ def run_agent(engine: Engine, agent: str, parts: list, mode: str, config: ReuseC
     """Compose, generate greedily; returns the record and keeps snapshot and branch open in it."""
     cfg = config if mode == config.mode else ReuseConfig(**{**vars(config), "mode": mode})
     t0 = time.perf_counter()
-    snap = engine.compose(expand(parts), agent=agent, reuse=cfg)
+    snap = engine.compose(parts, agent=agent, reuse=cfg)
     compose_s = time.perf_counter() - t0
     branch = snap.fork()
     comp = engine.generate_branches([branch], [SamplingParams(max_tokens=AGENTS[agent][2], temperature=0)])[0]
@@ -130,20 +106,20 @@ def run_agent(engine: Engine, agent: str, parts: list, mode: str, config: ReuseC
 def one_sample(engine: Engine, task: Task, modes: list[str], config: ReuseConfig, refs: dict) -> dict:
     out: dict = {m: {} for m in modes}
     doc = engine.tokenize(task.document, special=False)
-    clerk = run_agent(engine, "clerk", build(engine, "clerk", task, {"doc": doc}), "exact", config)
-    head = len(engine.tokenize(pieces(engine, "clerk", task.question)[0], special=True))
+    clerk = run_agent(engine, "clerk", build(engine, "clerk", task, {"doc": [doc]}), "exact", config)
+    head = len(engine.tokenize(pieces(engine, "clerk", task.question)[0][0], special=True))
     doc_seg = engine.capture_segment(clerk["snap"], head, head + len(doc), "doc")
     open_ = [clerk]
     try:
         for mode in modes:
             replies = {"clerk": reply_slot(engine, clerk["branch"], "clerk", config.min_segment)}
-            out[mode]["clerk"] = _record(engine, clerk, task, refs, flat(build(engine, "clerk", task, {"doc": doc})))
+            out[mode]["clerk"] = _record(engine, clerk, task, refs, flat(build(engine, "clerk", task, {"doc": [doc]})))
             for agent in ("auditor", "reporter"):
-                slots = {"doc": doc_seg, **replies}
+                slots = {"doc": [doc_seg], **replies}
                 parts = build(engine, agent, task, slots)
                 res = run_agent(engine, agent, parts, mode, config)
                 open_.append(res)
-                prompt = flat(expand(parts))
+                prompt = flat(parts)
                 out[mode][agent] = _record(engine, res, task, refs, prompt)
                 replies[agent] = reply_slot(engine, res["branch"], agent, config.min_segment)
     finally:

@@ -9,14 +9,28 @@ would do across the boundary.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ChatLayout", "Render"]
+__all__ = ["ChatLayout", "Render", "slot", "split_slots"]
 
 Render = Callable[[list[tuple[str, str]], bool], str]  # (messages, add_generation_prompt) -> text
 
 _SENTINEL = "\u2063KVFORK-SLOT-{}\u2063"
+_SENTINEL_RE = re.compile("\u2063KVFORK-SLOT-(.*?)\u2063")
+
+
+def slot(name: object) -> str:
+    """A marker standing for `name` in text that is rendered (chat template, turn framing), then cut
+    apart again by split_slots (reuse modes put a segment's tokens where the marker was)."""
+    return _SENTINEL.format(name)
+
+
+def split_slots(text: str) -> list[tuple[str, bool]]:
+    """`text` cut at slot markers, in order: (text, False) between them (empty ones dropped) and
+    (name, True) for each marker."""
+    return [(part, bool(i % 2)) for i, part in enumerate(_SENTINEL_RE.split(text)) if part or i % 2]
 
 
 @dataclass(frozen=True)

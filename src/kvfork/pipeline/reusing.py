@@ -15,6 +15,7 @@ from kvfork.errors import KvforkError
 from kvfork.pipeline.agent import Agent
 from kvfork.pipeline.definition import Pipeline
 from kvfork.pipeline.turns import first_turn
+from kvfork.prompt import slot, split_slots
 from kvfork.reuse.composer import Part, Segment
 from kvfork.reuse.config import ReuseConfig
 from kvfork.reuse.report import ReuseReport
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["PipelineReuse"]
 
 log = logging.getLogger(__name__)
-
-_SLOT = "\ue000"  # marks where an upstream reply goes in a composed turn (a private-use character)
 
 
 class PipelineReuse:
@@ -76,13 +75,12 @@ class PipelineReuse:
         ups = agent.upstream(self.pipeline.documents)
         if not ups or any(u not in self._replies for u in ups):
             return None
-        text = first_turn(self.pipeline, agent, {u: (f"{_SLOT}{u}{_SLOT}",) for u in ups})
-        layout = self.engine.layout("", system)
+        text = first_turn(self.pipeline, agent, {u: (slot(u),) for u in ups})
         turn: list[Part] = []
-        for i, chunk in enumerate(layout.first_turn(text).split(_SLOT)):
-            if i % 2:
+        for chunk, is_slot in split_slots(self.engine.layout("", system).first_turn(text)):
+            if is_slot:
                 turn += self._replies[chunk]
-            elif chunk:
+            else:
                 turn.append(self.engine.tokenize(chunk, special=True))
         return turn
 

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kvfork.prompt import slot, split_slots
 from kvfork.reuse.config import ReuseConfig
 from kvfork.server.errors import APIError
 from kvfork.server.protocol import ChatMessage, ChatRequest, CompletionRequest
@@ -25,22 +26,19 @@ def chat_tokens(st: ServerState, messages: list[tuple[str, str]], *, generation_
     return st.engine.tokenize(text, add_bos=True, special=True)
 
 
-_SLOT = "\ue000"  # stands for a message's content while the template is rendered (a private-use character)
-
-
 def chat_pieces(st: ServerState, messages: list[tuple[str, str]]) -> list[tuple[list[int], bool]]:
     """The prompt as pieces for reuse modes: (tokens, is a message's content), in order.
 
     NOTE: contents are tokenized on their own, so a message is the same tokens wherever it appears
     (the exact path tokenizes the whole text, which can join tokens across a boundary).
     """
-    text = st.engine.model.apply_chat_template([(role, f"{_SLOT}{i}{_SLOT}") for i, (role, _) in enumerate(messages)],
+    text = st.engine.model.apply_chat_template([(role, slot(i)) for i, (role, _) in enumerate(messages)],
                                                add_generation_prompt=True)
     pieces: list[tuple[list[int], bool]] = []
-    for i, chunk in enumerate(text.split(_SLOT)):
-        if i % 2 and chunk.isdigit() and int(chunk) < len(messages):
+    for chunk, is_slot in split_slots(text):
+        if is_slot and chunk.isdigit() and int(chunk) < len(messages):
             pieces.append((st.engine.tokenize(messages[int(chunk)][1], special=True), True))
-        elif chunk:
+        elif not is_slot:
             pieces.append((st.engine.tokenize(chunk, add_bos=not pieces, special=True), False))
     return pieces
 
