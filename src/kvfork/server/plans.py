@@ -218,11 +218,8 @@ class Planner:
     def make_room(self) -> None:
         """Evict idle live prefixes while the next waiting sequence does not fit; fail it if nothing can run."""
         waiting, table = self.sched.waiting, self.sched.table
-        while waiting and not table.can_allocate(waiting[0]):
-            node = self.prefixes.evict_idle()
-            if node is None:
-                break
-            self.sched.release(node)
+        if waiting:
+            self.evict_until(lambda: table.can_allocate(waiting[0]))
         # NOTE: fail the sequences that cannot start while nothing runs that could free room, one after
         # another (not just the first), so the step never finds nothing to run.
         while waiting and not self.sched.running and not any(table.can_allocate(s) for s in waiting):
@@ -233,6 +230,15 @@ class Planner:
                 self.sched.cancel(seq)
                 self.sched.release(seq)
         self.metrics.live_prefixes.set(len(self.prefixes))
+
+    def evict_until(self, fits: Callable[[], bool]) -> bool:
+        """Free idle live prefixes, least recently used first, until `fits()`; False if they run out."""
+        while not fits():
+            node = self.prefixes.evict_idle()
+            if node is None:
+                return False
+            self.sched.release(node)
+        return True
 
     def after_step(self, finished: list[Sequence]) -> None:
         """Send new text to every job, end finished choices, hand prefilled nodes to their waiters."""

@@ -13,7 +13,8 @@ import dataclasses
 import functools
 import hashlib
 import logging
-from collections import OrderedDict, deque
+from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvfork.engine.sampling import SamplingParams
@@ -23,6 +24,7 @@ from kvfork.reuse.report import ReuseReport
 from kvfork.scheduler.sequence import Sequence
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job
+from kvfork.snapshot.ram import RamTier
 
 if TYPE_CHECKING:
     from kvfork.server.plans import Planner
@@ -32,38 +34,38 @@ __all__ = ["SegmentCache", "ReusePlacer"]
 log = logging.getLogger(__name__)
 
 
-class SegmentCache:
-    """Segments by the tokens they stand for, LRU under a byte budget (decoded K/V values and stored bytes).
+@dataclass(frozen=True, eq=False)
+class _Entry:
+    segment: Segment
+    rest: tuple[int, ...]  # the key's tokens after the segment that were never cached (a reply's last)
 
-    An entry is a Segment and the tokens after it that were never cached (a reply's last token):
-    together they are the key's tokens.
-    """
+    @functools.cached_property
+    def nbytes(self) -> int:
+        return sum(t.values.nbytes + len(t.raw or b"") for part in self.segment.kv.caches for t in (*part.k, *part.v))
+
+
+class SegmentCache:
+    """Segments by the tokens they stand for (a segment and the tokens after it that were never cached),
+    LRU under a byte budget of decoded K/V values and stored bytes."""
 
     def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.bytes = 0
-        self._items: OrderedDict[tuple[int, ...], tuple[Segment, tuple[int, ...], int]] = OrderedDict()
+        self._lru: RamTier[tuple[int, ...], _Entry] = RamTier(budget_bytes)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._lru)
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.nbytes
 
     def get(self, tokens: tuple[int, ...]) -> tuple[Segment, tuple[int, ...]] | None:
-        item = self._items.get(tokens)
-        if item is None:
-            return None
-        self._items.move_to_end(tokens)
-        return item[0], item[1]
+        entry = self._lru.get(tokens)
+        return None if entry is None else (entry.segment, entry.rest)
 
     def put(self, segment: Segment, rest: tuple[int, ...] = ()) -> None:
         key = segment.tokens + rest
-        size = sum(t.values.nbytes + len(t.raw or b"") for part in segment.kv.caches for t in (*part.k, *part.v))
-        if size > self.budget or key in self._items:
-            return
-        self._items[key] = (segment, rest, size)
-        self.bytes += size
-        while self.bytes > self.budget:
-            _, (_, _, old) = self._items.popitem(last=False)
-            self.bytes -= old
+        if key not in self._lru:
+            self._lru.put(key, _Entry(segment, rest))
 
 
 class ReusePlacer:
@@ -103,12 +105,7 @@ class ReusePlacer:
         evicting idle live prefixes. NOTE: a placed segment is this prompt's own copy: nothing shares it."""
         table = self.planner.sched.table
         need = len(job.tokens) + sum(p.max_tokens for p in job.params)
-        while table.cells_reserved() + need > table.n_cells:
-            node = self.planner.prefixes.evict_idle()
-            if node is None:
-                return False
-            self.planner.sched.release(node)
-        return True
+        return self.planner.evict_until(lambda: table.cells_reserved() + need <= table.n_cells)
 
     def _place(self, job: Job) -> None:
         assert job.pieces is not None and job.reuse is not None

@@ -1,16 +1,25 @@
-"""RamTier: host-memory snapshots under a byte budget, least recently used evicted first."""
+"""RamTier: host-memory entries (snapshots, reuse segments) under a byte budget, least recently used evicted first."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-
-from kvfork.snapshot.host import HostSnapshot
+from collections.abc import Hashable
+from typing import Generic, Protocol, TypeVar
 
 __all__ = ["RamTier"]
 
 
-class RamTier:
-    """An LRU map key -> HostSnapshot whose payload bytes stay within `budget` bytes.
+class _Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V", bound=_Sized)
+
+
+class RamTier(Generic[K, V]):
+    """An LRU map key -> value (a HostSnapshot, or anything with `nbytes`) whose bytes stay within `budget`.
 
     Contract: not thread-safe (the store locks around it). `put` hands back what it evicted so the
     store can demote it to disk instead of losing it.
@@ -19,25 +28,25 @@ class RamTier:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.nbytes = 0
-        self._items: OrderedDict[str, HostSnapshot] = OrderedDict()
+        self._items: OrderedDict[K, V] = OrderedDict()
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: K) -> bool:
         return key in self._items
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def keys(self) -> list[str]:
+    def keys(self) -> list[K]:
         """Keys from least to most recently used."""
         return list(self._items)
 
-    def get(self, key: str) -> HostSnapshot | None:
+    def get(self, key: K) -> V | None:
         snap = self._items.get(key)
         if snap is not None:
             self._items.move_to_end(key)
         return snap
 
-    def put(self, key: str, snap: HostSnapshot) -> list[tuple[str, HostSnapshot]]:
+    def put(self, key: K, snap: V) -> list[tuple[K, V]]:
         """Insert as most recently used; return the evicted (key, snapshot) pairs, oldest first.
 
         A snapshot larger than the whole budget is not kept: it comes straight back as evicted.
@@ -54,7 +63,7 @@ class RamTier:
             evicted.append((old_key, old))
         return evicted
 
-    def pop(self, key: str) -> HostSnapshot | None:
+    def pop(self, key: K) -> V | None:
         snap = self._items.pop(key, None)
         if snap is not None:
             self.nbytes -= snap.nbytes

@@ -65,7 +65,7 @@ class SnapshotStore:
         elif overrides:
             raise InvalidParameter("pass either config or keyword overrides, not both")
         self.config = config
-        self.ram = RamTier(config.ram_bytes)
+        self.ram: RamTier[str, HostSnapshot] = RamTier(config.ram_bytes)
         self.disk = None if folder is None else DiskTier(
             os.path.expanduser(folder), config.disk_bytes, config.stale_tmp_s
         )
