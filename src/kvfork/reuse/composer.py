@@ -158,7 +158,7 @@ class Composer:
             yield from self._add(seq, part, agent, config, report)
         yield from self._compute(seq, report)
         if seq.seq_id is None:
-            self._allocate(seq)
+            self.engine.scheduler.allocate_now(seq, "for a composed prompt")
         report.prompt_tokens = len(seq.tokens)
 
     def _placeable(self, part: Part, config: ReuseConfig) -> bool:
@@ -213,34 +213,23 @@ class Composer:
         n0 = len(seq.tokens)
         seq.tokens.extend(part.tokens[start:])
         try:
-            if seq.seq_id is None:
-                self._allocate(seq)  # NOTE: a fork not admitted yet (nothing was computed since the head)
+            if seq.seq_id is None:  # NOTE: a fork not admitted yet (nothing was computed since the head)
+                self.engine.scheduler.allocate_now(seq, "for a composed prompt")
             if not table.can_allocate(seq) or table.n_free_ids < 1:
                 raise ContextOverflow(f"no room for {part.n_tokens - start:,} more KV cells (or no free sequence"
                                       f" id) in a context of {ctx.n_ctx:,}; close branches or raise n_ctx")
+            scratch = table.borrow_id()
+            try:
+                ctx.state_seq_set(scratch, encode(cells))
+                ctx.seq_cp(scratch, seq.seq_id, -1, -1)  # type: ignore[arg-type]
+            finally:
+                table.return_id(scratch)
         except BaseException:
             del seq.tokens[n0:]
             raise
-        scratch = table.borrow_id()
-        try:
-            ctx.state_seq_set(scratch, encode(cells))
-            ctx.seq_cp(scratch, seq.seq_id, -1, -1)  # type: ignore[arg-type]
-        except BaseException:
-            del seq.tokens[n0:]
-            raise
-        finally:
-            table.return_id(scratch)
         seq.n_in_kv = len(seq.tokens)
 
     # -- sequences ------------------------------------------------------------------------------
-    def _allocate(self, seq: Sequence) -> None:
-        table = self.engine.scheduler.table
-        table.check_fits(seq)
-        if not table.can_allocate(seq):
-            raise ContextOverflow("no free sequence id or KV cells for a composed prompt; close snapshots or"
-                                  " branches, or raise n_seq_max / n_ctx")
-        table.allocate(seq)
-
     def _run(self, seq: Sequence) -> None:
         """Prefill seq's pending tokens (no generation)."""
         if not seq.n_pending:

@@ -65,13 +65,7 @@ class Scheduler:
         `keep` tokens. Raises ContextOverflow when no sequence id or cells are free for it.
         """
         seq = Sequence(tokens=list(tokens))
-        self.table.check_fits(seq)
-        if not self.table.can_allocate(seq):
-            raise ContextOverflow(
-                f"no free sequence id or KV cells to restore {len(tokens):,} tokens;"
-                " close snapshots or branches, or raise n_ctx / n_seq_max"
-            )
-        self.table.allocate(seq)
+        self.allocate_now(seq, f"to restore {len(tokens):,} tokens")
         try:
             self.ctx.state_seq_set(seq.seq_id, state)  # type: ignore[arg-type]
             if keep is not None and keep < len(tokens):
@@ -82,6 +76,17 @@ class Scheduler:
             raise
         seq.n_in_kv = len(seq.tokens)
         return seq
+
+    def allocate_now(self, seq: Sequence, purpose: str) -> None:
+        """Give `seq` its id and cells at once, outside the queue (cells are about to be written for it).
+
+        Raises ContextOverflow, naming `purpose`, when no sequence id or cells are free for it.
+        """
+        self.table.check_fits(seq)
+        if not self.table.can_allocate(seq):
+            raise ContextOverflow(f"no free sequence id or KV cells {purpose}; close snapshots or branches,"
+                                  " or raise n_ctx / n_seq_max")
+        self.table.allocate(seq)
 
     def submit(self, seq: Sequence, params: SamplingParams) -> None:
         """Queue `seq` to prefill its pending tokens, then generate up to params.max_tokens."""

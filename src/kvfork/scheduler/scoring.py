@@ -6,7 +6,7 @@ import numpy as np
 
 from kvfork.engine.batch import Batch
 from kvfork.engine.llama import LlamaContext
-from kvfork.errors import ContextOverflow, InvalidParameter
+from kvfork.errors import InvalidParameter
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.sequence import Sequence
 
@@ -27,12 +27,8 @@ def next_token_logits(scheduler: Scheduler, ctx: LlamaContext, parent: Sequence,
     seq = scheduler.fork(parent, n - 1) if n > 1 else Sequence(tokens=[])
     seq.tokens = list(parent.tokens[: n]) + tokens[:-1]
     seq.n_in_kv = n - 1
-    table = scheduler.table
     try:
-        table.check_fits(seq)
-        if not table.can_allocate(seq):
-            raise ContextOverflow("no free sequence id or KV cells to score tokens; close branches or raise n_ctx")
-        table.allocate(seq)
+        scheduler.allocate_now(seq, "to score tokens")
         rows: list[np.ndarray] = []
         while seq.n_pending:
             batch = Batch()
