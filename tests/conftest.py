@@ -35,6 +35,19 @@ def gemma_ref(gemma_path):
         yield engine
 
 
+@pytest.fixture(scope="session")
+def adapter_files(gemma_path, tmp_path_factory):
+    """Two real LoRA GGUFs for gemma3-270m (random weights, large enough to change greedy outputs)."""
+    from kvfork.train.gguf_lora import random_lora_gguf
+
+    folder = tmp_path_factory.mktemp("adapters")
+    return {
+        name: random_lora_gguf(gemma_path, folder / f"{name}.gguf", rank=8, std=0.05, seed=seed,
+                               targets=("attn_q", "attn_v", "ffn_up"))
+        for name, seed in (("planner", 1), ("coder", 2))
+    }
+
+
 def long_text(n_sentences: int) -> str:
     """A deterministic document with varied content, so greedy decoding has something to say."""
     subjects = ["The pump", "Station four", "The night crew", "Valve 12", "The backup line", "The operator"]

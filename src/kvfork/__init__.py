@@ -2,6 +2,7 @@
 
 from kvfork.branch import Branch
 from kvfork.config import EngineConfig, StoreConfig
+from kvfork.engine.adapters import Adapter
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import (
     ContextOverflow,
@@ -34,6 +35,7 @@ __all__ = [
     "SnapshotStore",
     "StoreConfig",
     "Branch",
+    "Adapter",
     "SamplingParams",
     "Completion",
     "CATALOG",

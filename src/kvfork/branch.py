@@ -9,9 +9,12 @@ from kvfork.result import Completion
 from kvfork.scheduler.sequence import Sequence
 
 if TYPE_CHECKING:
+    from kvfork.engine.adapters import Adapter
     from kvfork.runtime import Engine
 
 __all__ = ["Branch"]
+
+_KEEP = object()  # Branch.fork's default: the child keeps its parent's adapter
 
 
 class Branch:
@@ -53,9 +56,16 @@ class Branch:
         """
         return self._engine.generate_branches([self], [self._engine.sampling(**sampling)])[0]
 
-    def fork(self) -> Branch:
-        """Another branch sharing everything this one holds so far."""
-        return self._engine._fork(self._seq, self._layout, self._replies)
+    @property
+    def adapter(self) -> str | None:
+        """The name of the LoRA decoder that decodes this branch (None: the base model)."""
+        return self._seq.adapter.name if self._seq.adapter is not None else None
+
+    def fork(self, *, adapter: str | Adapter | None | object = _KEEP) -> Branch:
+        """Another branch sharing everything this one holds so far; it keeps this branch's adapter
+        unless `adapter` names another one (None there: the base model)."""
+        chosen = self._seq.adapter if adapter is _KEEP else adapter
+        return self._engine._fork(self._seq, self._layout, self._replies, chosen)
 
     def close(self) -> None:
         self._engine._release(self._seq)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from kvfork.branch import Branch
 from kvfork.config import EngineConfig
+from kvfork.engine.adapters import Adapter, Adapters
 from kvfork.engine.llama import LlamaContext, LlamaModel
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, InvalidParameter
@@ -66,6 +67,7 @@ class Engine:
             self.model.close()
             raise
         self.scheduler = Scheduler(self.ctx, self.model, config)
+        self.adapters = Adapters(self.model)  # LoRA decoders by name (issue 8: PrefillShare)
         self.store = store  # consulted by every prefill: restore the longest stored prefix, store the result
         self._lock = threading.RLock()
         self._live = LiveSnapshots(self.model.n_swa)
@@ -94,6 +96,18 @@ class Engine:
                 layout.first_turn(instruction), special=True
             )
         return self.tokenize(document, add_bos=True) + self.tokenize(instruction)
+
+    def load_adapter(
+        self, name: str, path: str | os.PathLike[str], *, scale: float = 1.0, prefill: str | None = None
+    ) -> Adapter:
+        """Load a LoRA decoder (GGUF) under `name`; branches pick it with `adapter=name`.
+
+        prefill None takes the file's own setting (`kvfork train-decoder` writes "base" for a
+        cache-conditioned decoder, which reads the base model's prefill); other adapters compute their
+        own prompts ("adapter"). See `Adapter` for the exact rule.
+        """
+        with self._lock:
+            return self.adapters.load(name, path, scale=scale, prefill=prefill)
 
     def sampling(self, **fields: Any) -> SamplingParams:
         """SamplingParams from keywords; unknown names or bad values raise InvalidParameter."""
@@ -145,9 +159,18 @@ class Engine:
         return snapshot
 
     def generate(
-        self, prompt: str | Seq[int], *, system: str | None = None, chat: bool = True, **sampling: Any
+        self,
+        prompt: str | Seq[int],
+        *,
+        system: str | None = None,
+        chat: bool = True,
+        adapter: str | Adapter | None = None,
+        **sampling: Any,
     ) -> Completion:
-        """One agent from scratch, in this context: prefill the whole prompt, then decode."""
+        """One agent from scratch, in this context: prefill the whole prompt, then decode.
+
+        With an adapter, the prompt is computed as that decoder's branches compute theirs (see Adapter).
+        """
         if isinstance(prompt, str):
             if chat:
                 tokens = self.prompt_tokens("", prompt, system=system, chat=True)
@@ -158,7 +181,7 @@ class Engine:
         if not tokens:
             raise InvalidParameter("empty prompt")
         params = self.sampling(**sampling)
-        seq = Sequence(tokens=tokens)
+        seq = Sequence(tokens=tokens, adapter=self.adapters.get(adapter))
         try:
             with self._lock:
                 self.scheduler.submit(seq, params)
@@ -243,6 +266,7 @@ class Engine:
         with self._lock:
             if self._composer is not None:
                 self._composer.close()
+            self.adapters.close()
             self.ctx.close()
             self.model.close()
 
@@ -253,9 +277,22 @@ class Engine:
         self.close()
 
     # -- internals shared by Snapshot and Branch -------------------------------------------------
-    def _fork(self, parent: Sequence, layout: ChatLayout | None, replies: int) -> Branch:
+    def _fork(
+        self, parent: Sequence, layout: ChatLayout | None, replies: int, adapter: str | Adapter | None
+    ) -> Branch:
         with self._lock:
-            return Branch(self, self.scheduler.fork(parent), layout, replies)
+            chosen = self.adapters.get(adapter)
+            for own in (chosen, parent.adapter):
+                if own is not None and own.prefill == "adapter" and chosen is not parent.adapter:
+                    raise InvalidParameter(
+                        f"adapter {own.name!r} computes its own prompts (prefill='adapter'), so its cells and"
+                        " another decoder's (or the base model's) cannot be mixed: generate from scratch with"
+                        f" adapter={own.name!r}, or load it with prefill='base' to read base KV it was not"
+                        " trained on (naive reuse)"
+                    )
+            seq = self.scheduler.fork(parent)
+            seq.adapter = chosen
+            return Branch(self, seq, layout, replies)
 
     def _release(self, seq: Sequence) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -18,7 +19,7 @@ from kvfork.engine.batch import Batch
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
 
-__all__ = ["LlamaModel", "LlamaContext", "Sampler", "set_verbose"]
+__all__ = ["LlamaModel", "LlamaContext", "LoraAdapter", "Sampler", "set_verbose"]
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _KV_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
@@ -124,6 +125,12 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    @property
+    def eot(self) -> int:
+        """The token that ends an assistant turn (end-of-turn where the vocabulary has one, else EOS)."""
+        token = int(llama_cpp.llama_vocab_eot(self.vocab))
+        return token if token >= 0 else int(llama_cpp.llama_vocab_eos(self.vocab))
+
     def apply_chat_template(self, messages: list[tuple[str, str]], *, add_generation_prompt: bool) -> str:
         """Render (role, content) messages with the model's own chat template (llama.cpp's renderer)."""
         if self.chat_template is None:
@@ -152,6 +159,37 @@ class LlamaModel:
     def close(self) -> None:
         if self.ptr:
             llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class LoraAdapter:
+    """A LoRA adapter GGUF loaded against one model; a context applies the adapters it is given per decode."""
+
+    def __init__(self, model: LlamaModel, path: Path) -> None:
+        ptr = llama_cpp.llama_adapter_lora_init(model.ptr, str(path).encode())
+        if not ptr:
+            raise InvalidModelFile(
+                f"llama.cpp could not load {path} as a LoRA adapter of {model.path.name} (not a LoRA GGUF, or made"
+                " for another base model; --verbose shows why)"
+            )
+        self.ptr = ptr
+        self.path = path
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value of the adapter as text, None when it has no such key."""
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_adapter_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_adapter_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        # NOTE: llama_adapter_lora_free also unregisters it from the model, which would free it otherwise.
+        if self.ptr:
+            llama_cpp.llama_adapter_lora_free(self.ptr)
             self.ptr = None
 
 
@@ -220,6 +258,22 @@ class LlamaContext:
         self.n_batch = config.n_batch
         self.mem = llama_cpp.llama_get_memory(ptr)
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self._adapters: tuple[tuple[int, float], ...] = ()  # the active set, as (adapter pointer, scale)
+
+    def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
+        """Make `adapters` (with their scales) the set every following decode applies; () for the bare model.
+
+        NOTE: an unchanged set is skipped here; a changed one makes the next decode re-reserve its
+        compute buffers (a few ms). The KV cache is untouched: cells keep what their decode computed.
+        """
+        key = tuple((ctypes.cast(a.ptr, ctypes.c_void_p).value or 0, float(s)) for a, s in adapters)
+        if key == self._adapters:
+            return
+        n = len(adapters)
+        ptrs = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(a.ptr for a, _ in adapters))
+        scales = (ctypes.c_float * n)(*(s for _, s in adapters))
+        llama_cpp.llama_set_adapters_lora(self.ptr, ptrs if n else None, n, scales if n else None)
+        self._adapters = key
 
     def decode(self, batch: Batch) -> None:
         """Run one llama_decode over every token of `batch` (at most n_batch tokens)."""

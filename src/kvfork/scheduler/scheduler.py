@@ -7,6 +7,7 @@ import time
 from collections import deque
 
 from kvfork.config import EngineConfig
+from kvfork.engine.adapters import Adapter
 from kvfork.engine.batch import Batch
 from kvfork.engine.llama import LlamaContext, LlamaModel, Sampler
 from kvfork.engine.logprobs import token_logprob
@@ -36,6 +37,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._samplers: dict[Sequence, Sampler] = {}
+        self._active: Adapter | None = None  # the adapter set of the last decode
 
     # -- building sequences ----------------------------------------------------------------
     def fork(self, parent: Sequence, n: int | None = None) -> Sequence:
@@ -136,18 +138,19 @@ class Scheduler:
                 f"nothing can run: the next branch needs a sequence id or KV cells that {held} open snapshots and"
                 " branches hold; close branches you are done with, or raise n_seq_max / n_ctx"
             )
-        batch = Batch()
-        plan: list[tuple[Sequence, int, int | None]] = []  # (seq, tokens taken, batch index to sample)
+        groups: dict[Adapter | None, tuple[Batch, list[tuple[Sequence, int, int | None]]]] = {}
         budget = self.n_batch
         decoding = [s for s in self.running if s.n_pending == 1 and s.generated]
         prefilling = [s for s in self.running if s not in decoding]
         for seq in decoding + prefilling:
-            take = min(seq.n_pending, budget)
-            if take == 0:
+            adapter, run_end = seq.next_run()
+            take = min(run_end - seq.n_in_kv, budget)
+            if take <= 0:
                 continue
             budget -= take
             completes = take == seq.n_pending
             sample_at = None
+            batch, plan = groups.setdefault(adapter, (Batch(), []))
             for i in range(seq.n_in_kv, seq.n_in_kv + take):
                 last = completes and i == len(seq.tokens) - 1 and seq.wants_tokens
                 index = batch.add(seq.tokens[i], i, seq.seq_id, last)  # type: ignore[arg-type]
@@ -155,11 +158,18 @@ class Scheduler:
                     sample_at = index
             plan.append((seq, take, sample_at))
         finished: list[Sequence] = [s for s in self.running if s.n_pending == 0]  # nothing left to do
-        if batch:
+        # NOTE: one llama_decode per adapter set (llama.cpp applies a set to the whole batch); the set
+        # that is active already goes first, so a step switches sets only where it must.
+        for adapter in sorted(groups, key=lambda a: a is not self._active):
+            batch, plan = groups[adapter]
+            self.ctx.set_adapters(() if adapter is None else ((adapter.lora, adapter.scale),))
+            self._active = adapter
             try:
                 self.ctx.decode(batch)
             except KvforkError as exc:
-                return finished + self._fail(plan, exc)
+                finished += self._fail(plan, exc)
+                continue
+            # NOTE: sample now: the logits of this decode are gone after the next one
             for seq, take, sample_at in plan:
                 if seq.generated == [] and seq.n_pending > 0:
                     seq.n_prompt_computed += take

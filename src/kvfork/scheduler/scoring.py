@@ -29,6 +29,7 @@ def next_token_logits(scheduler: Scheduler, ctx: LlamaContext, parent: Sequence,
     seq.n_in_kv = n - 1
     try:
         scheduler.allocate_now(seq, "to score tokens")
+        ctx.set_adapters(())  # NOTE: scored under the bare base model, whatever decoded last
         rows: list[np.ndarray] = []
         while seq.n_pending:
             batch = Batch()

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kvfork.engine.adapters import Adapter
 from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
 
@@ -45,6 +46,7 @@ class Sequence:
     n_children: int = 0  # forks sharing this sequence's cells: it stays pinned while > 0
     released: bool = False  # its owner let go; freed when n_children drops to 0
     one_shot: bool = False  # free as soon as the current turn ends (fan-out branches)
+    adapter: Adapter | None = None  # the LoRA decoder of this branch (None: the bare base model)
     # accounting of the current turn
     n_prompt_computed: int = 0
     t_submit: float = 0.0
@@ -67,6 +69,16 @@ class Sequence:
     def cells_needed(self) -> int:
         """Cells this sequence may still occupy: its own tokens plus what it may yet generate."""
         return self.n_own_tokens + max(0, self.params.max_tokens - len(self.generated))
+
+    def next_run(self) -> tuple[Adapter | None, int]:
+        """Who computes the next pending token (an adapter, or None: the bare base), and the index where
+        that run of pending tokens ends (one decode applies one adapter set)."""
+        if self.adapter is None:
+            return None, len(self.tokens)
+        switch = self.adapter.first_own(len(self.tokens) - len(self.generated), self.params.max_tokens > 0)
+        if self.n_in_kv < switch:
+            return None, min(switch, len(self.tokens))
+        return self.adapter, len(self.tokens)
 
     def start_turn(self, params: SamplingParams) -> None:
         self.params = params

@@ -12,6 +12,7 @@ from kvfork.result import Completion
 from kvfork.scheduler.sequence import Sequence
 
 if TYPE_CHECKING:
+    from kvfork.engine.adapters import Adapter
     from kvfork.reuse.report import ReuseReport
     from kvfork.runtime import Engine
 
@@ -44,21 +45,26 @@ class Snapshot:
     def chat(self) -> bool:
         return self.layout is not None
 
-    def fork(self) -> Branch:
-        """A new branch that shares this snapshot's cells; it continues at position n_tokens."""
-        return self._engine._fork(self._seq, self.layout, 0)
+    def fork(self, *, adapter: str | Adapter | None = None) -> Branch:
+        """A new branch that shares this snapshot's cells; it continues at position n_tokens.
+
+        adapter: the LoRA decoder (a name given to Engine.load_adapter) that decodes the branch.
+        """
+        return self._engine._fork(self._seq, self.layout, 0, adapter)
 
     def fan_out(
         self,
         instructions: Seq[str],
         *,
         params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | Adapter | None] | None = None,
         **sampling: Any,
     ) -> list[Completion]:
         """Fork one branch per instruction, prefill the instructions as one batch, decode all together.
 
-        `params` may give one SamplingParams per instruction; keywords apply to all. The branches
-        are closed afterwards; use `fork` for branches that go on for more turns.
+        `params` may give one SamplingParams per instruction; keywords apply to all. `adapters` gives
+        each instruction its LoRA decoder (None: the base model). The branches are closed afterwards;
+        use `fork` for branches that go on for more turns.
         """
         if isinstance(params, SamplingParams) or params is None:
             base = params or self._engine.sampling()
@@ -67,8 +73,14 @@ class Snapshot:
             if len(params) != len(instructions):
                 raise ValueError(f"{len(params)} SamplingParams for {len(instructions)} instructions")
             per = [p.with_overrides(**sampling) if sampling else p for p in params]
-        branches = [self.fork().send(text) for text in instructions]
+        if adapters is None:
+            adapters = [None] * len(instructions)
+        elif len(adapters) != len(instructions):
+            raise ValueError(f"{len(adapters)} adapters for {len(instructions)} instructions")
+        branches: list[Branch] = []
         try:
+            for text, adapter in zip(instructions, adapters, strict=True):
+                branches.append(self.fork(adapter=adapter).send(text))
             return self._engine.generate_branches(branches, per, close=True)
         finally:
             for branch in branches:

@@ -1,0 +1,171 @@
+"""The LoRA adapter file llama.cpp loads: GGUF written with numpy + gguf only (no torch).
+
+Keys and tensors are exactly what llama.cpp's `convert_lora_to_gguf.py` writes: `general.type = "adapter"`,
+`general.architecture` = the base's, `adapter.type = "lora"`, `adapter.lora.alpha` (f32), and per adapted
+base tensor `<gguf name>.lora_a` (numpy shape (r, in)) and `<gguf name>.lora_b` (numpy shape (out, r)),
+float32. llama.cpp checks lora_a's ne[0] == the base's in-features and lora_b's ne[1] == its out-features
+(`llama-adapter.cpp`), and applies `scale * alpha / r * B @ A`, peft's scaling.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from kvfork.engine.adapters import PREFILL_KEY  # "base": trained on base-model prompt KV; "adapter": plain LoRA
+from kvfork.errors import InvalidModelFile, InvalidParameter
+from kvfork.train.gguf_header import LeanGGUFReader
+
+__all__ = [
+    "SUPPORTED_ARCHS",
+    "PREFILL_KEY",
+    "gguf_tensor_name",
+    "write_lora_gguf",
+    "write_lora_gguf_tensors",
+    "random_lora_gguf",
+]
+
+# NOTE: both use NEOX RoPE, so their converters store q/k rows as transformers has them (no permutation);
+# llama-style architectures permute q/k rows in conversion and would need the same for lora_b: refused.
+SUPPORTED_ARCHS: tuple[str, ...] = ("qwen2", "gemma3")
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
+    if arch not in SUPPORTED_ARCHS:
+        raise InvalidParameter(
+            f"LoRA export supports the architectures {', '.join(SUPPORTED_ARCHS)}; got {arch!r}"
+            " (others permute q/k rows in conversion, which this writer does not reproduce)"
+        )
+    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+
+
+def gguf_tensor_name(arch: str, n_layers: int, module: str) -> str:
+    """The base GGUF's weight name for a transformers module name (`model.layers.3.self_attn.q_proj` ->
+    `blk.3.attn_q.weight`), by gguf's own TensorNameMap; peft's `base_model.model.` prefix is accepted."""
+    if module.startswith(_PEFT_PREFIX):
+        module = module[len(_PEFT_PREFIX) :]
+    name = gguf.get_tensor_name_map(_arch_enum(arch), n_layers).get_name(module + ".weight", try_suffixes=(".weight",))
+    if name is None:
+        raise InvalidParameter(f"no {arch} GGUF tensor corresponds to the module {module!r}")
+    return name
+
+
+def write_lora_gguf(
+    path: str | os.PathLike[str],
+    *,
+    arch: str,
+    n_layers: int,
+    alpha: float,
+    tensors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    meta: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a LoRA adapter keyed by transformers module name: {module: (lora_A (r, in), lora_B (out, r))}.
+
+    Atomic: a temp file in the same folder, then os.replace. Returns the path written.
+    """
+    named = {gguf_tensor_name(arch, n_layers, module): ab for module, ab in tensors.items()}
+    if len(named) != len(tensors):
+        raise InvalidParameter("two modules map to the same GGUF tensor")
+    return write_lora_gguf_tensors(path, arch=arch, alpha=alpha, tensors=named, meta=meta)
+
+
+def write_lora_gguf_tensors(
+    path: str | os.PathLike[str],
+    *,
+    arch: str,
+    alpha: float,
+    tensors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    meta: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a LoRA adapter keyed by the base GGUF's tensor names (`blk.3.attn_q.weight`)."""
+    _arch_enum(arch)
+    if not tensors:
+        raise InvalidParameter("a LoRA adapter needs at least one tensor pair")
+    if not alpha > 0:
+        raise InvalidParameter(f"alpha must be > 0, got {alpha}")
+    path = Path(path)
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for key, value in (meta or {}).items():
+        writer.add_string(key, str(value))
+    for name, (a, b) in tensors.items():
+        a, b = _checked(name, a, b)
+        writer.add_tensor(name + ".lora_a", a)
+        writer.add_tensor(name + ".lora_b", b)
+    # NOTE: the temp file sits beside the target so os.replace is an atomic rename; opened by the writer
+    # ("wb"), it gets the umask's usual mode, not mkstemp's 0600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _checked(name: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise InvalidParameter(
+            f"{name}: lora_a must be (r, in) and lora_b (out, r) with the same r; got {a.shape} and {b.shape}"
+        )
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise InvalidParameter(f"{name}: the LoRA weights hold NaN or inf")
+    return a, b
+
+
+def random_lora_gguf(
+    base_gguf_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Iterable[str] = ("attn_q", "attn_v"),
+    std: float = 0.02,
+    seed: int = 0,
+    meta: Mapping[str, str] | None = None,
+) -> Path:
+    """A random adapter for a base GGUF: every layer's `targets` (GGUF names, e.g. "attn_q", "ffn_up")
+    get lora_a and lora_b drawn from N(0, std^2) (both nonzero, so it changes the output).
+
+    For tests that need a real adapter file without torch: shapes come from the base file's header.
+    """
+    if rank < 1:
+        raise InvalidParameter(f"rank must be >= 1, got {rank}")
+    reader = _reader(base_gguf_path)
+    arch = str(reader.field_value("general.architecture"))
+    wanted = tuple(targets)
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in wanted:
+            n_in, n_out = int(t.shape[0]), int(t.shape[1])  # NOTE: GGUF shapes are in ggml order (ne[0] first)
+            a = rng.normal(0.0, std, (rank, n_in)).astype(np.float32)
+            b = rng.normal(0.0, std, (n_out, rank)).astype(np.float32)
+            tensors[t.name] = (a, b)
+    if not tensors:
+        raise InvalidParameter(f"the base model has no layer tensors named {', '.join(wanted)}")
+    return write_lora_gguf_tensors(out_path, arch=arch, alpha=alpha, tensors=tensors, meta=meta)
+
+
+def _reader(path: str | os.PathLike[str]) -> LeanGGUFReader:
+    try:
+        return LeanGGUFReader(path)
+    except (OSError, ValueError) as exc:
+        raise InvalidModelFile(f"cannot read {path} as GGUF: {exc}") from exc

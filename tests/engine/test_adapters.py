@@ -1,0 +1,83 @@
+"""LoRA decoders (issue 8): branches with different adapters over one base prefill, exact against from scratch."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvfork import Engine
+from kvfork.errors import InvalidModelFile, InvalidParameter, ModelNotFound
+from kvfork.train.gguf_lora import random_lora_gguf
+from tests.conftest import GEMMA, long_text
+
+INSTRUCTIONS = ["Summarize the log in one sentence.", "Which station restarted?", "List two faults."]
+
+
+def load_all(engine: Engine, files, prefill: str) -> None:
+    for name, path in files.items():
+        if name not in engine.adapters.names():
+            engine.load_adapter(name, path, prefill=prefill)
+
+
+def test_branches_with_different_adapters_match_from_scratch(gemma, gemma_ref, adapter_files):
+    load_all(gemma, adapter_files, "base")
+    load_all(gemma_ref, adapter_files, "base")
+    document = long_text(30)
+    adapters = ["planner", "coder", None]
+    with gemma.prefill(document) as snapshot:
+        shared = snapshot.fan_out(INSTRUCTIONS, adapters=adapters, max_tokens=20, logprobs=0)
+        plain = snapshot.fan_out(INSTRUCTIONS, max_tokens=20)
+    for instruction, adapter, got, base in zip(INSTRUCTIONS, adapters, shared, plain, strict=True):
+        ref = gemma_ref.generate(gemma_ref.prompt_tokens(document, instruction), adapter=adapter, max_tokens=20,
+                                 logprobs=0)
+        assert got.tokens == ref.tokens, (adapter, got.text, ref.text)
+        assert got.logprobs[0].logprob == pytest.approx(ref.logprobs[0].logprob, abs=1e-3)
+        assert got.reused_tokens > 0  # the document came from the shared prefill
+        if adapter is not None:
+            assert got.tokens != base.tokens  # the adapter was applied
+
+
+def test_base_prefill_reads_base_kv_and_own_prefill_does_not(gemma_path, adapter_files):
+    """The same adapter file loaded both ways: the prompt's cells are computed by the base model
+    (prefill="base") or by the adapter (prefill="adapter"), which changes the first token's logprob."""
+    with Engine(gemma_path, n_ctx=2048, n_seq_max=4, **GEMMA) as engine:
+        engine.load_adapter("shared", adapter_files["planner"], prefill="base")
+        engine.load_adapter("own", adapter_files["planner"], prefill="adapter")
+        prompt = engine.prompt_tokens(long_text(12), INSTRUCTIONS[0])
+        shared = engine.generate(prompt, adapter="shared", max_tokens=1, logprobs=0)
+        own = engine.generate(prompt, adapter="own", max_tokens=1, logprobs=0)
+        base = engine.generate(prompt, max_tokens=1, logprobs=0)
+        again = engine.generate(prompt, adapter="own", max_tokens=1, logprobs=0)
+    assert own.logprobs[0].logprob == pytest.approx(again.logprobs[0].logprob, abs=1e-5)
+    values = [shared.logprobs[0].logprob, own.logprobs[0].logprob, base.logprobs[0].logprob]
+    assert len({round(v, 4) for v in values}) == 3, values
+
+
+def test_own_prefill_adapter_cannot_fork_base_kv(gemma, adapter_files):
+    if "own-planner" not in gemma.adapters.names():
+        gemma.load_adapter("own-planner", adapter_files["planner"])  # a file without kvfork's key: "adapter"
+    assert gemma.adapters.get("own-planner").prefill == "adapter"
+    with gemma.prefill(long_text(6)) as snapshot:
+        with pytest.raises(InvalidParameter, match="computes its own prompts"):
+            snapshot.fork(adapter="own-planner")
+        with snapshot.fork() as branch:  # the engine is still usable
+            assert branch.send("Name one station.").generate(max_tokens=4).tokens
+
+
+def test_adapter_errors_are_clear_and_lose_nothing(gemma, gemma_path, qwen_path, adapter_files, tmp_path):
+    with pytest.raises(ModelNotFound, match="unknown adapter 'nope'"):
+        gemma.generate("Hello", adapter="nope", max_tokens=2)
+    with pytest.raises(ModelNotFound, match="no adapter file"):
+        gemma.load_adapter("missing", tmp_path / "missing.gguf")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(InvalidModelFile, match="LoRA adapter"):
+        gemma.load_adapter("broken", broken)
+    foreign = random_lora_gguf(qwen_path, tmp_path / "qwen.gguf", rank=4)
+    with pytest.raises(InvalidModelFile, match="another base model"):
+        gemma.load_adapter("foreign", foreign)
+    for bad in ({"name": "a+b"}, {"name": " x"}, {"name": "ok", "scale": 0}, {"name": "ok", "prefill": "x"}):
+        name = bad.pop("name")
+        with pytest.raises(InvalidParameter):
+            gemma.load_adapter(name, adapter_files["coder"], **bad)
+    assert "broken" not in gemma.adapters.names() and "foreign" not in gemma.adapters.names()
+    assert gemma.generate("Hello", max_tokens=2).finish_reason in ("length", "stop")
