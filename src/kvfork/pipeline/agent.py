@@ -31,6 +31,8 @@ class Agent:
         peers: multi-turn agents that run in lockstep with this one; from the second turn on, this
             agent reads their previous replies. Peers must have the same number of turns.
         followup: the instruction of turns 2..n.
+        adapter: the LoRA decoder (a name loaded with Engine.load_adapter, or in the file's [adapters])
+            that decodes this agent's branch over the shared prefill; None: the base model.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Agent:
     turns: int = 1
     peers: tuple[str, ...] = ()
     followup: str = DEFAULT_FOLLOWUP
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         # NOTE: lists are accepted for convenience (TOML arrays) and frozen into tuples here.
@@ -55,6 +58,8 @@ class Agent:
             raise PipelineError(f"agent {self.name!r} needs a non-empty instruction")
         if not isinstance(self.turns, int) or self.turns < 1:
             raise PipelineError(f"agent {self.name!r}: turns must be an integer >= 1, got {self.turns!r}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
+            raise PipelineError(f"agent {self.name!r}: adapter must be a non-empty name or None")
         if not isinstance(self.sampling, (Mapping, SamplingParams)):
             raise PipelineError(f"agent {self.name!r}: sampling must be a mapping or SamplingParams")
 

@@ -88,4 +88,11 @@ def _engine(spec: PipelineFile, args: argparse.Namespace) -> Any:
         overrides["chat_template"] = chat_template
     if getattr(args, "threads", None):
         overrides["n_threads"] = args.threads
-    return Engine(args.model or spec.model or DEFAULT_MODEL, **overrides)
+    engine = Engine(args.model or spec.model or DEFAULT_MODEL, **overrides)
+    try:
+        for name, path in spec.adapters.items():
+            engine.load_adapter(name, path)
+    except BaseException:
+        engine.close()
+        raise
+    return engine

@@ -15,10 +15,14 @@ report = { resource = "data/sample_report.txt" }
 [sampling]                      # defaults for every agent
 max_tokens = 64
 
+[adapters]                      # optional LoRA decoders: name = GGUF path (relative to this file)
+security = "decoders/security.gguf"
+
 [[agents]]
 name = "security"
 instruction = "List the security findings."
 inputs = ["report"]
+adapter = "security"            # optional: decoded by this LoRA over the shared prefill
 ```
 """
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,9 +43,9 @@ from kvfork.reuse.config import REUSE_MODES
 
 __all__ = ["PipelineFile", "load_pipeline"]
 
-_TOP = {"pipeline", "documents", "sampling", "agents"}
+_TOP = {"pipeline", "documents", "sampling", "agents", "adapters"}
 _SETTINGS = {"name", "system", "layout", "chat", "model", "n_ctx", "chat_template", "reuse"}
-_AGENT = {"name", "instruction", "role", "inputs", "sampling", "turns", "peers", "followup"}
+_AGENT = {"name", "instruction", "role", "inputs", "sampling", "turns", "peers", "followup", "adapter"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class PipelineFile:
     n_ctx: int | None = None
     chat_template: str | None = None  # for models without one in their GGUF (e.g. "gemma")
     reuse: str = "exact"  # reuse mode of the run (kvfork.reuse; anything but "exact" is approximate)
+    adapters: Mapping[str, Path] = field(default_factory=dict)  # LoRA decoders to load: name -> GGUF
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineFile:
@@ -120,8 +125,16 @@ def _build(path: Path, raw: Mapping[str, Any]) -> PipelineFile:
     reuse = settings.get("reuse", "exact")
     if reuse not in REUSE_MODES:
         raise PipelineError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {reuse!r}")
+    adapters = {}
+    for name, file in _table(raw, "adapters").items():
+        if not isinstance(file, str):
+            raise PipelineError(f"[adapters] {name}: give the adapter's GGUF path as a string")
+        adapters[name] = (path.parent / file).resolve()
+    for agent in agents:
+        if agent.adapter is not None and agent.adapter not in adapters:
+            raise PipelineError(f"agent {agent.name!r}: adapter {agent.adapter!r} is not in [adapters]")
     return PipelineFile(path, pipeline, settings.get("model"), settings.get("n_ctx"), settings.get("chat_template"),
-                        reuse)
+                        reuse, adapters)
 
 
 def _document(path: Path, name: str, spec: Any) -> str:

@@ -220,7 +220,11 @@ class Runner:
             self._snapshots[slot] = snapshot
             placed = snapshot.reuse.reused_tokens if snapshot.reuse is not None else 0
             self._uses[slot] = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s, placed=placed)
-        run.branch = snapshot.fork()
+        try:
+            run.branch = snapshot.fork(adapter=run.agent.adapter)
+        except KvforkError as exc:  # NOTE: an unknown adapter, or one that cannot read this snapshot
+            self._fail(run, exc)
+            return False
         if snapshot.reuse is not None and self.reuse is not None:
             self.reuse.reports[run.agent.name] = snapshot.reuse
         run.use = self._uses[slot]
@@ -239,7 +243,12 @@ class Runner:
         except KvforkError as exc:
             self._fail(run, exc)
             return False
-        run.branch = snapshot.fork()
+        try:
+            run.branch = snapshot.fork(adapter=run.agent.adapter)
+        except KvforkError as exc:
+            snapshot.close()
+            self._fail(run, exc)
+            return False
         run.turn_sent = True
         self.reuse.reports[run.agent.name] = snapshot.reuse  # type: ignore[union-attr,assignment]
         run.use = SnapshotUse(snapshot.n_tokens, snapshot.prefill_s, placed=snapshot.reuse.reused_tokens)  # type: ignore[union-attr]
