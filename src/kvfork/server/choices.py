@@ -53,6 +53,7 @@ class Choices:
             return
         for i, params in enumerate(job.params):
             child = self.sched.fork(node, n)
+            child.adapter = job.adapter
             try:
                 self.sched.submit(child, params)
             except BaseException:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from kvfork.config import ServerConfig
-from kvfork.errors import KvforkError
+from kvfork.errors import InvalidParameter, KvforkError
 from kvfork.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from kvfork.runtime import Engine
 
 __all__ = ["add_server_commands"]
 
@@ -41,7 +45,27 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="chat requests' default reuse of long messages seen before at another offset")
     p.add_argument("--reuse-min-tokens", type=int, default=64, help="shortest message kept as a segment")
     p.add_argument("--reuse-cache-mb", type=int, default=256, help="host memory for message segments")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA decoder served as model '<id>+NAME' over the shared base prefill (repeatable)")
+    p.add_argument("--naive-adapters", action="store_true",
+                   help="serve adapters not trained on base KV over it anyway (approximate; see docs/prefillshare.md)")
     p.set_defaults(func=_serve)
+
+
+def load_adapters(engine: Engine, specs: list[str], *, naive: bool) -> None:
+    """Load `NAME=PATH` adapters. The server forks every prompt from base-model prefixes, so each adapter
+    must read base KV: cache-conditioned decoders do; others only with `naive` (approximate)."""
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InvalidParameter(f"--adapter takes NAME=PATH; got {spec!r}")
+        adapter = engine.load_adapter(name, path, prefill="base" if naive else None)
+        if adapter.prefill != "base":
+            raise InvalidParameter(
+                f"adapter {name!r} was not trained on base-model KV (kvfork.decoder.prefill is not 'base'), and"
+                " the server shares base prefills: train it with `kvfork train-decoder --mode cache`, or pass"
+                " --naive-adapters to serve it over base KV anyway (approximate)"
+            )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -68,6 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise KvforkError("--store-ram-mb/--store-disk-mb need --store DIR")
     store = SnapshotStore(args.store, **budgets) if args.store else None
     engine = Engine(args.model, store=store, **overrides)
+    try:
+        load_adapters(engine, args.adapter, naive=args.naive_adapters)
+    except BaseException:
+        engine.close()
+        raise
     app = create_app(engine, config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"warning: serving on {config.host} without --api-key: anyone who can reach it can use it")

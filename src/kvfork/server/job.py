@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kvfork.engine.adapters import Adapter
 from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.reuse.config import ReuseConfig
@@ -86,6 +87,7 @@ class Job:
     pieces: list[tuple[list[int], bool]] | None = None
     reuse: ReuseConfig | None = None
     placed: int = 0  # prompt tokens placed from segments instead of computed
+    adapter: Adapter | None = None  # the LoRA decoder of every choice (the prompt is the base model's)
 
     @property
     def n(self) -> int:

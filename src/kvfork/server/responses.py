@@ -93,6 +93,6 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def models_body(model_id: str, created: int) -> dict[str, Any]:
+def models_body(model_ids: list[str], created: int) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                        "owned_by": "kvfork"}]}
+                                        "owned_by": "kvfork"} for model_id in model_ids]}

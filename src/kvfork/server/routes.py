@@ -56,13 +56,13 @@ def snapshot_source(st: ServerState, snapshot_id: str | None) -> dict | None:
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     st = state_of(request)
-    return JSONResponse(models_body(st.model_id, st.created))
+    return JSONResponse(models_body(st.model_ids(), st.created))
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     st = state_of(request)
-    st.check_model(body.model)
+    adapter = st.check_model(body.model)
     source = snapshot_source(st, body.snapshot_id)
 
     def tokens() -> list[int]:
@@ -77,13 +77,13 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         # NOTE: a snapshot's tokens + the new tokens: the snapshot is an exact token prefix by construction.
         return [*source["tokens"], *own] if source is not None else own
 
-    return await serve(request, st, body, await run_in_threadpool(tokens), "text")
+    return await serve(request, st, body, await run_in_threadpool(tokens), "text", adapter=adapter)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
     st = state_of(request)
-    st.check_model(body.model)
+    adapter = st.check_model(body.model)
     source = snapshot_source(st, body.snapshot_id)
     messages = as_pairs(body.messages)
     if source is not None:
@@ -95,9 +95,10 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
     if mode != "exact" and source is None:
         pieces = await run_in_threadpool(chat_pieces, st, messages)
         tokens = [t for piece, _ in pieces for t in piece]
-        return await serve(request, st, body, tokens, "chat", reuse=(pieces, ReuseConfig(mode=mode)))
+        return await serve(request, st, body, tokens, "chat", reuse=(pieces, ReuseConfig(mode=mode)),
+                           adapter=adapter)
     tokens = await run_in_threadpool(chat_tokens, st, messages)
-    return await serve(request, st, body, tokens, "chat")
+    return await serve(request, st, body, tokens, "chat", adapter=adapter)
 
 
 @router.get("/health")

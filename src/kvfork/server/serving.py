@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kvfork.engine.adapters import Adapter
 from kvfork.reuse.config import ReuseConfig
 from kvfork.server.errors import APIError
 from kvfork.server.job import Event, Job, Sink
@@ -43,10 +44,12 @@ def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: lis
 
 
 async def serve(request: Request, st: ServerState, body: CompletionRequest | ChatRequest, tokens: list[int],
-                kind: Kind, reuse: tuple[list[tuple[list[int], bool]], ReuseConfig] | None = None
-                ) -> JSONResponse | StreamingResponse:
-    """Submit the request's job and answer as a stream of chunks or one body (`reuse`: pieces and mode)."""
+                kind: Kind, reuse: tuple[list[tuple[list[int], bool]], ReuseConfig] | None = None,
+                adapter: Adapter | None = None) -> JSONResponse | StreamingResponse:
+    """Submit the request's job and answer as a stream of chunks or one body (`reuse`: pieces and mode;
+    `adapter`: the LoRA decoder of its choices)."""
     job = make_job(st, body, tokens, kind)
+    job.adapter = adapter
     if reuse is not None:
         job.pieces, job.reuse = reuse
     if body.stream and job.params[0].logprobs is not None:

@@ -33,7 +33,9 @@ async def create(body: SnapshotRequest, request: Request) -> JSONResponse:
     or /v1/chat/completions (the messages follow the snapshot's messages).
     """
     st = state_of(request)
-    st.check_model(body.model)
+    if st.check_model(body.model) is not None:
+        raise APIError(400, f"a snapshot is the base model's prefill; make it with model '{st.model_id}' and name"
+                            " the adapter when you continue it", param="model", code="invalid_value")
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt", code="invalid_value")
     if body.messages is not None:

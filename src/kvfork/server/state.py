@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from kvfork.config import ServerConfig
+from kvfork.engine.adapters import Adapter
 from kvfork.server.errors import APIError
 from kvfork.server.loop import EngineLoop
 from kvfork.server.metrics import ServerMetrics
@@ -30,11 +31,23 @@ class ServerState:
     model_id: str
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def check_model(self, name: str) -> None:
-        """404 unless `name` is this server's model (its id or its file name)."""
-        if name not in (self.model_id, self.engine.model_path.name, str(self.engine.model_path)):
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_id}'",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str) -> Adapter | None:
+        """The LoRA decoder `name` asks for: None for this server's model (its id or its file name), an
+        adapter for "<model>+<adapter name>"; 404 for anything else."""
+        base, plus, wanted = name.partition("+")
+        adapters = self.engine.adapters
+        if base in (self.model_id, self.engine.model_path.name, str(self.engine.model_path)):
+            if not plus:
+                return None
+            if wanted in adapters.names():
+                return adapters.get(wanted)
+        served = ", ".join(self.model_ids())
+        raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
+
+    def model_ids(self) -> list[str]:
+        """What /v1/models lists: the base model and base+adapter for every loaded decoder."""
+        return [self.model_id, *(f"{self.model_id}+{name}" for name in self.engine.adapters.names())]
 
 
 def state_of(request: Request) -> ServerState:
