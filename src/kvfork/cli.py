@@ -54,7 +54,8 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     from kvfork.snapshot.cli import add_snapshot_commands
 
     add_snapshot_commands(sub)
-    wings = (("kvfork.pipeline.cli", "add_pipeline_commands"), ("kvfork.server.cli", "add_server_commands"))
+    wings = (("kvfork.pipeline.cli", "add_pipeline_commands"), ("kvfork.server.cli", "add_server_commands"),
+             ("kvfork.train.cli", "add_train_commands"))
     for module, name in wings:
         try:
             register = getattr(importlib.import_module(module), name)

@@ -1,0 +1,221 @@
+"""Trainer: a peft LoRA decoder over a frozen base, cache-conditioned (PrefillShare) or plain; needs torch."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from tqdm import tqdm
+
+from kvfork.errors import InvalidParameter
+from kvfork.train.config import TrainConfig, TrainMode
+from kvfork.train.data import Example
+from kvfork.train.loader import BaseModel, load_base_model
+from kvfork.train.result import TrainResult
+
+__all__ = ["Trainer", "train_decoder"]
+
+
+class Trainer:
+    """Owns the peft model wrapped around one base model (injected in place: one Trainer per base).
+
+    loss() is the contract both modes share: the mean cross-entropy of the response tokens given the
+    prompt, where "cache" takes the prompt's KV from the base model (adapter off), as kvfork serves a
+    decoder over a shared prefill, and "plain" runs the adapter over the whole sequence.
+    """
+
+    def __init__(self, base: BaseModel, config: TrainConfig) -> None:
+        self.base = base
+        self.config = config
+        torch.set_num_threads(config.n_threads)
+        torch.manual_seed(config.seed)  # NOTE: peft draws lora_A from torch's global generator
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,  # type: ignore[arg-type]  # NOTE: typed int, used as alpha / r
+            lora_dropout=config.dropout,
+            target_modules=list(config.targets),
+            bias="none",
+        )
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations peft trips
+                self.model = get_peft_model(base.model, lora)
+        except ValueError as exc:
+            raise InvalidParameter(f"LoRA targets {', '.join(config.targets)} do not fit {base.name}: {exc}") from exc
+        self._prompts: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # prompt[:-1] -> base KV (cache mode)
+        self._prompt_bytes = 0
+
+    # -- the loss ---------------------------------------------------------------------------------
+    def logits(self, example: Example, *, mode: TrainMode | None = None, adapter: bool = True) -> torch.Tensor:
+        """The logits that score example.response, [len(response), n_vocab] (row i predicts response[i]).
+
+        cache: the base model's KV of prompt[:-1] (adapter off), then prompt[-1] and response[:-1] through
+        the model (adapter on unless adapter=False): what a decoder computes over kvfork's shared prefill.
+        plain: prompt + response[:-1] in one forward.
+        """
+        mode = mode or self.config.mode
+        n = len(example.response)
+        if mode == "cache":
+            past = copy.deepcopy(self._prompt_kv(example.prompt))  # NOTE: transformers 5 appends in place
+            ids = torch.tensor([example.prompt[-1:] + example.response[:-1]], dtype=torch.long)
+            with self._adapter(adapter):
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=n)
+        elif mode == "plain":
+            ids = torch.tensor([example.prompt + example.response[:-1]], dtype=torch.long)
+            with self._adapter(adapter):
+                out = self.model(input_ids=ids, use_cache=False, logits_to_keep=n)
+        else:
+            raise InvalidParameter(f"mode must be 'cache' or 'plain', got {mode!r}")
+        return out.logits[0].float()
+
+    def loss(self, example: Example, *, mode: TrainMode | None = None, adapter: bool = True) -> torch.Tensor:
+        """Mean cross-entropy of example.response (a scalar tensor; differentiable when adapter=True)."""
+        logits = self.logits(example, mode=mode, adapter=adapter)
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(example.response, dtype=torch.long))
+
+    @torch.no_grad()
+    def mean_loss(self, examples: Sequence[Example], *, mode: TrainMode | None = None, adapter: bool = True) -> float:
+        """The response loss averaged over examples (per example, then the mean), without gradients."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            losses = [float(self.loss(e, mode=mode, adapter=adapter)) for e in examples]
+        finally:
+            self.model.train(training)
+        return sum(losses) / len(losses)
+
+    def _adapter(self, on: bool) -> Any:
+        return contextlib.nullcontext() if on else self.model.disable_adapter()
+
+    def _prompt_kv(self, prompt: list[int]) -> Any:
+        """The base model's KV of prompt[:-1] (adapter off), kept under the config's byte budget (LRU).
+
+        NOTE: the base is frozen, so this KV never changes during training: computing it once per example
+        instead of once per step is most of cache mode's speed (no forward, let alone backward, over the
+        prompt after the first pass).
+        """
+        key = tuple(prompt[:-1])
+        cached = self._prompts.get(key)
+        if cached is not None:
+            self._prompts.move_to_end(key)
+            return cached
+        with torch.no_grad(), self.model.disable_adapter():
+            ids = torch.tensor([prompt[:-1]], dtype=torch.long)
+            kv = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        size = _kv_bytes(kv)
+        budget = self.config.prompt_cache_mb << 20
+        if size <= budget:
+            while self._prompts and self._prompt_bytes + size > budget:
+                _, old = self._prompts.popitem(last=False)
+                self._prompt_bytes -= _kv_bytes(old)
+            self._prompts[key] = kv
+            self._prompt_bytes += size
+        return kv
+
+    # -- training ---------------------------------------------------------------------------------
+    def train(self, examples: Sequence[Example], *, progress: bool = True) -> TrainResult:
+        """Fine-tune on examples; returns the LoRA matrices and the per-step losses."""
+        cfg = self.config
+        usable = [
+            e for e in examples if len(e.prompt) <= cfg.max_prompt_tokens and len(e.response) <= cfg.max_response_tokens
+        ]
+        if not usable:
+            raise InvalidParameter(
+                f"all {len(examples)} examples exceed max_prompt_tokens={cfg.max_prompt_tokens}"
+                f" or max_response_tokens={cfg.max_response_tokens}"
+            )
+        steps = cfg.steps or math.ceil(cfg.epochs * len(usable) / cfg.grad_accum)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = min(cfg.warmup, steps // 10)  # NOTE: a short run would otherwise never reach its learning rate
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, steps, warmup, cfg.schedule))
+        order = _Order(len(usable), cfg.seed)
+        result = TrainResult(
+            config=cfg,
+            base=self.base.name,
+            arch=self.base.arch,
+            n_layers=self.base.n_layers,
+            tensors={},
+            examples=len(usable),
+            skipped=len(examples) - len(usable),
+        )
+        self.model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"train-decoder ({cfg.mode})", disable=not progress, file=sys.stderr)
+        for _ in bar:
+            optim.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                example = usable[order.next()]
+                loss = self.loss(example)
+                (loss / cfg.grad_accum).backward()
+                total += loss.detach().item() / cfg.grad_accum
+                result.response_tokens += len(example.response)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optim.step()
+            sched.step()
+            result.losses.append(total)
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        self.model.eval()
+        result.steps = steps
+        result.seconds = time.perf_counter() - t0
+        result.tensors = self.lora_tensors()
+        return result
+
+    def lora_tensors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The adapter's matrices by transformers module name: (lora_A (r, in), lora_B (out, r)), float32."""
+        out = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                pair: Any = (module.lora_A["default"], module.lora_B["default"])
+                a, b = (m.weight.detach().to(torch.float32).numpy().copy() for m in pair)
+                out[name.removeprefix("base_model.model.")] = (a, b)
+        return out
+
+
+def train_decoder(
+    config: TrainConfig, model_name: str, examples: Sequence[Example], *, progress: bool = True
+) -> TrainResult:
+    """Load the catalog model into transformers and train a LoRA decoder on examples (see Trainer)."""
+    return Trainer(load_base_model(model_name), config).train(examples, progress=progress)
+
+
+def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then constant or cosine down to a tenth."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+def _kv_bytes(kv: Any) -> int:
+    return sum(t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+class _Order:
+    """Example indices, reshuffled every pass (seeded): every example once per pass."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self._n = n
+        self._queue: list[int] = []
+
+    def next(self) -> int:
+        if not self._queue:
+            self._queue = list(range(self._n))
+            self._rng.shuffle(self._queue)
+        return self._queue.pop()
