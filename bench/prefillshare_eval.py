@@ -1,0 +1,148 @@
+"""Issue 8's accuracy evaluation: LoRA decoders over one shared base-model prefill (PrefillShare).
+
+    python bench/prefillshare_eval.py            # trains 6 decoders, then evaluates; under an hour here
+
+For each task of bench/prefillshare_tasks.py (extract, arith, tool) it trains two LoRA decoders on the
+train split with `kvfork.train` (the code behind `kvfork train-decoder`): a plain one (adapter on over
+prompt and response) and a cache-conditioned one (prompt KV from the base model, adapter off). Then, on
+the held-out test split, with kvfork's engine (llama.cpp, greedy), it scores:
+- base: the base model alone;
+- plain/own: the plain decoder computing its own prompt (a fine-tuned model served alone);
+- plain/naive: the plain decoder reading the shared base prefill (naive reuse);
+- cache/shared: the cache-conditioned decoder reading the shared base prefill (PrefillShare).
+The three tasks share each test document: it is prefilled once and the 9 shared branches (3 tasks x
+base, naive, cache) decode together, one llama_decode per adapter set per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prefillshare_tasks import TASKS, check, split, write_jsonl  # noqa: E402
+from workload import provenance  # noqa: E402
+
+from kvfork import Engine  # noqa: E402
+
+VARIANTS = ("base", "plain/own", "plain/naive", "cache/shared")
+
+
+def train_all(args: argparse.Namespace, folder: Path) -> dict:
+    """Train (or reuse, with --reuse-adapters) the plain and cache decoder of every task."""
+    from kvfork.train.config import TrainConfig
+    from kvfork.train.data import load_examples
+    from kvfork.train.export import export_decoder
+    from kvfork.train.loader import load_base_model
+    from kvfork.train.trainer import Trainer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [(t, m) for t in TASKS for m in ("plain", "cache")
+            if not (args.reuse_adapters and (folder / f"{t}.{m}.gguf").exists())]
+    log: dict = {}
+    if not todo:
+        return log
+    t0 = time.perf_counter()
+    base = load_base_model(args.model)
+    log["load_s"] = time.perf_counter() - t0
+    with Engine(args.model, n_ctx=4096, n_threads=args.threads) as tokenizer:
+        for task, mode in todo:
+            examples = load_examples(folder.parent / "data" / f"{task}.train.jsonl", tokenizer)
+            config = TrainConfig(mode=mode, rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, steps=args.steps,
+                                 seed=args.seed, n_threads=args.threads)
+            trainer = Trainer(base, config)
+            result = trainer.train(examples, progress=not args.quiet)
+            export_decoder(result, folder / f"{task}.{mode}.gguf")
+            # NOTE: peft injects LoRA layers in place; unloading them gives the next decoder a bare base
+            base = dataclasses.replace(base, model=trainer.model.unload())
+            log[f"{task}.{mode}"] = {"steps": result.steps, "seconds": result.seconds, "examples": result.examples,
+                                     "first_loss": sum(result.losses[:10]) / min(10, len(result.losses)),
+                                     "final_loss": result.final_loss}
+            print(f"trained {task}.{mode}: {result.steps} steps in {result.seconds:.0f} s,"
+                  f" loss {log[f'{task}.{mode}']['first_loss']:.3f} -> {result.final_loss:.3f}", flush=True)
+    return log
+
+
+def evaluate(args: argparse.Namespace, folder: Path) -> dict:
+    engine = Engine(args.model, n_ctx=8192, n_seq_max=32, n_threads=args.threads, progress=False)
+    for task in TASKS:
+        engine.load_adapter(f"{task}.own", folder / f"{task}.plain.gguf", prefill="adapter")
+        engine.load_adapter(f"{task}.naive", folder / f"{task}.plain.gguf", prefill="base")
+        engine.load_adapter(f"{task}.cache", folder / f"{task}.cache.gguf")
+        assert engine.adapters.get(f"{task}.cache").prefill == "base", "the cache decoder must say it reads base KV"
+    tests = {task: split(task, "test", args.n_test) for task in TASKS}
+    hits = {task: {v: 0 for v in VARIANTS} for task in TASKS}
+    samples = []
+    t0 = time.perf_counter()
+    for i in range(args.n_test):
+        group = {task: tests[task][i] for task in TASKS}
+        document = group[TASKS[0]].document
+        assert all(s.document == document for s in group.values()), "the tasks must share each test document"
+        replies: dict[tuple[str, str], str] = {}
+        with engine.prefill(document) as snapshot:
+            plan = [(t, v) for t in TASKS for v in ("base", "plain/naive", "cache/shared")]
+            adapters = [None if v == "base" else f"{t}.{'naive' if v == 'plain/naive' else 'cache'}" for t, v in plan]
+            outs = snapshot.fan_out([group[t].instruction for t, _ in plan], adapters=adapters,
+                                    max_tokens=args.max_tokens)
+            replies.update({key: out.text for key, out in zip(plan, outs, strict=True)})
+        for task in TASKS:
+            prompt = engine.prompt_tokens(document, group[task].instruction)
+            replies[(task, "plain/own")] = engine.generate(prompt, adapter=f"{task}.own",
+                                                           max_tokens=args.max_tokens).text
+        row = {"i": i}
+        for (task, variant), text in replies.items():
+            ok = check(task, text, group[task].answer)
+            hits[task][variant] += ok
+            row[f"{task}|{variant}"] = {"ok": ok, "reply": text}
+        samples.append(row)
+        done = {v: sum(hits[t][v] for t in TASKS) for v in VARIANTS}
+        print(f"[{i + 1}/{args.n_test}] {time.perf_counter() - t0:.0f} s  "
+              + "  ".join(f"{v} {done[v]}/{3 * (i + 1)}" for v in VARIANTS), flush=True)
+    engine.close()
+    accuracy = {task: {v: hits[task][v] / args.n_test for v in VARIANTS} for task in TASKS}
+    accuracy["mean"] = {v: sum(accuracy[t][v] for t in TASKS) / len(TASKS) for v in VARIANTS}
+    return {"accuracy": accuracy, "n_test": args.n_test, "eval_s": time.perf_counter() - t0, "samples": samples}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--out", type=Path, default=Path("bench/out/prefillshare"))
+    ap.add_argument("--n-train", type=int, default=200)
+    ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--reuse-adapters", action="store_true", help="skip training where the GGUF exists")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    data = args.out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for task in TASKS:
+        write_jsonl(split(task, "train", args.n_train), data / f"{task}.train.jsonl")
+        write_jsonl(split(task, "test", args.n_test), data / f"{task}.test.jsonl")
+    training = train_all(args, args.out / "adapters")
+    result = evaluate(args, args.out / "adapters")
+    result |= {"training": training, "total_s": time.perf_counter() - t0, "provenance": provenance(),
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    (args.out / "eval.json").write_text(json.dumps(result, indent=2))
+    print("\naccuracy (held-out test split, greedy):")
+    print("| task | " + " | ".join(VARIANTS) + " |")
+    print("|---|" + "---|" * len(VARIANTS))
+    for task, row in result["accuracy"].items():
+        print(f"| {task} | " + " | ".join(f"{100 * row[v]:.0f}%" for v in VARIANTS) + " |")
+    print(f"total {result['total_s'] / 60:.1f} min (evaluation {result['eval_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
