@@ -83,11 +83,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chat-template", default=None, help="for a model without one (e.g. 'gemma' for gemma3-270m)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/prefillshare_serving.json"))
     args = ap.parse_args()
 
-    engine = Engine(args.model, n_ctx=16384, n_threads=args.threads, progress=False)
-    decoder_ctx = Engine(args.model, n_ctx=8192, n_threads=args.threads, progress=False)
+    common = {"n_threads": args.threads, "progress": False, "chat_template": args.chat_template}
+    engine = Engine(args.model, n_ctx=16384, **common)
+    decoder_ctx = Engine(args.model, n_ctx=8192, **common)
     names = []
     for task in TASKS:
         path = args.adapters / f"{task}.cache.gguf"
