@@ -46,11 +46,27 @@ def prefill(ctx: LlamaContext, tokens: list[int], seq: int = 0, pos0: int = 0) -
 
 def greedy(ctx: LlamaContext, logits: np.ndarray, seq: int, pos: int, n: int) -> list[int]:
     """n argmax tokens, starting from `logits`, the next one going to position `pos` of `seq`."""
-    out = []
+    return greedy_steps(ctx, logits, seq, pos, n)[0]
+
+
+def greedy_steps(
+    ctx: LlamaContext, logits: np.ndarray, seq: int, pos: int, n: int
+) -> tuple[list[int], list[np.ndarray]]:
+    """greedy's tokens and the logits each was chosen from."""
+    out, steps = [], [logits]
     for i in range(n):
         out.append(int(np.argmax(logits)))
         if i + 1 < n:
             logits = prefill(ctx, [out[-1]], seq, pos + i)
+            steps.append(logits)
+    return out, steps
+
+
+def forced(ctx: LlamaContext, logits: np.ndarray, seq: int, pos: int, tokens: list[int]) -> list[np.ndarray]:
+    """The logits before each of `tokens` (teacher-forced from `logits`, tokens[0] going to position `pos`)."""
+    out = [logits]
+    for i, t in enumerate(tokens[:-1]):
+        out.append(prefill(ctx, [t], seq, pos + i))
     return out
 
 

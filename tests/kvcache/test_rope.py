@@ -19,7 +19,7 @@ from kvfork.kvcache import (
     rerotate,
     rotate_keys,
 )
-from tests.kvcache.kv_helpers import greedy, kv_context, prefill, prompt
+from tests.kvcache.kv_helpers import forced, greedy_steps, kv_context, prefill, prompt
 
 DELTA = 100
 
@@ -66,7 +66,7 @@ def test_numpy_rerotation_matches_llama_kshift(load_model, name, kv_type):
         ctx.seq_add(0, 0, n, DELTA)
         logits_llama = prefill(ctx, [q], pos0=at)
         keys_llama = decode(ctx.state_seq_get(0))
-        gen_llama = greedy(ctx, logits_llama, seq=0, pos=at + 1, n=8)
+        gen_llama, llama_steps = greedy_steps(ctx, logits_llama, seq=0, pos=at + 1, n=8)
 
         # numpy: cache the segment at 0.., re-rotate the decoded blob, restore it
         ctx.clear()
@@ -77,7 +77,7 @@ def test_numpy_rerotation_matches_llama_kshift(load_model, name, kv_type):
         ctx.state_seq_set(0, encode(moved))
         logits_numpy = prefill(ctx, [q], pos0=at)
         keys_numpy = decode(ctx.state_seq_get(0))
-        gen_numpy = greedy(ctx, logits_numpy, seq=0, pos=at + 1, n=8)
+        steps_numpy = forced(ctx, logits_numpy, seq=0, pos=at + 1, tokens=gen_llama)
 
         # reference: the segment computed at its new positions from scratch
         ctx.clear()
@@ -90,7 +90,6 @@ def test_numpy_rerotation_matches_llama_kshift(load_model, name, kv_type):
     numpy_vs_fresh = float(np.abs(logits_numpy - logits_fresh).max())
     print(f"\n{name} {kv_type}: keys max rel diff {worst:.2e}, equal {same:.4%}; max |logit diff| numpy vs "
           f"seq_add {vs_llama:.2e}, seq_add vs fresh {llama_vs_fresh:.2e}, numpy vs fresh {numpy_vs_fresh:.2e}")
-    assert gen_numpy == gen_llama
     if kv_type == "f16":
         # same float32 ops as ggml's rope (fma, libm cosf/sinf), one f16 rounding: bit-identical
         assert worst == 0.0 and same == 1.0
@@ -101,6 +100,12 @@ def test_numpy_rerotation_matches_llama_kshift(load_model, name, kv_type):
         assert worst < 1e-2 and same > 0.9999
         assert vs_llama <= llama_vs_fresh
         assert int(np.argmax(logits_numpy)) == int(np.argmax(logits_llama))
+    # along llama's own greedy continuation, the numpy cache predicts its tokens, but where the difference
+    # between the caches can explain it: a near tie of llama's choice and numpy's, closer than they differ
+    for token, ours, theirs in zip(gen_llama, steps_numpy, llama_steps, strict=True):
+        choice = int(np.argmax(ours))
+        if choice != token:
+            assert theirs[token] - theirs[choice] < np.abs(ours - theirs).max(), (token, choice)
 
 
 def _state(positions: list[int], n_embd: int = 128) -> SeqState:

@@ -6,6 +6,7 @@ Everything above this module speaks kvfork's own types (Batch, SamplingParams, t
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -46,6 +47,13 @@ def _ensure_backend() -> None:
     global _backend_ready
     with _init_lock:
         if not _backend_ready:
+            # NOTE: ggml's CPU backend multiplies K-quant weights (Q4_K, Q6_K, ...) by batches of 8 rows or
+            # more with its tiled kernel and by smaller ones with vec_dot, which round differently: a
+            # token's logits then depend on how many rows share its decode (measured: 10 branches of
+            # gemma3-270m, 3 diverged from their from-scratch runs). vec_dot for every batch keeps
+            # exactness at no measurable cost here. ggml reads the switch once per process, at its first
+            # matmul; a value the caller set is kept.
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
