@@ -111,7 +111,7 @@ class Scheduler:
         sampler = self._samplers.pop(seq, None)
         if sampler is not None:
             sampler.close()
-        self.table.release(seq)
+        self.table.release(seq, defer=bool(self.running))  # NOTE: see BranchTable.release
 
     def cancel(self, seq: Sequence) -> None:
         """Stop `seq`'s turn now; it keeps what is already in the cache and can take another turn."""
@@ -187,8 +187,11 @@ class Scheduler:
                 if seq.t_done is None:
                     seq.t_done = time.perf_counter()
                 if seq.one_shot:
-                    # NOTE: free the id and cells at once, so queued branches can start in this very run.
+                    # NOTE: release at once, so queued branches can start in this very run (the table
+                    # hands them its id and cells when they need them).
                     self.release(seq)
+        if not self.running:
+            self.table.free_spent()
         return finished
 
     def _recompute_last(self, seq: Sequence) -> None:
