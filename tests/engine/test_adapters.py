@@ -81,3 +81,19 @@ def test_adapter_errors_are_clear_and_lose_nothing(gemma, gemma_path, qwen_path,
             gemma.load_adapter(name, adapter_files["coder"], **bad)
     assert "broken" not in gemma.adapters.names() and "foreign" not in gemma.adapters.names()
     assert gemma.generate("Hello", max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_branches_sharing_an_adapter_match_from_scratch_bit_for_bit(gemma, gemma_ref, adapter_files):
+    """Several branches per adapter put several rows through its matrices in one decode; from scratch
+    there is one (the adapter files are q8_0, whose kernels do not depend on the batch)."""
+    load_all(gemma, adapter_files, "base")
+    load_all(gemma_ref, adapter_files, "base")
+    document = long_text(30)
+    adapters = ["planner", "coder"] * 3
+    with gemma.prefill(document) as snapshot:
+        outs = snapshot.fan_out(INSTRUCTIONS * 2, adapters=adapters, max_tokens=12, ignore_eos=True, logprobs=1)
+    for instruction, adapter, got in zip(INSTRUCTIONS * 2, adapters, outs, strict=True):
+        ref = gemma_ref.generate(gemma_ref.prompt_tokens(document, instruction), adapter=adapter, max_tokens=12,
+                                 ignore_eos=True, logprobs=1)
+        assert got.tokens == ref.tokens
+        assert got.logprobs == ref.logprobs

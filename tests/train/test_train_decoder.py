@@ -157,11 +157,16 @@ def test_examples_hold_the_served_prompt_and_end_of_turn(trained, gemma):
 
 # -- the adapter file in llama.cpp -------------------------------------------------------------------
 def test_exported_adapter_matches_transformers_in_llama_cpp(trained, raw_llama):
-    fields = gguf.GGUFReader(trained.path).fields
+    reader = gguf.GGUFReader(trained.path)
+    fields = reader.fields
     assert fields["general.type"].contents() == "adapter"
     assert fields["general.architecture"].contents() == "gemma3"
     assert fields["adapter.type"].contents() == "lora"
-    assert fields["adapter.lora.alpha"].contents() == pytest.approx(32.0)
+    # q8_0, the rank zero-padded to a whole block with alpha scaled alike: llama.cpp's alpha / rank is peft's
+    assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.Q8_0}
+    stored_rank = {int(t.shape[1]) for t in reader.tensors if t.name.endswith(".lora_a")}
+    assert stored_rank == {32}
+    assert fields["adapter.lora.alpha"].contents() / 32 == pytest.approx(32.0 / 16)
     assert fields[PREFILL_KEY].contents() == "base"
     assert fields["kvfork.decoder.base_model"].contents() == "gemma3-270m"
     adapter = raw_llama.adapter(trained.path)
