@@ -78,32 +78,44 @@ def evaluate(args: argparse.Namespace, folder: Path) -> dict:
         assert engine.adapters.get(f"{task}.cache").prefill == "base", "the cache decoder must say it reads base KV"
     tests = {task: split(task, "test", args.n_test) for task in args.tasks}
     hits = {task: {v: 0 for v in VARIANTS} for task in args.tasks}
+    shared = [(t, v) for t in args.tasks for v in ("base", "plain/naive", "cache/shared")]
+    adapters = [None if v == "base" else f"{t}.{'naive' if v == 'plain/naive' else 'cache'}" for t, v in shared]
     samples = []
     t0 = time.perf_counter()
-    for i in range(args.n_test):
-        group = {task: tests[task][i] for task in args.tasks}
-        document = group[args.tasks[0]].document
-        assert all(s.document == document for s in group.values()), "the tasks must share each test document"
-        replies: dict[tuple[str, str], str] = {}
-        with engine.prefill(document) as snapshot:
-            plan = [(t, v) for t in args.tasks for v in ("base", "plain/naive", "cache/shared")]
-            adapters = [None if v == "base" else f"{t}.{'naive' if v == 'plain/naive' else 'cache'}" for t, v in plan]
-            outs = snapshot.fan_out([group[t].instruction for t, _ in plan], adapters=adapters,
-                                    max_tokens=args.max_tokens)
-            replies.update({key: out.text for key, out in zip(plan, outs, strict=True)})
-        for task in args.tasks:
-            prompt = engine.prompt_tokens(document, group[task].instruction)
-            replies[(task, "plain/own")] = engine.generate(prompt, adapter=f"{task}.own",
-                                                           max_tokens=args.max_tokens).text
-        row = {"i": i}
-        for (task, variant), text in replies.items():
-            ok = check(task, text, group[task].answer)
-            hits[task][variant] += ok
-            row[f"{task}|{variant}"] = {"ok": ok, "reply": text}
-        samples.append(row)
+    for start in range(0, args.n_test, args.batch):
+        group = range(start, min(start + args.batch, args.n_test))
+        documents = [tests[args.tasks[0]][i].document for i in group]
+        assert all(tests[t][i].document == d for t in args.tasks for i, d in zip(group, documents, strict=True)), (
+            "the tasks must share each test document"
+        )
+        # NOTE: the shared variants of `batch` documents decode together (one llama_decode per adapter
+        # set per step for all of them); each document is still prefilled once, by the base model
+        snapshots = [engine.prefill(d) for d in documents]
+        try:
+            branches = [snap.fork(adapter=a).send(tests[t][i].instruction)
+                        for i, snap in zip(group, snapshots, strict=True)
+                        for (t, _), a in zip(shared, adapters, strict=True)]
+            outs = engine.generate_branches(branches, [engine.sampling(max_tokens=args.max_tokens)] * len(branches),
+                                            close=True)
+        finally:
+            for snap in snapshots:
+                snap.close()
+        for k, i in enumerate(group):
+            mine = outs[k * len(shared):(k + 1) * len(shared)]
+            replies = {key: out.text for key, out in zip(shared, mine, strict=True)}
+            for task in args.tasks:
+                prompt = engine.prompt_tokens(documents[k], tests[task][i].instruction)
+                replies[(task, "plain/own")] = engine.generate(prompt, adapter=f"{task}.own",
+                                                               max_tokens=args.max_tokens).text
+            row = {"i": i}
+            for (task, variant), text in replies.items():
+                ok = check(task, text, tests[task][i].answer)
+                hits[task][variant] += ok
+                row[f"{task}|{variant}"] = {"ok": ok, "reply": text}
+            samples.append(row)
         done = {v: sum(hits[t][v] for t in args.tasks) for v in VARIANTS}
-        print(f"[{i + 1}/{args.n_test}] {time.perf_counter() - t0:.0f} s  "
-              + "  ".join(f"{v} {done[v]}/{len(args.tasks) * (i + 1)}" for v in VARIANTS), flush=True)
+        print(f"[{group[-1] + 1}/{args.n_test}] {time.perf_counter() - t0:.0f} s  "
+              + "  ".join(f"{v} {done[v]}/{len(args.tasks) * (group[-1] + 1)}" for v in VARIANTS), flush=True)
     engine.close()
     accuracy = {task: {v: hits[task][v] / args.n_test for v in VARIANTS} for task in args.tasks}
     accuracy["mean"] = {v: sum(accuracy[t][v] for t in args.tasks) / len(args.tasks) for v in VARIANTS}
@@ -125,6 +137,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=3, help="test documents whose shared branches decode together")
     ap.add_argument("--reuse-adapters", action="store_true", help="skip training where the GGUF exists")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
