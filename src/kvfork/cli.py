@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="download and verify a catalog model")
     p.add_argument("name", choices=sorted(CATALOG))
     sub.add_parser("models", help="list the catalog and what is pulled")
+    p = sub.add_parser("doctor", help="check that the installed llama.cpp build runs on this CPU")
+    p.add_argument("--fix", action="store_true", help="rebuild llama-cpp-python for this CPU when it does not")
 
     for name, help_text in (("run", "agents over a shared document"), ("demo", "4 agents over the bundled report")):
         p = sub.add_parser(name, help=help_text)
@@ -68,6 +70,25 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
         register(sub)
 
 
+def _doctor(*, fix: bool) -> int:
+    from kvfork.engine.buildcheck import probe, rebuild
+
+    report = probe()
+    if report.ok:
+        print(f"llama.cpp build runs on this CPU: {report.system_info.strip()}")
+        return 0
+    why = f"died of {report.crashed}" if report.crashed else f"was built for {', '.join(report.missing)}"
+    print(f"the installed llama.cpp {why}, which this CPU cannot run", file=sys.stderr)
+    if not fix:
+        print("`kvfork doctor --fix` rebuilds it for this machine (~6 minutes on 2 cores)", file=sys.stderr)
+        return 1
+    print("rebuilding llama-cpp-python for any x86-64-v3 CPU ...", file=sys.stderr, flush=True)
+    if rebuild() != 0:
+        print("error: the rebuild failed (pip's output above says why)", file=sys.stderr)
+        return 2
+    return _doctor(fix=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -78,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 here = "pulled" if (cache_dir() / spec.filename).exists() else "not pulled"
                 default = " (default)" if spec.name == DEFAULT_MODEL else ""
                 print(f"{spec.name:22s} {spec.size / 1e6:7.1f} MB  {here:10s} {spec.description}{default}")
+        elif args.command == "doctor":
+            return _doctor(fix=args.fix)
         elif args.command in ("run", "demo"):
             return _run_agents(args)
         elif hasattr(args, "func"):

@@ -17,6 +17,7 @@ import numpy as np
 
 from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
+from kvfork.engine.buildcheck import cpu_flags, missing_features
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
 
@@ -56,6 +57,12 @@ def _ensure_backend() -> None:
             os.environ.setdefault("GGML_CPU_TILED_MM", "0")
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
+            missing = missing_features(llama_cpp.llama_print_system_info().decode(), cpu_flags())
+            if missing:
+                raise EngineError(
+                    f"this llama-cpp-python was built for a CPU with {', '.join(missing)}, which this one lacks "
+                    "(it would die of SIGILL); `kvfork doctor --fix` rebuilds it for this machine"
+                )
             _backend_ready = True
 
 
