@@ -36,6 +36,9 @@ class EngineConfig:
     rounding); its repacked Q4_K matmul differs between one and several rows. Measured with
     Qwen2.5-Coder-0.5B: f16 + auto diverged within 25 tokens on 2 of 3 branches, the defaults on none.
     q8_0 also halves the KV bytes; f16 prefills ~1.6x faster on this CPU at the cost of exactness.
+    Two more things kvfork holds fixed for the same reason, not settings: ggml's tiled K-quant matmul
+    is off (GGML_CPU_TILED_MM=0, see engine/llama.py), and a finished branch's cells are freed only
+    when no turn is running (scheduler/branches.py); kvfork's LoRA decoders are written as q8_0.
     """
 
     n_ctx: int = 8192
