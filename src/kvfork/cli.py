@@ -77,8 +77,9 @@ def _doctor(*, fix: bool) -> int:
     if report.ok:
         print(f"llama.cpp build runs on this CPU: {report.system_info.strip()}")
         return 0
-    why = f"died of {report.crashed}" if report.crashed else f"was built for {', '.join(report.missing)}"
-    print(f"the installed llama.cpp {why}, which this CPU cannot run", file=sys.stderr)
+    why = (f"does not load here ({report.crashed})" if report.crashed
+           else f"was built for {', '.join(report.missing)}, which this CPU lacks")
+    print(f"the installed llama.cpp {why}", file=sys.stderr)
     if not fix:
         print("`kvfork doctor --fix` rebuilds it for this machine (~6 minutes on 2 cores)", file=sys.stderr)
         return 1

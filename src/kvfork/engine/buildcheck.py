@@ -74,7 +74,10 @@ def probe(timeout: float = 120.0) -> BuildReport:
         "import json, llama_cpp; llama_cpp.llama_backend_init(); "
         "print(json.dumps(llama_cpp.llama_print_system_info().decode()))"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return BuildReport(system_info="", missing=(), crashed=f"no answer within {timeout:.0f} s")
     if run.returncode != 0:
         why = (signal.Signals(-run.returncode).name if run.returncode < 0
                else f"exit {run.returncode}: {run.stderr.strip()[-300:]}")
