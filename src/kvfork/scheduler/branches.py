@@ -57,14 +57,17 @@ class BranchTable:
         """A sequence without an id needs a free id; every sequence needs room for its reservation."""
         if seq.seq_id is None and not self.n_free_ids:
             return False
+        return self._cells_with(seq) <= self.n_cells
+
+    def _cells_with(self, seq: Sequence) -> int:
+        """Cells reserved once `seq` holds its reservation (counted once if it already does)."""
         others = self.cells_reserved() - (seq.cells_needed() if seq in self._live else 0)
-        return others + seq.cells_needed() <= self.n_cells
+        return others + seq.cells_needed()
 
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` an id (sharing its parent's cells) if it has none; count its cells."""
-        others = self.cells_reserved() - (seq.cells_needed() if seq in self._live else 0)
         held = sum(s.n_own_tokens for s in self._spent)
-        if (seq.seq_id is None and not self._free_ids) or others + seq.cells_needed() + held > self.n_cells:
+        if (seq.seq_id is None and not self._free_ids) or self._cells_with(seq) + held > self.n_cells:
             self.free_spent()
         if seq.seq_id is None:
             seq.seq_id = self._free_ids.pop()
