@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kvfork import Engine, resolve_model
 
+# NOTE: one pytest process hosts engines of both modes, and exact mode needs ggml's tiled matmul off,
+# which ggml reads once per process (see engine/llama.py). Fast-mode tests here run without it; the
+# fast defaults as users get them (tiled matmul on) are tested in a subprocess (tests/engine/test_fast.py).
+os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+
 # NOTE: gemma3-270m has no chat template in its GGUF (a base model); llama.cpp's built-in "gemma"
 # template is the one its instruct sibling uses, and it exercises the same layout code as qwen's.
-GEMMA = dict(chat_template="gemma")
+# The tests that compare forks with from-scratch runs bit for bit run in exact mode.
+GEMMA = dict(chat_template="gemma", exact=True)
+GEMMA_FAST = dict(chat_template="gemma")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,13 @@ from typing import Literal
 
 from kvfork.errors import InvalidParameter
 
-__all__ = ["EngineConfig", "ServerConfig", "StoreConfig", "default_threads"]
+__all__ = ["EXACT_HELP", "EngineConfig", "ServerConfig", "StoreConfig", "default_threads"]
+
+# NOTE: one wording for every command that builds an engine (run, demo, pipeline, snapshot, serve)
+EXACT_HELP = (
+    "forks and restores give exactly the tokens of a from-scratch run (q8_0 KV cache, batch-invariant"
+    " kernels; prefill ~2x slower on CPUs); default: llama.cpp's fastest settings, equal up to rounding"
+)
 
 FlashAttn = Literal["auto", "on", "off"]
 KvType = Literal["q8_0", "f16", "f32"]
@@ -29,16 +35,18 @@ class EngineConfig:
     n_ctx is the number of KV cells shared by every snapshot and branch (a unified cache): a
     3,500-token prefix forked to 8 branches of 200 tokens needs about 3,500 + 8*200 cells, not 8*3,700.
 
-    NOTE: the defaults kv_type="q8_0", flash_attn="on", repack=False are what make a forked branch
-    bit-identical to a from-scratch run. On the CPU, llama.cpp's attention picks a different kernel
-    by batch shape for f16/f32 caches (KV split across threads for one query, tiles for many) and
-    without flash attention sums over cells in cache order (so other branches' cells change the
-    rounding); its repacked Q4_K matmul differs between one and several rows. Measured with
-    Qwen2.5-Coder-0.5B: f16 + auto diverged within 25 tokens on 2 of 3 branches, the defaults on none.
-    q8_0 also halves the KV bytes; f16 prefills ~1.6x faster on this CPU at the cost of exactness.
-    Two more things kvfork holds fixed for the same reason, not settings: ggml's tiled K-quant matmul
-    is off (GGML_CPU_TILED_MM=0, see engine/llama.py), and a finished branch's cells are freed only
-    when no turn is running (scheduler/branches.py); kvfork's LoRA decoders are written as q8_0.
+    Two modes (docs/exactness.md):
+    - fast (exact=False, the default): llama.cpp's own defaults for this machine: f16 KV cache, flash
+      attention "auto", repacked weights, ggml's tiled matmul. A forked branch computes what a
+      from-scratch run computes up to floating-point rounding (the kernels llama.cpp picks depend on
+      the batch and on where cells sit), so long greedy outputs can part ways at near-ties.
+    - exact (exact=True): a forked or restored branch produces exactly the tokens of a from-scratch
+      run. NOTE: it takes q8_0 KV + flash attention "on" (the only attention path in ggml's CPU backend
+      that rounds the same for any batch shape), no repacked weights (their Q4_K matmul differs between
+      one and several rows), and ggml's tiled K-quant matmul off (a process-wide switch, see
+      engine/llama.py); the scheduler frees finished branches' cells only between turns and the server
+      never leaves a fork fewer than 16 tokens to prefill. It prefills about 2x slower on this CPU.
+    kv_type, flash_attn and repack left None take the mode's values; exact mode refuses other values.
     """
 
     n_ctx: int = 8192
@@ -46,9 +54,10 @@ class EngineConfig:
     n_ubatch: int = 512
     n_seq_max: int = 32
     n_threads: int = field(default_factory=default_threads)
-    flash_attn: FlashAttn = "on"
-    kv_type: KvType = "q8_0"
-    repack: bool = False  # llama.cpp's repacked weight layouts ("extra buffer types")
+    exact: bool = False
+    flash_attn: FlashAttn | None = None  # None: "auto" (fast) / "on" (exact)
+    kv_type: KvType | None = None  # None: "f16" (fast) / "q8_0" (exact)
+    repack: bool | None = None  # llama.cpp's repacked weight layouts ("extra buffer types"); None: not exact
     chat_template: str | None = None  # a template (or llama.cpp template name) overriding the GGUF's own
     verbose: bool = False
     progress: bool = True
@@ -65,12 +74,30 @@ class EngineConfig:
             raise InvalidParameter(f"n_seq_max must be in [2, 256], got {self.n_seq_max}")
         if self.n_threads < 1:
             raise InvalidParameter(f"n_threads must be >= 1, got {self.n_threads}")
+        if not isinstance(self.exact, bool):
+            raise InvalidParameter(f"exact must be True or False, got {self.exact!r}")
+        mode = _EXACT if self.exact else _FAST
+        for name, value in mode.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+            elif self.exact and getattr(self, name) != value:
+                raise InvalidParameter(
+                    f"exact=True needs {name}={value!r} (got {getattr(self, name)!r}): it is what makes a fork's"
+                    f" arithmetic match a from-scratch run; drop {name} or use exact=False"
+                )
         if self.kv_type not in ("q8_0", "f16", "f32"):
             raise InvalidParameter(f"kv_type must be 'q8_0', 'f16' or 'f32', got {self.kv_type!r}")
-        if self.kv_type == "q8_0" and self.flash_attn == "off":
-            raise InvalidParameter("a q8_0 KV cache needs flash attention (flash_attn='on' or 'auto')")
         if self.flash_attn not in ("auto", "on", "off"):
             raise InvalidParameter(f"flash_attn must be 'auto', 'on' or 'off', got {self.flash_attn!r}")
+        if self.kv_type == "q8_0" and self.flash_attn == "off":
+            raise InvalidParameter("a q8_0 KV cache needs flash attention (flash_attn='on' or 'auto')")
+        if not isinstance(self.repack, bool):
+            raise InvalidParameter(f"repack must be True or False, got {self.repack!r}")
+
+
+# NOTE: fast = llama.cpp's defaults (llama_context_default_params / llama_model_default_params on the CPU).
+_FAST: dict[str, object] = {"kv_type": "f16", "flash_attn": "auto", "repack": True}
+_EXACT: dict[str, object] = {"kv_type": "q8_0", "flash_attn": "on", "repack": False}
 
 
 @dataclass(frozen=True)

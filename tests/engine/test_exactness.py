@@ -60,7 +60,8 @@ def test_multi_turn_branch_matches_scratch(gemma, gemma_ref):
 @pytest.mark.parametrize("n_branches", [3])
 def test_qwen_chat_fanout_matches_scratch(qwen_path, n_branches):
     doc = long_text(25)  # a few hundred tokens: qwen prefills ~100-190 tok/s here
-    with Engine(qwen_path, n_ctx=2048, n_seq_max=8) as engine, Engine(qwen_path, n_ctx=2048, n_seq_max=2) as ref:
+    with Engine(qwen_path, n_ctx=2048, n_seq_max=8, exact=True) as engine, \
+            Engine(qwen_path, n_ctx=2048, n_seq_max=2, exact=True) as ref:
         snap = engine.prefill(doc, system="You are a careful analyst.")
         outs = snap.fan_out(INSTRUCTIONS[:n_branches], max_tokens=20)
         for instruction, out in zip(INSTRUCTIONS, outs, strict=False):

@@ -11,7 +11,7 @@ from kvfork.snapshot.layout import StateLayout
 MODEL = "gemma3-270m"
 # NOTE: one thread: on a shared 2-core machine llama.cpp's spinning thread barrier slows decode 50x
 # when a second thread is preempted; one thread is also deterministic across runs.
-ENGINE_KW = {"n_ctx": 2048, "n_threads": 1, "progress": False}
+ENGINE_KW = {"n_ctx": 2048, "n_threads": 1, "progress": False, "exact": True}
 GPL = Path("/usr/share/common-licenses/GPL-3")
 
 

@@ -28,6 +28,7 @@ _KV_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
 _verbose = False
 _init_lock = threading.Lock()
 _backend_ready = False
+_decoded = False  # has any context of this process run a decode (ggml has read its process-wide switches)
 
 
 @llama_cpp.llama_log_callback
@@ -48,13 +49,6 @@ def _ensure_backend() -> None:
     global _backend_ready
     with _init_lock:
         if not _backend_ready:
-            # NOTE: ggml's CPU backend multiplies K-quant weights (Q4_K, Q6_K, ...) by batches of 8 rows or
-            # more with its tiled kernel and by smaller ones with vec_dot, which round differently: a
-            # token's logits then depend on how many rows share its decode (measured: 10 branches of
-            # gemma3-270m, 3 diverged from their from-scratch runs). vec_dot for every batch keeps
-            # exactness at no measurable cost here. ggml reads the switch once per process, at its first
-            # matmul; a value the caller set is kept.
-            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             missing = missing_features(llama_cpp.llama_print_system_info().decode(), cpu_flags())
@@ -64,6 +58,27 @@ def _ensure_backend() -> None:
                     "(it would die of SIGILL); `kvfork doctor --fix` rebuilds it for this machine"
                 )
             _backend_ready = True
+
+
+def _require_vec_dot_matmul() -> None:
+    """Make ggml multiply K-quant weights with vec_dot at every batch size (exact mode), or refuse.
+
+    NOTE: ggml's CPU backend multiplies K-quant weights (Q4_K, Q6_K, ...) by batches of 8 rows or more
+    with its tiled kernel and by smaller ones with vec_dot, which round differently: a token's logits
+    then depend on how many rows share its decode (measured: 10 branches of gemma3-270m, 3 diverged
+    from their from-scratch runs). GGML_CPU_TILED_MM=0 turns the tiled kernel off, but ggml reads it
+    once per process, at its first matmul: after a fast-mode decode it is too late to change.
+    """
+    with _init_lock:
+        if os.environ.get("GGML_CPU_TILED_MM") == "0":
+            return
+        if _decoded:
+            raise EngineError(
+                "exact mode needs ggml's tiled matmul off (GGML_CPU_TILED_MM=0), which ggml fixes at the first"
+                " decode of a process, and this process has already decoded in fast mode: create exact engines"
+                " first, or start the process with GGML_CPU_TILED_MM=0"
+            )
+        os.environ["GGML_CPU_TILED_MM"] = "0"
 
 
 class LlamaModel:
@@ -264,6 +279,8 @@ class LlamaContext:
         params.kv_unified = True
         params.type_k = params.type_v = _KV_TYPE[config.kv_type]
         params.no_perf = True
+        if config.exact:
+            _require_vec_dot_matmul()
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise EngineError(f"llama.cpp could not create a context with n_ctx={config.n_ctx} (out of memory?)")
@@ -292,6 +309,7 @@ class LlamaContext:
 
     def decode(self, batch: Batch) -> None:
         """Run one llama_decode over every token of `batch` (at most n_batch tokens)."""
+        global _decoded
         n = len(batch)
         if not 0 < n <= self.n_batch:
             raise EngineError(f"batch of {n} tokens; must be 1..{self.n_batch}")
@@ -303,6 +321,7 @@ class LlamaContext:
             b.seq_id[i][0] = batch.seq_ids[i]
             b.logits[i] = batch.logits[i]
         b.n_tokens = n
+        _decoded = True
         rc = llama_cpp.llama_decode(self.ptr, b)
         if rc == 1:
             raise ContextOverflow(f"no room in the KV cache ({self.n_ctx} cells) for {n} more tokens; raise n_ctx")

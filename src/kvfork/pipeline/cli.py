@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvfork.config import EXACT_HELP
 from kvfork.models import DEFAULT_MODEL
 from kvfork.pipeline.definition import LAYOUTS
 from kvfork.pipeline.loader import PipelineFile, load_pipeline
@@ -39,6 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default=None, help="override the file's layout")
     p.add_argument("--n-ctx", type=int, default=None)
     p.add_argument("--chat-template", default=None, help="for models without one (e.g. gemma)")
+    p.add_argument("--exact", action="store_true", default=None, help=EXACT_HELP + " (or exact = true in the file)")
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -88,6 +90,7 @@ def _engine(spec: PipelineFile, args: argparse.Namespace) -> Any:
         overrides["chat_template"] = chat_template
     if getattr(args, "threads", None):
         overrides["n_threads"] = args.threads
+    overrides["exact"] = bool(args.exact or spec.exact)
     engine = Engine(args.model or spec.model or DEFAULT_MODEL, **overrides)
     try:
         for name, path in spec.adapters.items():

@@ -44,7 +44,7 @@ from kvfork.reuse.config import REUSE_MODES
 __all__ = ["PipelineFile", "load_pipeline"]
 
 _TOP = {"pipeline", "documents", "sampling", "agents", "adapters"}
-_SETTINGS = {"name", "system", "layout", "chat", "model", "n_ctx", "chat_template", "reuse"}
+_SETTINGS = {"name", "system", "layout", "chat", "model", "n_ctx", "chat_template", "reuse", "exact"}
 _AGENT = {"name", "instruction", "role", "inputs", "sampling", "turns", "peers", "followup", "adapter"}
 
 
@@ -59,6 +59,7 @@ class PipelineFile:
     chat_template: str | None = None  # for models without one in their GGUF (e.g. "gemma")
     reuse: str = "exact"  # reuse mode of the run (kvfork.reuse; anything but "exact" is approximate)
     adapters: Mapping[str, Path] = field(default_factory=dict)  # LoRA decoders to load: name -> GGUF
+    exact: bool = False  # run the engine in exact mode (EngineConfig.exact)
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineFile:
@@ -125,6 +126,9 @@ def _build(path: Path, raw: Mapping[str, Any]) -> PipelineFile:
     reuse = settings.get("reuse", "exact")
     if reuse not in REUSE_MODES:
         raise PipelineError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {reuse!r}")
+    exact = settings.get("exact", False)
+    if not isinstance(exact, bool):
+        raise PipelineError(f"exact must be true or false; got {exact!r}")
     adapters = {}
     for name, file in _table(raw, "adapters").items():
         if not isinstance(file, str):
@@ -134,7 +138,7 @@ def _build(path: Path, raw: Mapping[str, Any]) -> PipelineFile:
         if agent.adapter is not None and agent.adapter not in adapters:
             raise PipelineError(f"agent {agent.name!r}: adapter {agent.adapter!r} is not in [adapters]")
     return PipelineFile(path, pipeline, settings.get("model"), settings.get("n_ctx"), settings.get("chat_template"),
-                        reuse, adapters)
+                        reuse, adapters, exact)
 
 
 def _document(path: Path, name: str, spec: Any) -> str:

@@ -33,6 +33,7 @@ class Scheduler:
         self.ctx = ctx
         self.model = model
         self.n_batch = config.n_batch
+        self.exact = config.exact
         self.table = BranchTable(ctx, config.n_seq_max)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -111,7 +112,8 @@ class Scheduler:
         sampler = self._samplers.pop(seq, None)
         if sampler is not None:
             sampler.close()
-        self.table.release(seq, defer=bool(self.running))  # NOTE: see BranchTable.release
+        # NOTE: exact mode defers frees while turns run (see BranchTable.release); fast mode frees at once.
+        self.table.release(seq, defer=self.exact and bool(self.running))
 
     def cancel(self, seq: Sequence) -> None:
         """Stop `seq`'s turn now; it keeps what is already in the cache and can take another turn."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from kvfork.config import ServerConfig
+from kvfork.config import EXACT_HELP, ServerConfig
 from kvfork.errors import InvalidParameter, KvforkError
 from kvfork.models import DEFAULT_MODEL
 
@@ -26,12 +26,14 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-seq-max", type=int, default=64, help="sequence ids: live prefixes + prompts + choices")
     # NOTE: the batch is also the most prefill tokens per step: a long prompt is chunked so that the
     # branches already decoding wait at most one chunk per token.
-    p.add_argument("--batch", type=int, default=256, help="tokens per decode step (prefill chunk cap)")
+    p.add_argument("--batch", type=int, default=512,
+                   help="tokens per decode step (prefill chunk cap; llama.cpp's default ubatch)")
     p.add_argument("--threads", type=int, default=None)
-    # NOTE: the defaults are what makes shared and from-scratch greedy outputs bit-identical (see EngineConfig)
-    p.add_argument("--kv-type", choices=["q8_0", "f16", "f32"], default="q8_0",
-                   help="KV cache type; f16 prefills faster on CPUs but gives up bit-exactness")
-    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default="on")
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    # NOTE: None takes the mode's own (see EngineConfig): fast = llama.cpp's defaults, exact = q8_0 + "on"
+    p.add_argument("--kv-type", choices=["q8_0", "f16", "f32"], default=None,
+                   help="KV cache type (default: f16; --exact: q8_0)")
+    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default=None, help="default: auto; --exact: on")
     p.add_argument("--chat-template", default=None, help="llama.cpp template name for models without one")
     p.add_argument("--store", default=None, metavar="DIR", help="snapshot store folder (restores long prefixes)")
     p.add_argument("--store-ram-mb", type=int, default=None, help="store's host-RAM budget (default 1024)")
@@ -81,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
                           reuse_cache_mb=args.reuse_cache_mb)
     overrides: dict = {"n_ctx": args.n_ctx, "n_seq_max": args.n_seq_max, "n_batch": args.batch,
                        "n_ubatch": args.batch, "verbose": args.verbose, "progress": False,
-                       "kv_type": args.kv_type, "flash_attn": args.flash_attn}
+                       "kv_type": args.kv_type, "flash_attn": args.flash_attn, "exact": args.exact}
     if args.threads:
         overrides["n_threads"] = args.threads
     if args.chat_template:
@@ -101,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"warning: serving on {config.host} without --api-key: anyone who can reach it can use it")
     print(f"kvfork serve: {engine.model_path.name} on http://{config.host}:{config.port}/v1"
-          f" (model id '{app.state.kv.model_id}')")
+          f" (model id '{app.state.kv.model_id}', {'exact' if engine.config.exact else 'fast'} mode)")
     try:
         uvicorn.run(app, host=config.host, port=config.port, log_level="info" if args.verbose else "warning")
     finally:

@@ -63,7 +63,8 @@ class Planner:
         self.sched = engine.scheduler
         self.config = config
         self.metrics = metrics
-        self.prefixes = LivePrefixes(config.live_prefixes, engine.model.n_swa, config.min_shared_tokens)
+        self.prefixes = LivePrefixes(config.live_prefixes, engine.model.n_swa, config.min_shared_tokens,
+                                     exact=engine.config.exact)
         self.snapshots: dict[str, SnapshotInfo] = {}
         self._waiters: dict[Sequence, list[_Waiter]] = {}
         self.choices = Choices(self.sched, metrics)

@@ -15,7 +15,8 @@ __all__ = ["LivePrefixes", "PrefixHit", "coalesce"]
 # NOTE: a fork that leaves only a few prompt tokens to prefill computes them as a tiny ubatch, and
 # llama.cpp's CPU kernels for 3-7 rows round differently from the same rows inside a long prompt:
 # measured on gemma3-270m (q8_0 KV, flash attention), suffixes of 3-6 tokens (once 7) flipped a greedy
-# token against a from-scratch run; 1-2 and 8-16 did not. So such forks back off to leave this many.
+# token against a from-scratch run; 1-2 and 8-16 did not. So in exact mode such forks back off to leave
+# this many (fast mode promises agreement up to rounding only, and forks as late as it can).
 MIN_SUFFIX = 16
 
 
@@ -35,10 +36,11 @@ class LivePrefixes:
     the positions the forked sequence needs (can_trim); otherwise only whole nodes are reused.
     """
 
-    def __init__(self, capacity: int, n_swa: int, min_shared: int) -> None:
+    def __init__(self, capacity: int, n_swa: int, min_shared: int, *, exact: bool = False) -> None:
         self.capacity = capacity
         self.n_swa = n_swa
         self.min_shared = min_shared
+        self.min_suffix = MIN_SUFFIX if exact else 0
         self._lru: OrderedDict[Sequence, None] = OrderedDict()
         self.pinned: dict[str, Sequence] = {}
 
@@ -68,9 +70,9 @@ class LivePrefixes:
         return best
 
     def _back_off(self, node: Sequence, n: int, total: int) -> int:
-        """Fork earlier when the prompt would leave 2..MIN_SUFFIX-1 tokens to prefill (see MIN_SUFFIX)."""
-        if 1 < total - n < MIN_SUFFIX:
-            m = total - MIN_SUFFIX
+        """Exact mode: fork earlier when the prompt would leave 2..MIN_SUFFIX-1 tokens to prefill (see MIN_SUFFIX)."""
+        if 1 < total - n < self.min_suffix:
+            m = total - self.min_suffix
             if m >= 1 and can_trim(self.n_swa, node.n_in_kv, m):
                 return m
         return n

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvfork.config import EXACT_HELP
 from kvfork.errors import KvforkError
 from kvfork.snapshot.fileformat import read_header, read_snapshot, write_snapshot
 from kvfork.snapshot.host import HostSnapshot
@@ -62,13 +63,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=8192)
     p.add_argument("--plain", action="store_true", help="no chat template: the text as is")
     p.add_argument("--chat-template", default=None, help="llama.cpp template name overriding the model's")
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
 
 
 def _engine(args: argparse.Namespace) -> Any:
     from kvfork.models import DEFAULT_MODEL
     from kvfork.runtime import Engine
 
-    return Engine(args.model or DEFAULT_MODEL, n_ctx=args.n_ctx, chat_template=args.chat_template)
+    return Engine(args.model or DEFAULT_MODEL, n_ctx=args.n_ctx, chat_template=args.chat_template, exact=args.exact)
 
 
 def _save(args: argparse.Namespace) -> int:
