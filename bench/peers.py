@@ -5,11 +5,13 @@ openai client, against the servers a user would otherwise run, on the same model
     python bench/peers.py [--agents 8] [--repeats 3] [--tokens 32]
 
 Systems, all started before the first repeat, order rotated per repeat:
-  kvfork serve              sent at once (the server coalesces them: one prefill, N forks); staggered
-  kvfork-f16                the same with llama.cpp's default f16 cache (faster prefill; not bit-exact)
-  llama-server -np N        llama.cpp's own server, its defaults (f16 cache, prompt cache, cache-ram):
-                            sent at once; staggered (the first alone, then the rest at once)
-  llama-cpp-python server   its RAM prompt cache on (serves one request at a time); sent at once
+  kvfork serve              its defaults (fast mode: llama.cpp's settings): sent at once (the server
+                            coalesces them: one prefill, N forks)
+  kvfork-exact              `kvfork serve --exact` (q8_0 cache, batch-invariant kernels): the same
+  llama-server -np N        llama.cpp's own server, its defaults (f16 cache, flash attention auto,
+                            prompt cache, cache-ram): the baseline, sent at once
+  llama-cpp-python server   its RAM prompt cache on (serves one request at a time); only with --only
+--staggered adds a run per system where the first agent goes alone and the rest together.
 A system that is not installed is skipped with the reason printed. Each repeat uses a document
 with a new first line, so nothing is cached from an earlier repeat; a short warm-up request goes to
 every server first. Greedy, `ignore_eos`, `--tokens` tokens per agent.
@@ -78,17 +80,15 @@ def start_servers(args: argparse.Namespace, path: Path, logs: Path) -> dict[str,
     makers: dict[str, Callable[[], Server]] = {
         "kvfork": lambda: kvfork_server(str(path), args.threads, 2 * ctx + args.agents * 256,
                                         log=logs / "kvfork.log"),
-        # NOTE: kvfork with llama.cpp's default f16 cache, as llama-server runs: faster prefill, not bit-exact
-        "kvfork-f16": lambda: kvfork_server(str(path), args.threads, 2 * ctx + args.agents * 256,
-                                            extra=["--kv-type", "f16", "--flash-attn", "auto"],
-                                            log=logs / "kvfork-f16.log"),
+        "kvfork-exact": lambda: kvfork_server(str(path), args.threads, 2 * ctx + args.agents * 256,
+                                              extra=["--exact"], log=logs / "kvfork-exact.log"),
         "llama-server": lambda: llama_server(path, args.threads, args.agents, ctx, log=logs / "llama-server.log"),
         "llama-cpp-python": lambda: llama_cpp_python_server(path, args.threads, ctx,
                                                             log=logs / "llama-cpp-python.log"),
     }
     servers = {}
     for name, make in makers.items():
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (not args.only and name == "llama-cpp-python"):
             continue
         try:
             servers[name] = make().__enter__()
@@ -106,8 +106,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--doc-chars", type=int, default=None, help="cut the report (a quick smoke run)")
-    ap.add_argument("--only", nargs="*", default=None, help="kvfork kvfork-f16 llama-server llama-cpp-python")
-    ap.add_argument("--no-staggered", action="store_true", help="only send all agents at once")
+    ap.add_argument("--only", nargs="*", default=None, help="kvfork kvfork-exact llama-server llama-cpp-python")
+    ap.add_argument("--staggered", action="store_true", help="also send the first agent alone, then the rest")
     ap.add_argument("--out", type=Path, default=Path("bench/out/peers.json"))
     args = ap.parse_args()
     path = resolve_model(args.model)
@@ -117,7 +117,7 @@ def main() -> None:
     for name in servers:
         runs.append((f"{name}, all at once", at_once, name))
         # NOTE: llama-cpp-python serves one request at a time: staggered is the same thing there
-        if name != "llama-cpp-python" and not args.no_staggered:
+        if name != "llama-cpp-python" and args.staggered:
             runs.append((f"{name}, staggered", staggered, name))
     walls: dict[str, dict[int, float]] = {label: {} for label, _, _ in runs}  # label -> repeat -> seconds
     failed: dict[str, str] = {}
@@ -150,7 +150,7 @@ def main() -> None:
               "tokens": args.tokens, "failed": failed, "runs": details,
               "wall_s": {k: stats(list(v.values())) for k, v in walls.items() if v},
               "rss_bytes": {k: {"rss": m[0], "peak": m[1]} for k, m in memory.items()}}
-    bases = [b for b in ("kvfork, all at once", "kvfork-f16, all at once") if walls.get(b)]
+    bases = [b for b in ("kvfork, all at once", "kvfork-exact, all at once") if walls.get(b)]
     lines = [f"| {args.agents} agents, {args.tokens} tokens each | wall time |"
              + "".join(f" time / {b} |" for b in bases), "|---|---|" + "---|" * len(bases)]
     for label, s in result["wall_s"].items():

@@ -1,106 +1,211 @@
-"""Issue 5, scenarios A and C, on one engine in one run (medians of repeats after a warm-up, min/max).
+"""Issue 16's table: kvfork fast, kvfork exact and llama.cpp from scratch, side by side in one run.
 
-A  "Prefill once, fan out" (SwarmKV's published setting): 2 agents, the ~3,500-token report,
-   ~20-token instructions, 64 generated tokens each. Against the two agents run one after another
-   from scratch: end-to-end speedup, the second agent's activation latency (asking for its branch
-   -> first token, with the snapshot live) against its from-scratch time to first token, and the
-   prefill time saved.
-C  Memory: KV bytes llama.cpp holds for N open branches (every used cell of the unified cache,
-   counted once: llama_state_seq_get_size(ctx, -1)) against N independent copies (each branch's
-   own state blob, prefix included) and the ideal (prefix once + each branch's own tokens).
+    python bench/scenarios.py [--repeats 3] [--model qwen2.5-coder-0.5b] [--scenarios one swarm four demo]
 
-    python bench/scenarios.py [--repeats 3] [--model qwen2.5-coder-0.5b]
+Every system runs in its own process (bench/arms.py): kvfork with its defaults (fast), kvfork with
+exact=True, and llama-cpp-python's `Llama` with llama.cpp's default settings (f16 KV cache, flash
+attention on as "auto" resolves on CPUs, repacked weights, tiled matmul), the same model file, threads
+and n_ctx. Per repeat, a document with a new first line (nothing cached from an earlier repeat), and
+the systems in rotated order. Scenarios, on the bundled ~3,500-token report:
+  one     1 agent x 64 tokens: kvfork's overhead (prefill + decode through kvfork vs llama.cpp)
+  swarm   SwarmKV's setting: 2 agents x 64 tokens; and agent 2 activated later from the live snapshot
+          (fork -> first token) against its from-scratch time to first token
+  four    4 agents x 32 tokens
+  demo    `kvfork demo`'s shared prefill (report + system prompt) against llama.cpp prefilling the
+          same tokens: the prefill rate
+  memory  KV bytes held for 1-16 open branches (32 tokens each) against independent copies, both
+          modes (once, not timed)
+llama.cpp's agents run one after another, each from scratch (Llama.reset() first). --prefix-reuse
+adds a column where one Llama object serves them in a row and reuses the previous prompt's longest
+common prefix by itself (llama-cpp-python's own behaviour). Greedy, every token kept (ignore_eos).
+Writes bench/out/scenarios.json and scenarios.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
-from importlib import resources
 from pathlib import Path
 
-from workload import INSTRUCTIONS, SYSTEM, stats
+from arms import OUT, Arms
+from workload import INSTRUCTIONS, SYSTEM, document, fmt, provenance, stats
 
-from kvfork import Engine
+from kvfork.cli import DEMO_SYSTEM
+from kvfork.models import resolve_model
 
-AGENTS = INSTRUCTIONS[:2]
-
-
-def scenario_a(engine: Engine, doc: str, n_tokens: int) -> dict[str, float]:
-    t0 = time.perf_counter()
-    snap = engine.prefill(doc, system=SYSTEM)
-    fan = snap.fan_out(AGENTS, max_tokens=n_tokens, ignore_eos=True)
-    fork_wall = time.perf_counter() - t0
-    t1 = time.perf_counter()  # the second agent activated later, from the live snapshot
-    with snap.fork() as branch:
-        branch.send(AGENTS[1]).generate(max_tokens=1)
-    activation = time.perf_counter() - t1
-    snap.close()
-    t2 = time.perf_counter()
-    scratch = [engine.generate(engine.prompt_tokens(doc, a, system=SYSTEM), max_tokens=n_tokens, ignore_eos=True)
-               for a in AGENTS]
-    scratch_wall = time.perf_counter() - t2
-    return {
-        "fork_s": fork_wall, "scratch_s": scratch_wall, "speedup": scratch_wall / fork_wall,
-        "activation_s": activation, "scratch_ttft_s": scratch[1].ttft_s,
-        "activation_speedup": scratch[1].ttft_s / activation, "prefill_saved_s": scratch[1].ttft_s - activation,
-        "identical": float(all(f.tokens == s.tokens for f, s in zip(fan, scratch, strict=True))),
-    }
+SCENARIOS = {"one": (1, 64), "swarm": (2, 64), "four": (4, 32)}
+KVFORK = ("kvfork", "kvfork-exact")
 
 
-def scenario_c(engine: Engine, doc: str, counts: list[int], n_tokens: int) -> list[dict[str, float]]:
-    snap = engine.prefill(doc, system=SYSTEM)
-    prefix = engine.ctx.state_seq_size(snap._seq.seq_id)
-    rows = []
-    for n in counts:
-        branches = [snap.fork().send(f"Agent {i}: {AGENTS[i % 2]}") for i in range(n)]
-        engine.generate_branches(branches, [engine.sampling(max_tokens=n_tokens, ignore_eos=True)] * n)
-        own = [engine.ctx.state_seq_size(b._seq.seq_id) for b in branches]
-        held = engine.ctx.state_seq_size(-1)
-        ideal = prefix + sum(o - prefix for o in own)
-        rows.append({"branches": n, "held_bytes": held, "copies_bytes": sum(own), "ideal_bytes": ideal,
-                     "held_vs_ideal": held / ideal, "copies_vs_held": sum(own) / held})
-        for b in branches:
-            b.close()
-    snap.close()
-    return rows
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of greedy tokens that agree before the first difference, over every agent."""
+    same = total = 0
+    for x, y in zip(a, b, strict=True):
+        n = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
+        same += n
+        total += max(len(x), len(y))
+    return same / total if total else 1.0
+
+
+def run_agents(arms: Arms, name: str, doc: str, prefix_reuse: bool, r: int) -> dict[str, dict]:
+    n, max_tokens = SCENARIOS[name]
+    agents = INSTRUCTIONS[:n]
+    prompts = arms["kvfork"].call("prompts", doc=doc, system=SYSTEM, instructions=agents)["prompts"]
+    jobs = {kind: ("agents", {"doc": doc, "system": SYSTEM, "instructions": agents, "max_tokens": max_tokens,
+                              "activation": name == "swarm"}) for kind in KVFORK if kind in arms}
+    jobs["llama.cpp"] = ("scratch", {"prompts": prompts, "max_tokens": max_tokens})
+    if prefix_reuse:
+        jobs["llama.cpp prefix reuse"] = ("scratch", {"prompts": prompts, "max_tokens": max_tokens,
+                                                      "keep_prefix": True})
+    out = {label: arms[label.split(" ")[0]].call(op, **kw) for label, (op, kw) in rotate(jobs, r).items()}
+    return {label: out[label] for label in jobs}
+
+
+def rotate(d: dict, r: int) -> dict:
+    keys = list(d)
+    k = r % len(keys)
+    return {key: d[key] for key in keys[k:] + keys[:k]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("bench/out/scenarios.json"))
-    ap.add_argument("--chat-template", default=None, help="for a GGUF without one (gemma3-270m: gemma)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scenarios", nargs="+", default=["one", "swarm", "four", "demo", "memory"])
+    ap.add_argument("--prefix-reuse", action="store_true", help="add llama.cpp with Llama's own prefix reuse")
     ap.add_argument("--doc-chars", type=int, default=None, help="cut the report (a quick smoke run)")
+    ap.add_argument("--out", type=Path, default=OUT / "scenarios.json")
     args = ap.parse_args()
-    doc = resources.files("kvfork").joinpath("data/sample_report.txt").read_text()[: args.doc_chars]
-    engine = Engine(args.model, n_ctx=8192, n_seq_max=20, progress=False, chat_template=args.chat_template)
-    scenario_a(engine, doc[:1200], 4)  # warm-up
-    runs = []
-    for r in range(args.repeats):
-        runs.append(scenario_a(engine, doc, 64))
-        x = runs[-1]
-        print(f"A repeat {r + 1}: fork {x['fork_s']:.1f} s, scratch {x['scratch_s']:.1f} s ({x['speedup']:.2f}x);"
-              f" agent 2 activation {x['activation_s'] * 1e3:.0f} ms vs {x['scratch_ttft_s']:.1f} s"
-              f" ({x['activation_speedup']:.0f}x); identical {bool(x['identical'])}")
-    memory = scenario_c(engine, doc, [1, 2, 4, 8, 16], 32)
-    for row in memory:
-        print(f"C {row['branches']:2d} branches: held {row['held_bytes'] / 1e6:.1f} MB,"
-              f" ideal {row['ideal_bytes'] / 1e6:.1f} MB ({row['held_vs_ideal']:.3f}),"
-              f" independent copies {row['copies_bytes'] / 1e6:.1f} MB")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    keys = ["fork_s", "scratch_s", "speedup", "activation_s", "scratch_ttft_s", "activation_speedup", "prefill_saved_s"]
-    result = {"model": engine.model_path.name, "threads": engine.config.n_threads, "commit": commit,
-              "doc_tokens": len(engine.prompt_tokens(doc, "", system=SYSTEM)),
-              "A": {k: stats([r[k] for r in runs]) for k in keys}, "A_runs": runs, "C": memory}
+    path = resolve_model(args.model)
+    rows: dict[str, list[dict]] = {s: [] for s in args.scenarios}
+    with Arms(path, threads=args.threads) as arms:
+        info = {kind: arm.info for kind, arm in arms.items()}
+        for kind in KVFORK:  # NOTE: warm-up: page the weights in, build the graphs
+            arms[kind].call("agents", doc=document("warm-up", 1500), system=SYSTEM, instructions=INSTRUCTIONS[:2],
+                            max_tokens=4)
+        warm = arms["kvfork"].call("prompts", doc=document("warm-up", 1500), system=SYSTEM,
+                                   instructions=INSTRUCTIONS[:1])["prompts"]
+        arms["llama.cpp"].call("scratch", prompts=warm, max_tokens=4)
+        timed = [s for s in args.scenarios if s != "memory"]
+        if "memory" in args.scenarios:
+            rows["memory"] = [{kind: arms[kind].call("memory", doc=document("memory", args.doc_chars), system=SYSTEM,
+                                                     counts=[1, 2, 4, 8, 16], max_tokens=32)["rows"]
+                               for kind in KVFORK}]
+        for r in range(args.repeats):
+            for name in rotate({s: None for s in timed}, r):
+                doc = document(f"{name}-{r}-{time.time_ns()}", args.doc_chars)
+                if name == "demo":
+                    rows[name].append(run_demo(arms, doc, r))
+                else:
+                    rows[name].append(rotate_agents(arms, name, doc, r, args.prefix_reuse))
+                print(f"repeat {r + 1} {name}: " + json.dumps(brief(rows[name][-1])), flush=True)
+    result = {"provenance": provenance(), "model": path.name, "threads": args.threads, "settings": info,
+              "runs": rows, "summary": {name: summarize(name, runs) for name, runs in rows.items() if name != "memory"}}
+    if "memory" in rows:
+        result["summary"]["memory"] = rows["memory"][0]
+    result["table"] = table(result["summary"], args.prefix_reuse)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    a = result["A"]
-    print("\nScenario A (median, min-max): " + "; ".join(
-        f"{k} {a[k]['median']:.3g} ({a[k]['min']:.3g}-{a[k]['max']:.3g})" for k in keys))
+    args.out.with_suffix(".md").write_text(result["table"] + "\n")
+    print("\n" + result["table"])
+
+
+def rotate_agents(arms: Arms, name: str, doc: str, r: int, prefix_reuse: bool) -> dict:
+    out = run_agents(arms, name, doc, prefix_reuse, r)
+    base = out["llama.cpp"]
+    row = {"systems": out, "wall_s": {k: v["wall_s"] for k, v in out.items()}}
+    row["speedup"] = {k: base["wall_s"] / v["wall_s"] for k, v in out.items()}
+    row["exact_cost"] = out["kvfork-exact"]["wall_s"] / out["kvfork"]["wall_s"]
+    row["agree_with_llama_cpp"] = {k: agreement(v["tokens"], base["tokens"]) for k, v in out.items()}
+    row["forks_ms"] = out["kvfork"]["forks_ms"]
+    if name == "swarm":
+        row["activation_s"] = {k: out[k]["activation_s"] for k in KVFORK}
+        row["scratch_ttft_s"] = base["ttft_s"][-1]
+    return row
+
+
+def run_demo(arms: Arms, doc: str, r: int) -> dict:
+    # NOTE: llama.cpp is given the very tokens kvfork prefilled, so it goes last; the two kvfork modes rotate
+    out = {kind: arms[kind].call("prefill", doc=doc, system=DEMO_SYSTEM) for kind in KVFORK[r % 2:] + KVFORK[:r % 2]}
+    tokens = out["kvfork"]["tokens"]
+    out["llama.cpp"] = arms["llama.cpp"].call("prefill", tokens=tokens)
+    for v in out.values():
+        v.pop("tokens", None)
+    rate = {k: v["n_tokens"] / v["prefill_s"] for k, v in out.items()}
+    return {"tokens": len(tokens), "rate_tok_s": rate,
+            "rate_vs_llama_cpp": {k: v / rate["llama.cpp"] for k, v in rate.items()}}
+
+
+def brief(row: dict) -> dict:
+    keys = ("wall_s", "speedup", "exact_cost", "rate_tok_s", "rate_vs_llama_cpp", "activation_s",
+            "agree_with_llama_cpp")
+    return {k: ({a: round(b, 3) for a, b in v.items()} if isinstance(v, dict) else round(v, 3))
+            for k, v in row.items() if k in keys}
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    out: dict = {}
+    for key in ("wall_s", "speedup", "rate_tok_s", "rate_vs_llama_cpp", "agree_with_llama_cpp", "activation_s"):
+        if key in runs[0]:
+            out[key] = {k: stats([r[key][k] for r in runs]) for k in runs[0][key]}
+    for key in ("exact_cost", "scratch_ttft_s", "tokens", "forks_ms"):
+        if key in runs[0]:
+            out[key] = stats([r[key] for r in runs])
+    if "activation_s" in out:
+        out["activation_speedup"] = {k: stats([r["scratch_ttft_s"] / r["activation_s"][k] for r in runs])
+                                     for k in KVFORK}
+    return out
+
+
+def table(summary: dict, prefix_reuse: bool) -> str:
+    head = ("| scenario | kvfork (fast) | kvfork exact | llama.cpp, from scratch |"
+            + (" llama.cpp, Llama's prefix reuse |" if prefix_reuse else "")
+            + " fast: speedup | exact: speedup | exact / fast |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    labels = {"one": "1 agent x 64 tokens", "swarm": "2 agents x 64 tokens (SwarmKV)", "four": "4 agents x 32 tokens"}
+    for name, s in summary.items():
+        if name in ("demo", "memory"):
+            continue
+        w, sp = s["wall_s"], s["speedup"]
+        extra = f" {fmt(w['llama.cpp prefix reuse'], ' s')} |" if prefix_reuse else ""
+        lines.append(f"| {labels[name]} | {fmt(w['kvfork'], ' s')} | {fmt(w['kvfork-exact'], ' s')} |"
+                     f" {fmt(w['llama.cpp'], ' s')} |{extra} {fmt(sp['kvfork'], 'x', digits=2)} |"
+                     f" {fmt(sp['kvfork-exact'], 'x', digits=2)} | {fmt(s['exact_cost'], 'x', digits=2)} |")
+    notes = []
+    if "swarm" in summary:
+        a = summary["swarm"]
+        notes.append("SwarmKV: agent 2 activated from the live snapshot in"
+                     f" {fmt(a['activation_s']['kvfork'], ' s', digits=3)}"
+                     f" (fast) / {fmt(a['activation_s']['kvfork-exact'], ' s', digits=3)} (exact) against"
+                     f" {fmt(a['scratch_ttft_s'], ' s')} to its first token from scratch:"
+                     f" {fmt(a['activation_speedup']['kvfork'], 'x', digits=0)} /"
+                     f" {fmt(a['activation_speedup']['kvfork-exact'], 'x', digits=0)} sooner.")
+    if "four" in summary:
+        notes.append("4 agents: the 4 forks (seq_cp on the unified cache) took"
+                     f" {fmt(summary['four']['forks_ms'], ' ms', digits=2)}"
+                     " together.")
+    for name in ("one", "swarm", "four"):
+        if name in summary:
+            g = summary[name]["agree_with_llama_cpp"]
+            notes.append(f"{labels[name]}: greedy tokens agreeing with llama.cpp's (up to the first difference):"
+                         f" fast {fmt(g['kvfork'], '%', 100, 0)}, exact {fmt(g['kvfork-exact'], '%', 100, 0)}.")
+    if "demo" in summary:
+        d = summary["demo"]
+        notes.append(f"`kvfork demo`'s shared prefill ({d['tokens']['median']:.0f} tokens): fast"
+                     f" {fmt(d['rate_tok_s']['kvfork'], ' tok/s', digits=0)}, exact"
+                     f" {fmt(d['rate_tok_s']['kvfork-exact'], ' tok/s', digits=0)}, llama.cpp"
+                     f" {fmt(d['rate_tok_s']['llama.cpp'], ' tok/s', digits=0)}: fast at"
+                     f" {fmt(d['rate_vs_llama_cpp']['kvfork'], '%', 100, 0)} of llama.cpp's rate, exact at"
+                     f" {fmt(d['rate_vs_llama_cpp']['kvfork-exact'], '%', 100, 0)}.")
+    if "memory" in summary:
+        notes.append("KV bytes held by N open branches of 32 tokens over the report, against N independent copies"
+                     " (each branch's whole state): " + "; ".join(
+                         f"{'fast' if kind == 'kvfork' else 'exact'}: " + ", ".join(
+                             f"N={m['branches']} {m['held_bytes'] / 1e6:.0f} MB vs {m['copies_bytes'] / 1e6:.0f} MB"
+                             for m in summary["memory"][kind]) for kind in KVFORK) + ".")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
 if __name__ == "__main__":

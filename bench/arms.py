@@ -1,0 +1,305 @@
+"""The systems a benchmark compares, each in its own process: kvfork fast, kvfork exact, llama.cpp.
+
+    with Arms(model_path, threads=2) as arms:       # starts every child and loads the model once
+        prompts = arms["kvfork"].call("prompts", doc=doc, system=SYSTEM, instructions=agents)["prompts"]
+        shared = arms["kvfork"].call("agents", doc=doc, system=SYSTEM, instructions=agents, max_tokens=64)
+        scratch = arms["llama.cpp"].call("scratch", prompts=prompts, max_tokens=64)
+
+Why processes: ggml reads its process-wide switches (GGML_CPU_TILED_MM) once, so exact and fast mode
+cannot both be themselves in one process, and the baseline must be what users run: llama-cpp-python's
+`Llama` with llama.cpp's own defaults (f16 KV cache, repacked weights, tiled matmul), one process of its
+own. Each child times its own work (perf_counter around the calls), so the pipe costs nothing measured.
+
+The llama.cpp child (`--kind llama.cpp`) sets only what a user must: the model, n_ctx (llama-cpp-python's
+default, 512, cannot hold the document), threads (the same for every arm) and flash_attn=True, which is
+what llama.cpp's own default ("auto") resolves to on the CPU; llama-cpp-python's `Llama` would otherwise
+turn flash attention off, which prefills slower here (bench/out/reference_settings.json, measured by
+`python bench/arms.py --compare-settings`). Its agents run from scratch: `reset()` before each, so
+nothing of the previous agent's prompt is reused; op "scratch" with `keep_prefix=True` instead lets
+`Llama.generate` reuse the previous call's longest common prefix, as one `Llama` object does by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Arm", "Arms", "KINDS"]
+
+KINDS = ("kvfork", "kvfork-exact", "llama.cpp")
+OUT = Path(__file__).resolve().parent / "out"
+
+
+class Arm:
+    """One system in a child process, answering JSON calls over its stdin/stdout."""
+
+    def __init__(self, kind: str, model: Path, *, threads: int, n_ctx: int, n_seq_max: int,
+                 extra: tuple[str, ...] = ()) -> None:
+        env = dict(os.environ)
+        env.pop("GGML_CPU_TILED_MM", None)  # NOTE: each child starts as a user's process would
+        argv = [sys.executable, __file__, "--kind", kind, "--model", str(model), "--threads", str(threads),
+                "--n-ctx", str(n_ctx), "--n-seq-max", str(n_seq_max), *extra]
+        self.kind = " ".join((kind, *extra))
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=Path(__file__).resolve().parent)
+        self.info = self._read()
+
+    def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.kind} child exited with {self.proc.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{self.kind}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class Arms(dict):
+    """Every arm of `kinds`, started in order (each child loads the model once and warms up)."""
+
+    def __init__(self, model: Path, kinds: tuple[str, ...] = KINDS, *, threads: int = 2, n_ctx: int = 8192,
+                 n_seq_max: int = 20) -> None:
+        super().__init__()
+        try:
+            for kind in kinds:
+                self[kind] = Arm(kind, model, threads=threads, n_ctx=n_ctx, n_seq_max=n_seq_max)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for arm in self.values():
+            arm.close()
+
+    def __enter__(self) -> Arms:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- the children ---------------------------------------------------------------------------------
+class KvforkChild:
+    """kvfork's Engine in fast (default) or exact mode, used as a user would."""
+
+    def __init__(self, model: str, exact: bool, threads: int, n_ctx: int, n_seq_max: int) -> None:
+        from kvfork import Engine
+
+        self.engine = Engine(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=threads, exact=exact,
+                             progress=False)
+        self.info = {"settings": {k: getattr(self.engine.config, k) for k in
+                                  ("exact", "kv_type", "flash_attn", "repack", "n_batch", "n_ubatch", "n_threads")},
+                     "tiled_mm": os.environ.get("GGML_CPU_TILED_MM", "on (ggml default)")}
+
+    def prompts(self, doc: str, system: str | None, instructions: list[str]) -> dict[str, Any]:
+        """The exact tokens of each agent's prompt (what every arm is given), and the shared part's length."""
+        e = self.engine
+        return {"prompts": [e.prompt_tokens(doc, i, system=system) for i in instructions],
+                "shared_tokens": len(e.prompt_tokens(doc, "", system=system)) - len(e.tokenize("", special=True))}
+
+    def agents(self, doc: str, system: str | None, instructions: list[str], max_tokens: int,
+               activation: bool = False) -> dict[str, Any]:
+        """Prefill once, fan out, decode together: end to end and its phases.
+
+        Phases: shared = the document's prefill; own = from fan_out's start to the last branch's first
+        token (every branch's own part is prefilled in shared batches before any decodes alone);
+        decode = the rest. activation: afterwards, a new branch from the live snapshot to its first token.
+        """
+        table = self.engine.scheduler.table  # NOTE: its fork_seconds: the time spent tagging shared cells
+        forks_before = table.fork_seconds
+        t0 = time.perf_counter()
+        snap = self.engine.prefill(doc, system=system)
+        t1 = time.perf_counter()
+        outs = snap.fan_out(instructions, max_tokens=max_tokens, ignore_eos=True)
+        t2 = time.perf_counter()
+        own = max(o.ttft_s for o in outs)
+        row = {"wall_s": t2 - t0, "shared_s": t1 - t0, "own_s": own, "decode_s": t2 - t1 - own,
+               "forks_ms": (table.fork_seconds - forks_before) * 1e3,
+               "shared_tokens": snap.n_tokens, "own_tokens": sum(o.computed_tokens for o in outs),
+               "tokens": [list(o.tokens) for o in outs], "ttft_s": [t1 - t0 + o.ttft_s for o in outs]}
+        if activation:
+            t3 = time.perf_counter()
+            with snap.fork() as branch:
+                branch.send(instructions[-1]).generate(max_tokens=1)
+            row["activation_s"] = time.perf_counter() - t3
+        snap.close()
+        return row
+
+    def fanouts(self, doc: str, system: str | None, instructions: list[str], counts: list[int],
+                max_tokens: int) -> dict[str, Any]:
+        """One shared prefill, then for each N in counts a fan-out of the first N instructions, timed by phase."""
+        t0 = time.perf_counter()
+        snap = self.engine.prefill(doc, system=system)
+        row: dict[str, Any] = {"shared_s": time.perf_counter() - t0, "shared_tokens": snap.n_tokens, "cells": {}}
+        for n in counts:
+            t1 = time.perf_counter()
+            outs = snap.fan_out(instructions[:n], max_tokens=max_tokens, ignore_eos=True)
+            wall = time.perf_counter() - t1
+            own = max(o.ttft_s for o in outs)
+            row["cells"][str(n)] = {"own_s": own, "decode_s": wall - own, "fan_s": wall,
+                                    "own_tokens": sum(o.computed_tokens for o in outs),
+                                    "tokens": [list(o.tokens) for o in outs]}
+        snap.close()
+        return row
+
+    def memory(self, doc: str, system: str | None, counts: list[int], max_tokens: int) -> dict[str, Any]:
+        """KV bytes llama.cpp holds for N open branches (every used cell once: the state size of seq -1)
+        against N independent copies (each branch's own state, prefix included) and the ideal."""
+        e = self.engine
+        snap = e.prefill(doc, system=system)
+        prefix = e.ctx.state_seq_size(snap._seq.seq_id)  # NOTE: a bench may read the handle's sequence id
+        rows = []
+        for n in counts:
+            branches = [snap.fork().send(f"Agent {i}: summarize part {i}.") for i in range(n)]
+            e.generate_branches(branches, [e.sampling(max_tokens=max_tokens, ignore_eos=True)] * n)
+            own = [e.ctx.state_seq_size(b._seq.seq_id) for b in branches]
+            held = e.ctx.state_seq_size(-1)
+            ideal = prefix + sum(o - prefix for o in own)
+            rows.append({"branches": n, "held_bytes": held, "copies_bytes": sum(own), "ideal_bytes": ideal})
+            for b in branches:
+                b.close()
+        snap.close()
+        return {"rows": rows}
+
+    def prefill(self, doc: str, system: str | None) -> dict[str, Any]:
+        """The shared prefill alone (as `kvfork demo` does it): seconds and tokens."""
+        with self.engine.prefill(doc, system=system) as snap:
+            return {"prefill_s": snap.prefill_s, "n_tokens": snap.n_tokens, "tokens": list(snap.tokens)}
+
+    def scratch(self, prompts: list[list[int]], max_tokens: int, keep_prefix: bool = False) -> dict[str, Any]:
+        """kvfork's own non-sharing path: each prompt prefilled whole, one after another (an extra column)."""
+        t0 = time.perf_counter()
+        outs = [self.engine.generate(p, max_tokens=max_tokens, ignore_eos=True) for p in prompts]
+        return {"wall_s": time.perf_counter() - t0, "tokens": [list(o.tokens) for o in outs],
+                "ttft_s": [o.ttft_s for o in outs]}
+
+
+class LlamaCppChild:
+    """llama-cpp-python's `Llama` with llama.cpp's defaults: the system users run today."""
+
+    def __init__(self, model: str, threads: int, n_ctx: int, flash_attn: bool = True) -> None:
+        import llama_cpp
+
+        from kvfork.models import resolve_model
+
+        self.llm = llama_cpp.Llama(str(resolve_model(model)), n_ctx=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, flash_attn=flash_attn, verbose=False)
+        c = self.llm.context_params
+        self.info = {"settings": {"llama_cpp_python": llama_cpp.__version__, "n_ctx": c.n_ctx, "n_batch": c.n_batch,
+                                  "n_ubatch": c.n_ubatch, "type_k": c.type_k, "flash_attn_type": c.flash_attn_type,
+                                  "use_extra_bufts": bool(self.llm.model_params.use_extra_bufts),
+                                  "threads": threads},
+                     "tiled_mm": os.environ.get("GGML_CPU_TILED_MM", "on (ggml default)")}
+
+    def _one(self, prompt: list[int], max_tokens: int, reset: bool) -> tuple[list[int], float, float]:
+        if reset:
+            self.llm.reset()  # NOTE: n_tokens = 0: generate() then prefills the whole prompt again
+        t0 = time.perf_counter()
+        out: list[int] = []
+        ttft = 0.0
+        # NOTE: greedy (temp 0), every token kept to max_tokens (as kvfork's ignore_eos)
+        for token in self.llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            if not out:
+                ttft = time.perf_counter() - t0
+            out.append(int(token))
+            if len(out) >= max_tokens:
+                break
+        return out, ttft, time.perf_counter() - t0
+
+    def scratch(self, prompts: list[list[int]], max_tokens: int, keep_prefix: bool = False) -> dict[str, Any]:
+        """Agents one after another, each from scratch (or, keep_prefix, with Llama's own prefix reuse)."""
+        self.llm.reset()
+        t0 = time.perf_counter()
+        rows = [self._one(p, max_tokens, reset=not keep_prefix) for p in prompts]
+        return {"wall_s": time.perf_counter() - t0, "tokens": [r[0] for r in rows],
+                "ttft_s": [r[1] for r in rows], "total_s": [r[2] for r in rows]}
+
+    def prefill(self, tokens: list[int]) -> dict[str, Any]:
+        """The same tokens prefilled alone (llama_decode in n_batch chunks, as Llama.eval does)."""
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(tokens)
+        return {"prefill_s": time.perf_counter() - t0, "n_tokens": len(tokens)}
+
+
+def _child(args: argparse.Namespace) -> None:
+    if args.kind == "llama.cpp":
+        child: Any = LlamaCppChild(args.model, args.threads, args.n_ctx, flash_attn=args.flash_attn == "on")
+    else:
+        child = KvforkChild(args.model, args.kind == "kvfork-exact", args.threads, args.n_ctx, args.n_seq_max)
+    print(json.dumps({"kind": args.kind, **child.info}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            reply = getattr(child, op)(**request)
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+            reply = {"error": f"{op}: {type(e).__name__}: {e}"}
+        print(json.dumps(reply), flush=True)
+
+
+def _compare_settings(args: argparse.Namespace) -> None:
+    """llama-cpp-python's Llama with flash attention off (its own default) and on (llama.cpp's "auto" on CPUs)."""
+    from workload import SYSTEM, document, provenance, stats
+
+    rows: dict[str, list[float]] = {"off": [], "on": []}
+    kv = Arm("kvfork", Path(args.model), threads=args.threads, n_ctx=args.n_ctx, n_seq_max=4)
+    arms = {fa: Arm("llama.cpp", Path(args.model), threads=args.threads, n_ctx=args.n_ctx, n_seq_max=1,
+                    extra=("--flash-attn", fa)) for fa in rows}
+    for r in range(args.repeats):
+        doc = document(f"settings-{r}-{time.time_ns()}")
+        (prompt,) = kv.call("prompts", doc=doc, system=SYSTEM, instructions=["Summarize it."])["prompts"]
+        for fa, arm in arms.items():
+            rows[fa].append(len(prompt) / arm.call("prefill", tokens=prompt)["prefill_s"])
+            print(f"repeat {r + 1}: flash_attn {fa}: {rows[fa][-1]:.1f} tok/s ({len(prompt)} tokens)", flush=True)
+    for arm in (kv, *arms.values()):
+        arm.close()
+    out = {"provenance": provenance(), "prefill_tok_s": {fa: stats(v) for fa, v in rows.items()}}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "reference_settings.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out["prefill_tok_s"], indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=KINDS, default=None, help="run as this child (internal)")
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-ctx", type=int, default=8192)
+    ap.add_argument("--n-seq-max", type=int, default=20)
+    ap.add_argument("--flash-attn", choices=["on", "off"], default="on", help="the llama.cpp child's flash_attn")
+    ap.add_argument("--compare-settings", action="store_true", help="measure Llama's flash attention off vs on")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if args.kind:
+        _child(args)
+    elif args.compare_settings:
+        _compare_settings(args)
+    else:
+        ap.print_help()
+
+
+if __name__ == "__main__":
+    main()
