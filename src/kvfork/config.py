@@ -36,10 +36,14 @@ class EngineConfig:
     3,500-token prefix forked to 8 branches of 200 tokens needs about 3,500 + 8*200 cells, not 8*3,700.
 
     Two modes (docs/exactness.md):
-    - fast (exact=False, the default): llama.cpp's own defaults for this machine: f16 KV cache, flash
-      attention "auto", repacked weights, ggml's tiled matmul. A forked branch computes what a
-      from-scratch run computes up to floating-point rounding (the kernels llama.cpp picks depend on
-      the batch and on where cells sit), so long greedy outputs can part ways at near-ties.
+    - fast (exact=False, the default): llama.cpp's fastest settings for this machine: its default f16 KV
+      cache, flash attention "auto" and ggml's tiled matmul, and weights *not* repacked. NOTE: repacked
+      Q4_K weights (llama.cpp's default) run a decode of 2-3 rows as 2-3 single-row passes over the
+      weights, and bypass the tiled K-quant matmul that beats them in prefill on AVX2 CPUs: measured here
+      (bench/arms.py --compare-settings) prefill ~90 vs ~75 tok/s, a 2-branch decode step 75 vs ~100 ms.
+      A forked branch computes what a from-scratch run computes up to floating-point rounding (the
+      kernels llama.cpp picks depend on the batch and on where cells sit), so long greedy outputs can
+      part ways at near-ties.
     - exact (exact=True): a forked or restored branch produces exactly the tokens of a from-scratch
       run. NOTE: it takes q8_0 KV + flash attention "on" (the only attention path in ggml's CPU backend
       that rounds the same for any batch shape), no repacked weights (their Q4_K matmul differs between
@@ -57,7 +61,7 @@ class EngineConfig:
     exact: bool = False
     flash_attn: FlashAttn | None = None  # None: "auto" (fast) / "on" (exact)
     kv_type: KvType | None = None  # None: "f16" (fast) / "q8_0" (exact)
-    repack: bool | None = None  # llama.cpp's repacked weight layouts ("extra buffer types"); None: not exact
+    repack: bool | None = None  # llama.cpp's repacked weight layouts ("extra buffer types"); None: False
     chat_template: str | None = None  # a template (or llama.cpp template name) overriding the GGUF's own
     verbose: bool = False
     progress: bool = True
@@ -95,8 +99,8 @@ class EngineConfig:
             raise InvalidParameter(f"repack must be True or False, got {self.repack!r}")
 
 
-# NOTE: fast = llama.cpp's defaults (llama_context_default_params / llama_model_default_params on the CPU).
-_FAST: dict[str, object] = {"kv_type": "f16", "flash_attn": "auto", "repack": True}
+# NOTE: fast = llama.cpp's context defaults (llama_context_default_params), without repacked weights (see above).
+_FAST: dict[str, object] = {"kv_type": "f16", "flash_attn": "auto", "repack": False}
 _EXACT: dict[str, object] = {"kv_type": "q8_0", "flash_attn": "on", "repack": False}
 
 
