@@ -13,10 +13,11 @@ own. Each child times its own work (perf_counter around the calls), so the pipe 
 The llama.cpp child (`--kind llama.cpp`) sets only what a user must: the model, n_ctx (llama-cpp-python's
 default, 512, cannot hold the document), threads (the same for every arm) and flash_attn=True, which is
 what llama.cpp's own default ("auto") resolves to on the CPU; llama-cpp-python's `Llama` would otherwise
-turn flash attention off, which prefills slower here (bench/out/reference_settings.json, measured by
-`python bench/arms.py --compare-settings`). Its agents run from scratch: `reset()` before each, so
-nothing of the previous agent's prompt is reused; op "scratch" with `keep_prefix=True` instead lets
-`Llama.generate` reuse the previous call's longest common prefix, as one `Llama` object does by itself.
+turn flash attention off, which prefills slower here (`python bench/arms.py --compare-settings`, which
+also measures kvfork with and without repacked weights: see EngineConfig). Its agents run from scratch:
+`reset()` before each, so nothing of the previous agent's prompt is reused; op "scratch" with
+`keep_prefix=True` instead lets `Llama.generate` reuse the previous call's longest common prefix, as one
+`Llama` object does by itself.
 """
 
 from __future__ import annotations
@@ -104,11 +105,12 @@ class Arms(dict):
 class KvforkChild:
     """kvfork's Engine in fast (default) or exact mode, used as a user would."""
 
-    def __init__(self, model: str, exact: bool, threads: int, n_ctx: int, n_seq_max: int) -> None:
+    def __init__(self, model: str, exact: bool, threads: int, n_ctx: int, n_seq_max: int,
+                 repack: bool | None = None) -> None:
         from kvfork import Engine
 
         self.engine = Engine(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=threads, exact=exact,
-                             progress=False)
+                             progress=False, repack=repack)
         self.info = {"settings": {k: getattr(self.engine.config, k) for k in
                                   ("exact", "kv_type", "flash_attn", "repack", "n_batch", "n_ubatch", "n_threads")},
                      "tiled_mm": os.environ.get("GGML_CPU_TILED_MM", "on (ggml default)")}
@@ -248,7 +250,8 @@ def _child(args: argparse.Namespace) -> None:
     if args.kind == "llama.cpp":
         child: Any = LlamaCppChild(args.model, args.threads, args.n_ctx, flash_attn=args.flash_attn == "on")
     else:
-        child = KvforkChild(args.model, args.kind == "kvfork-exact", args.threads, args.n_ctx, args.n_seq_max)
+        repack = {"on": True, "off": False}.get(args.repack)
+        child = KvforkChild(args.model, args.kind == "kvfork-exact", args.threads, args.n_ctx, args.n_seq_max, repack)
     print(json.dumps({"kind": args.kind, **child.info}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -261,25 +264,38 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _compare_settings(args: argparse.Namespace) -> None:
-    """llama-cpp-python's Llama with flash attention off (its own default) and on (llama.cpp's "auto" on CPUs)."""
-    from workload import SYSTEM, document, provenance, stats
+    """The settings behind fast mode's defaults, side by side per repeat on a ~3,500-token report:
+    llama-cpp-python's Llama with flash attention off (its own default) and on (llama.cpp's "auto" on
+    CPUs): prefill rate; kvfork fast with repacked weights (llama.cpp's default) and without: prefill
+    rate and the time of one decode step with N = 1, 2, 4, 8 branches (24 tokens each)."""
+    from workload import INSTRUCTIONS, SYSTEM, document, provenance, stats
 
-    rows: dict[str, list[float]] = {"off": [], "on": []}
-    kv = Arm("kvfork", Path(args.model), threads=args.threads, n_ctx=args.n_ctx, n_seq_max=4)
-    arms = {fa: Arm("llama.cpp", Path(args.model), threads=args.threads, n_ctx=args.n_ctx, n_seq_max=1,
-                    extra=("--flash-attn", fa)) for fa in rows}
+    model = Path(args.model)
+    llama = {fa: Arm("llama.cpp", model, threads=args.threads, n_ctx=args.n_ctx, n_seq_max=1,
+                     extra=("--flash-attn", fa)) for fa in ("off", "on")}
+    kv = {rp: Arm("kvfork", model, threads=args.threads, n_ctx=args.n_ctx, n_seq_max=12, extra=("--repack", rp))
+          for rp in ("on", "off")}
+    rows: dict[str, list[float]] = {}
     for r in range(args.repeats):
         doc = document(f"settings-{r}-{time.time_ns()}")
-        (prompt,) = kv.call("prompts", doc=doc, system=SYSTEM, instructions=["Summarize it."])["prompts"]
-        for fa, arm in arms.items():
-            rows[fa].append(len(prompt) / arm.call("prefill", tokens=prompt)["prefill_s"])
-            print(f"repeat {r + 1}: flash_attn {fa}: {rows[fa][-1]:.1f} tok/s ({len(prompt)} tokens)", flush=True)
-    for arm in (kv, *arms.values()):
+        (prompt,) = kv["off"].call("prompts", doc=doc, system=SYSTEM, instructions=["Summarize it."])["prompts"]
+        for fa, arm in llama.items():
+            rows.setdefault(f"llama.cpp flash_attn {fa}: prefill tok/s", []).append(
+                len(prompt) / arm.call("prefill", tokens=prompt)["prefill_s"])
+        for rp, arm in kv.items():
+            x = arm.call("fanouts", doc=doc, system=SYSTEM, instructions=INSTRUCTIONS, counts=[1, 2, 4, 8],
+                         max_tokens=24)
+            rows.setdefault(f"kvfork fast repack {rp}: prefill tok/s", []).append(x["shared_tokens"] / x["shared_s"])
+            for n, c in x["cells"].items():
+                rows.setdefault(f"kvfork fast repack {rp}: decode step ms, N={n}", []).append(c["decode_s"] / 23 * 1e3)
+        print(f"repeat {r + 1}: " + "; ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()), flush=True)
+    for arm in (*llama.values(), *kv.values()):
         arm.close()
-    out = {"provenance": provenance(), "prefill_tok_s": {fa: stats(v) for fa, v in rows.items()}}
+    out = {"provenance": provenance(), "tokens": len(prompt), "settings": {k: stats(v) for k, v in rows.items()}}
     OUT.mkdir(exist_ok=True)
     (OUT / "reference_settings.json").write_text(json.dumps(out, indent=2))
-    print(json.dumps(out["prefill_tok_s"], indent=2))
+    for k, v in out["settings"].items():
+        print(f"{k}: {v['median']:.1f} ({v['min']:.1f}-{v['max']:.1f})")
 
 
 def main() -> None:
@@ -290,6 +306,7 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--n-seq-max", type=int, default=20)
     ap.add_argument("--flash-attn", choices=["on", "off"], default="on", help="the llama.cpp child's flash_attn")
+    ap.add_argument("--repack", choices=["on", "off", "default"], default="default", help="a kvfork child's repack")
     ap.add_argument("--compare-settings", action="store_true", help="measure Llama's flash attention off vs on")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

@@ -132,7 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--agents", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--agents", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--docs", type=int, nargs="+", default=[3500], help="document lengths in tokens")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
