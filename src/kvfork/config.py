@@ -40,7 +40,8 @@ class EngineConfig:
       cache, flash attention "auto" and ggml's tiled matmul, and weights *not* repacked. NOTE: repacked
       Q4_K weights (llama.cpp's default) run a decode of 2-3 rows as 2-3 single-row passes over the
       weights, and bypass the tiled K-quant matmul that beats them in prefill on AVX2 CPUs: measured here
-      (bench/arms.py --compare-settings) prefill ~90 vs ~75 tok/s, a 2-branch decode step 75 vs ~100 ms.
+      (bench/arms.py --compare-settings, a 3,566-token prompt) prefill 73.8 vs 68.2 tok/s, a decode step
+      of 2 / 4 / 8 branches 122 / 213 / 383 vs 142 / 236 / 442 ms; one branch alone 72 vs 64 ms.
       A forked branch computes what a from-scratch run computes up to floating-point rounding (the
       kernels llama.cpp picks depend on the batch and on where cells sit), so long greedy outputs can
       part ways at near-ties.
