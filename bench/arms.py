@@ -31,10 +31,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Arm", "Arms", "KINDS"]
+__all__ = ["Arm", "Arms", "KINDS", "llama_rates", "rotate"]
 
 KINDS = ("kvfork", "kvfork-exact", "llama.cpp")
 OUT = Path(__file__).resolve().parent / "out"
+
+
+def rotate(items: list, r: int) -> list:
+    """`items` in the order of repeat r: each repeat starts one system later."""
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def llama_rates(scratch: dict[str, Any]) -> tuple[float, float]:
+    """llama.cpp's own rates in a "scratch" reply: prefill tokens/s (prompt tokens / time to first token)
+    and seconds per decode step of one sequence (after the first token); the units of every bound."""
+    r_pp = sum(scratch["prompt_tokens"]) / sum(scratch["ttft_s"])
+    steps = sum(len(t) - 1 for t in scratch["tokens"])
+    return r_pp, sum(t - f for t, f in zip(scratch["total_s"], scratch["ttft_s"], strict=True)) / steps
 
 
 class Arm:
@@ -235,8 +249,8 @@ class LlamaCppChild:
         self.llm.reset()
         t0 = time.perf_counter()
         rows = [self._one(p, max_tokens, reset=not keep_prefix) for p in prompts]
-        return {"wall_s": time.perf_counter() - t0, "tokens": [r[0] for r in rows],
-                "ttft_s": [r[1] for r in rows], "total_s": [r[2] for r in rows]}
+        return {"wall_s": time.perf_counter() - t0, "tokens": [r[0] for r in rows], "ttft_s": [r[1] for r in rows],
+                "total_s": [r[2] for r in rows], "prompt_tokens": [len(p) for p in prompts]}
 
     def prefill(self, tokens: list[int]) -> dict[str, Any]:
         """The same tokens prefilled alone (llama_decode in n_batch chunks, as Llama.eval does)."""

@@ -28,7 +28,7 @@ import json
 import time
 from pathlib import Path
 
-from arms import OUT, Arms
+from arms import OUT, Arms, llama_rates, rotate
 from workload import INSTRUCTIONS, SYSTEM, document, fmt, provenance, report, stats
 
 from kvfork.models import resolve_model
@@ -41,17 +41,15 @@ def one_repeat(arms: Arms, chars: int, counts: list[int], n_tokens: int, r: int)
     agents = INSTRUCTIONS[: max(counts)]
     prompt = arms["kvfork"].call("prompts", doc=doc, system=SYSTEM, instructions=agents[r % 2: r % 2 + 1])["prompts"]
     out: dict = {}
-    order = ["llama.cpp", *MODES]
-    for kind in order[r % 3:] + order[: r % 3]:
+    for kind in rotate(["llama.cpp", *MODES], r):
         if kind == "llama.cpp":
             out[kind] = arms[kind].call("scratch", prompts=prompt, max_tokens=n_tokens)
         else:
             out[kind] = arms[kind].call("fanouts", doc=doc, system=SYSTEM, instructions=agents, counts=counts,
                                         max_tokens=n_tokens)
     base = out["llama.cpp"]
-    ttft, total = base["ttft_s"][0], base["total_s"][0]
-    r_pp = len(prompt[0]) / ttft
-    t_tg = (total - ttft) / (n_tokens - 1)
+    total = base["total_s"][0]
+    r_pp, t_tg = llama_rates(base)
     row: dict = {"D": out["kvfork"]["shared_tokens"], "scratch_s": total, "r_pp": r_pp, "t_tg": t_tg, "modes": {}}
     for mode in MODES:
         x = out[mode]

@@ -28,7 +28,7 @@ import json
 import time
 from pathlib import Path
 
-from arms import OUT, Arms
+from arms import OUT, Arms, llama_rates, rotate
 from workload import INSTRUCTIONS, SYSTEM, document, fmt, provenance, stats
 
 from kvfork.cli import DEMO_SYSTEM
@@ -58,15 +58,11 @@ def run_agents(arms: Arms, name: str, doc: str, prefix_reuse: bool, r: int) -> d
     if prefix_reuse:
         jobs["llama.cpp prefix reuse"] = ("scratch", {"prompts": prompts, "max_tokens": max_tokens,
                                                       "keep_prefix": True})
-    out = {label: arms[label.split(" ")[0]].call(op, **kw) for label, (op, kw) in rotate(jobs, r).items()}
-    out["llama.cpp"]["prompt_tokens"] = [len(p) for p in prompts]
+    out = {}
+    for label in rotate(list(jobs), r):
+        op, kw = jobs[label]
+        out[label] = arms[label.split(" ")[0]].call(op, **kw)
     return {label: out[label] for label in jobs}
-
-
-def rotate(d: dict, r: int) -> dict:
-    keys = list(d)
-    k = r % len(keys)
-    return {key: d[key] for key in keys[k:] + keys[:k]}
 
 
 def main() -> None:
@@ -98,12 +94,12 @@ def main() -> None:
                                                      counts=[1, 2, 4, 8, 16], max_tokens=32)["rows"]
                                for kind in KVFORK}]
         for r in range(args.repeats):
-            for name in rotate({s: None for s in timed}, r):
+            for name in rotate(timed, r):
                 doc = document(f"{name}-{r}-{time.time_ns()}", args.doc_chars)
                 if name == "demo":
                     rows[name].append(run_demo(arms, doc, r))
                 else:
-                    rows[name].append(rotate_agents(arms, name, doc, r, args.prefix_reuse))
+                    rows[name].append(measure_agents(arms, name, doc, r, args.prefix_reuse))
                 print(f"repeat {r + 1} {name}: " + json.dumps(brief(rows[name][-1])), flush=True)
     result = {"provenance": provenance(), "model": path.name, "threads": args.threads, "settings": info,
               "runs": rows, "summary": {name: summarize(name, runs) for name, runs in rows.items() if name != "memory"}}
@@ -116,7 +112,7 @@ def main() -> None:
     print("\n" + result["table"])
 
 
-def rotate_agents(arms: Arms, name: str, doc: str, r: int, prefix_reuse: bool) -> dict:
+def measure_agents(arms: Arms, name: str, doc: str, r: int, prefix_reuse: bool) -> dict:
     out = run_agents(arms, name, doc, prefix_reuse, r)
     base = out["llama.cpp"]
     row = {"systems": out, "wall_s": {k: v["wall_s"] for k, v in out.items()}}
@@ -131,9 +127,7 @@ def rotate_agents(arms: Arms, name: str, doc: str, r: int, prefix_reuse: bool) -
         row["rate_vs_llama_cpp"] = {k: v / row["rate_tok_s"]["llama.cpp"] for k, v in row["rate_tok_s"].items()}
     # NOTE: where the time goes: each kvfork phase against its bound at llama.cpp's own rates in this repeat
     # (prefill: prompt tokens / time to first token; decode: seconds per step of one sequence)
-    r_pp = sum(base["prompt_tokens"]) / sum(base["ttft_s"])
-    t_tg = sum(t - f for t, f in zip(base["total_s"], base["ttft_s"], strict=True)) / (len(base["ttft_s"]) * (
-        len(base["tokens"][0]) - 1))
+    r_pp, t_tg = llama_rates(base)
     row["phases"] = {k: {"shared_s": out[k]["shared_s"], "own_s": out[k]["own_s"], "decode_s": out[k]["decode_s"]}
                      for k in KVFORK}
     row["bounds"] = {"shared_s": out["kvfork"]["shared_tokens"] / r_pp, "own_s": out["kvfork"]["own_tokens"] / r_pp,
@@ -146,7 +140,7 @@ def rotate_agents(arms: Arms, name: str, doc: str, r: int, prefix_reuse: bool) -
 
 def run_demo(arms: Arms, doc: str, r: int) -> dict:
     # NOTE: llama.cpp is given the very tokens kvfork prefilled, so it goes last; the two kvfork modes rotate
-    out = {kind: arms[kind].call("prefill", doc=doc, system=DEMO_SYSTEM) for kind in KVFORK[r % 2:] + KVFORK[:r % 2]}
+    out = {kind: arms[kind].call("prefill", doc=doc, system=DEMO_SYSTEM) for kind in rotate(list(KVFORK), r)}
     tokens = out["kvfork"]["tokens"]
     out["llama.cpp"] = arms["llama.cpp"].call("prefill", tokens=tokens)
     for v in out.values():
