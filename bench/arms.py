@@ -11,10 +11,12 @@ cannot both be themselves in one process, and the baseline must be what users ru
 own. Each child times its own work (perf_counter around the calls), so the pipe costs nothing measured.
 
 The llama.cpp child (`--kind llama.cpp`) sets only what a user must: the model, n_ctx (llama-cpp-python's
-default, 512, cannot hold the document), threads (the same for every arm) and flash_attn=True, which is
-what llama.cpp's own default ("auto") resolves to on the CPU; llama-cpp-python's `Llama` would otherwise
-turn flash attention off, which prefills slower here (`python bench/arms.py --compare-settings`, which
-also measures kvfork with and without repacked weights: see EngineConfig). Its agents run from scratch:
+default, 512, cannot hold the document) and threads (the same for every arm). Everything else is
+`Llama`'s own default, flash attention included: `Llama` turns it off unless asked (llama.cpp's own
+"auto" turns it on on CPUs), and off is the faster of the two for this baseline here: it prefills as
+fast or faster and decodes one sequence ~35% faster (`python bench/arms.py --compare-settings`, which
+also measures kvfork with flash attention and with repacked weights: see EngineConfig).
+`--flash-attn on` gives the baseline with flash attention. Its agents run from scratch:
 `reset()` before each, so nothing of the previous agent's prompt is reused; op "scratch" with
 `keep_prefix=True` instead lets `Llama.generate` reuse the previous call's longest common prefix, as one
 `Llama` object does by itself.
@@ -120,11 +122,11 @@ class KvforkChild:
     """kvfork's Engine in fast (default) or exact mode, used as a user would."""
 
     def __init__(self, model: str, exact: bool, threads: int, n_ctx: int, n_seq_max: int,
-                 repack: bool | None = None) -> None:
+                 repack: bool | None = None, flash_attn: str | None = None) -> None:
         from kvfork import Engine
 
         self.engine = Engine(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=threads, exact=exact,
-                             progress=False, repack=repack)
+                             progress=False, repack=repack, flash_attn=flash_attn)
         self.info = {"settings": {k: getattr(self.engine.config, k) for k in
                                   ("exact", "kv_type", "flash_attn", "repack", "n_batch", "n_ubatch", "n_threads")},
                      "tiled_mm": os.environ.get("GGML_CPU_TILED_MM", "on (ggml default)")}
@@ -215,13 +217,14 @@ class KvforkChild:
 class LlamaCppChild:
     """llama-cpp-python's `Llama` with llama.cpp's defaults: the system users run today."""
 
-    def __init__(self, model: str, threads: int, n_ctx: int, flash_attn: bool = True) -> None:
+    def __init__(self, model: str, threads: int, n_ctx: int, flash_attn: bool | None = None) -> None:
         import llama_cpp
 
         from kvfork.models import resolve_model
 
+        own = {} if flash_attn is None else {"flash_attn": flash_attn}  # None: Llama's own default (off)
         self.llm = llama_cpp.Llama(str(resolve_model(model)), n_ctx=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, flash_attn=flash_attn, verbose=False)
+                                   n_threads_batch=threads, verbose=False, **own)
         c = self.llm.context_params
         self.info = {"settings": {"llama_cpp_python": llama_cpp.__version__, "n_ctx": c.n_ctx, "n_batch": c.n_batch,
                                   "n_ubatch": c.n_ubatch, "type_k": c.type_k, "flash_attn_type": c.flash_attn_type,
@@ -262,10 +265,13 @@ class LlamaCppChild:
 
 def _child(args: argparse.Namespace) -> None:
     if args.kind == "llama.cpp":
-        child: Any = LlamaCppChild(args.model, args.threads, args.n_ctx, flash_attn=args.flash_attn == "on")
+        fa_llama = {"on": True, "auto": True, "off": False}.get(args.flash_attn)
+        child: Any = LlamaCppChild(args.model, args.threads, args.n_ctx, flash_attn=fa_llama)
     else:
         repack = {"on": True, "off": False}.get(args.repack)
-        child = KvforkChild(args.model, args.kind == "kvfork-exact", args.threads, args.n_ctx, args.n_seq_max, repack)
+        fa = None if args.flash_attn == "default" else args.flash_attn
+        child = KvforkChild(args.model, args.kind == "kvfork-exact", args.threads, args.n_ctx, args.n_seq_max,
+                            repack, fa)
     print(json.dumps({"kind": args.kind, **child.info}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -280,28 +286,31 @@ def _child(args: argparse.Namespace) -> None:
 def _compare_settings(args: argparse.Namespace) -> None:
     """The settings behind fast mode's defaults, side by side per repeat on a ~3,500-token report:
     llama-cpp-python's Llama with flash attention off (its own default) and on (llama.cpp's "auto" on
-    CPUs): prefill rate; kvfork fast with repacked weights (llama.cpp's default) and without: prefill
-    rate and the time of one decode step with N = 1, 2, 4, 8 branches (24 tokens each)."""
+    CPUs): prefill rate; kvfork fast as it ships (flash attention off, weights not repacked), with
+    flash attention "auto" (llama.cpp's default) and with repacked weights (llama.cpp's default):
+    prefill rate and the time of one decode step with N = 1, 2, 4, 8 branches (24 tokens each)."""
     from workload import INSTRUCTIONS, SYSTEM, document, provenance, stats
 
     model = Path(args.model)
     llama = {fa: Arm("llama.cpp", model, threads=args.threads, n_ctx=args.n_ctx, n_seq_max=1,
                      extra=("--flash-attn", fa)) for fa in ("off", "on")}
-    kv = {rp: Arm("kvfork", model, threads=args.threads, n_ctx=args.n_ctx, n_seq_max=12, extra=("--repack", rp))
-          for rp in ("on", "off")}
+    variants = {"as shipped": (), "flash_attn auto": ("--flash-attn", "auto"), "repack on": ("--repack", "on")}
+    kv = {name: Arm("kvfork", model, threads=args.threads, n_ctx=args.n_ctx, n_seq_max=12, extra=extra)
+          for name, extra in variants.items()}
     rows: dict[str, list[float]] = {}
     for r in range(args.repeats):
         doc = document(f"settings-{r}-{time.time_ns()}")
-        (prompt,) = kv["off"].call("prompts", doc=doc, system=SYSTEM, instructions=["Summarize it."])["prompts"]
+        first = kv["as shipped"]
+        (prompt,) = first.call("prompts", doc=doc, system=SYSTEM, instructions=["Summarize it."])["prompts"]
         for fa, arm in llama.items():
             rows.setdefault(f"llama.cpp flash_attn {fa}: prefill tok/s", []).append(
                 len(prompt) / arm.call("prefill", tokens=prompt)["prefill_s"])
-        for rp, arm in kv.items():
-            x = arm.call("fanouts", doc=doc, system=SYSTEM, instructions=INSTRUCTIONS, counts=[1, 2, 4, 8],
-                         max_tokens=24)
-            rows.setdefault(f"kvfork fast repack {rp}: prefill tok/s", []).append(x["shared_tokens"] / x["shared_s"])
+        for name in rotate(list(kv), r):
+            x = kv[name].call("fanouts", doc=doc, system=SYSTEM, instructions=INSTRUCTIONS, counts=[1, 2, 4, 8],
+                              max_tokens=24)
+            rows.setdefault(f"kvfork fast {name}: prefill tok/s", []).append(x["shared_tokens"] / x["shared_s"])
             for n, c in x["cells"].items():
-                rows.setdefault(f"kvfork fast repack {rp}: decode step ms, N={n}", []).append(c["decode_s"] / 23 * 1e3)
+                rows.setdefault(f"kvfork fast {name}: decode step ms, N={n}", []).append(c["decode_s"] / 23 * 1e3)
         print(f"repeat {r + 1}: " + "; ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()), flush=True)
     for arm in (*llama.values(), *kv.values()):
         arm.close()
@@ -319,9 +328,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--n-seq-max", type=int, default=20)
-    ap.add_argument("--flash-attn", choices=["on", "off"], default="on", help="the llama.cpp child's flash_attn")
+    ap.add_argument("--flash-attn", choices=["on", "off", "auto", "default"], default="default",
+                    help="a child's flash attention (default: Llama's own, off, for llama.cpp; the mode's own for kvfork)")
     ap.add_argument("--repack", choices=["on", "off", "default"], default="default", help="a kvfork child's repack")
-    ap.add_argument("--compare-settings", action="store_true", help="measure Llama's flash attention off vs on")
+    ap.add_argument("--compare-settings", action="store_true", help="measure the settings behind fast mode")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.kind:

@@ -3,9 +3,9 @@
     python bench/scenarios.py [--repeats 3] [--model qwen2.5-coder-0.5b] [--scenarios one swarm four demo]
 
 Every system runs in its own process (bench/arms.py): kvfork with its defaults (fast), kvfork with
-exact=True, and llama-cpp-python's `Llama` with llama.cpp's default settings (f16 KV cache, flash
-attention on as "auto" resolves on CPUs, repacked weights, tiled matmul), the same model file, threads
-and n_ctx. Per repeat, a document with a new first line (nothing cached from an earlier repeat), and
+exact=True, and llama-cpp-python's `Llama` with its own defaults (llama.cpp's f16 KV cache, repacked
+weights and tiled matmul; flash attention off, `Llama`'s default and the faster setting here), the same
+model file, threads and n_ctx. Per repeat, a document with a new first line (nothing cached from an earlier repeat), and
 the systems in rotated order. Scenarios, on the bundled ~3,500-token report:
   one     1 agent x 64 tokens: kvfork's overhead (prefill + decode through kvfork vs llama.cpp)
   swarm   SwarmKV's setting: 2 agents x 64 tokens; and agent 2 activated later from the live snapshot

@@ -37,11 +37,20 @@ class EngineConfig:
 
     Two modes (docs/exactness.md):
     - fast (exact=False, the default): llama.cpp's fastest settings for this machine: its default f16 KV
-      cache, flash attention "auto" and ggml's tiled matmul, and weights *not* repacked. NOTE: repacked
-      Q4_K weights (llama.cpp's default) run a decode of 2-3 rows as 2-3 single-row passes over the
-      weights, and bypass the tiled K-quant matmul that beats them in prefill on AVX2 CPUs: measured here
-      (bench/arms.py --compare-settings, a 3,566-token prompt) prefill 73.8 vs 68.2 tok/s, a decode step
-      of 2 / 4 / 8 branches 122 / 213 / 383 vs 142 / 236 / 442 ms; one branch alone 72 vs 64 ms.
+      cache and ggml's tiled matmul, with flash attention *off* and weights *not* repacked, two
+      measured departures from llama.cpp's defaults (bench/arms.py --compare-settings, a ~3,500-token
+      prompt, 2 threads; docs/benchmarks.md has the figures):
+      NOTE: ggml's CPU flash-attention kernel runs each query as its own pass over the visible cells,
+      so every branch of a fan-out reads the shared prefix again; without it, attention is two matmuls
+      that read each cell once for all the rows of a batch. Measured: a decode step of 1 / 4 / 8
+      branches 46-55 / 108-134 / 219-245 ms against 74-76 / 200-204 / 342-376 ms with flash attention,
+      prefill the same (84-86 tok/s). A quantized kv_type needs flash attention and keeps "auto"; on
+      a GPU build pass flash_attn="auto" (llama.cpp's default there), which this CPU figure says
+      nothing about.
+      NOTE: repacked Q4_K weights (llama.cpp's default) run a decode of 2-3 rows as 2-3 single-row
+      passes over the weights, and bypass the tiled K-quant matmul that beats them in prefill on AVX2
+      CPUs: measured prefill 73.8 vs 68.2 tok/s, a decode step of 2 / 4 / 8 branches 122 / 213 / 383 vs
+      142 / 236 / 442 ms; one branch alone 72 vs 64 ms (flash attention on in both).
       A forked branch computes what a from-scratch run computes up to floating-point rounding (the
       kernels llama.cpp picks depend on the batch and on where cells sit), so long greedy outputs can
       part ways at near-ties.
@@ -60,7 +69,7 @@ class EngineConfig:
     n_seq_max: int = 32
     n_threads: int = field(default_factory=default_threads)
     exact: bool = False
-    flash_attn: FlashAttn | None = None  # None: "auto" (fast) / "on" (exact)
+    flash_attn: FlashAttn | None = None  # None: "off" (fast; "auto" for a quantized kv_type) / "on" (exact)
     kv_type: KvType | None = None  # None: "f16" (fast) / "q8_0" (exact)
     repack: bool | None = None  # llama.cpp's repacked weight layouts ("extra buffer types"); None: False
     chat_template: str | None = None  # a template (or llama.cpp template name) overriding the GGUF's own
@@ -82,6 +91,8 @@ class EngineConfig:
         if not isinstance(self.exact, bool):
             raise InvalidParameter(f"exact must be True or False, got {self.exact!r}")
         mode = _EXACT if self.exact else _FAST
+        if not self.exact and self.kv_type not in (None, "f16", "f32"):
+            mode = {**mode, "flash_attn": "auto"}  # a quantized V cache needs flash attention
         for name, value in mode.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -100,8 +111,9 @@ class EngineConfig:
             raise InvalidParameter(f"repack must be True or False, got {self.repack!r}")
 
 
-# NOTE: fast = llama.cpp's context defaults (llama_context_default_params), without repacked weights (see above).
-_FAST: dict[str, object] = {"kv_type": "f16", "flash_attn": "auto", "repack": False}
+# NOTE: fast = llama.cpp's context defaults (llama_context_default_params) without flash attention or
+# repacked weights (both measured slower on CPUs, see above).
+_FAST: dict[str, object] = {"kv_type": "f16", "flash_attn": "off", "repack": False}
 _EXACT: dict[str, object] = {"kv_type": "q8_0", "flash_attn": "on", "repack": False}
 
 

@@ -76,10 +76,11 @@ def _probe(doc: str, questions: list[str], model: str, template: str | None, n: 
 
 def test_defaults_are_llama_cpp_s_and_exact_is_one_switch():
     fast = EngineConfig()
-    assert (fast.exact, fast.kv_type, fast.flash_attn, fast.repack) == (False, "f16", "auto", False)
+    assert (fast.exact, fast.kv_type, fast.flash_attn, fast.repack) == (False, "f16", "off", False)
     exact = EngineConfig(exact=True)
     assert (exact.kv_type, exact.flash_attn, exact.repack) == ("q8_0", "on", False)
-    assert EngineConfig(kv_type="q8_0").flash_attn == "auto"  # fast mode takes any cache type
+    assert EngineConfig(kv_type="q8_0").flash_attn == "auto"  # fast mode takes any cache type (it needs FA)
+    assert EngineConfig(flash_attn="auto").flash_attn == "auto"  # llama.cpp's own default, on request
     with pytest.raises(InvalidParameter, match="exact=True needs kv_type='q8_0'"):
         EngineConfig(exact=True, kv_type="f16")
     with pytest.raises(InvalidParameter, match="repack"):
@@ -92,7 +93,7 @@ def test_forked_branches_match_scratch_up_to_rounding(gemma_path):
     from-scratch tokens: the next-token distributions agree within the stated tolerance."""
     questions = [f"Question {i}: what happened on day {1 + i % 4}? Answer:" for i in range(8)]
     out = _probe(long_text(40), questions, str(gemma_path), "gemma", 24, chat=False)
-    assert "kv_type='f16'" in out["config"] and "flash_attn='auto'" in out["config"]
+    assert "kv_type='f16'" in out["config"] and "flash_attn='off'" in out["config"]
     rows = out["rows"]
     mean_kl = sum(r["mean_kl"] for r in rows) / len(rows)
     assert mean_kl <= MEAN_KL, rows
@@ -115,13 +116,13 @@ def test_greedy_outputs_agree_with_scratch_on_the_default_model(qwen_path):
 
 def test_every_capability_runs_in_fast_mode(gemma_path, adapter_files, tmp_path):
     """The default mode is what users run: reuse modes, adapters and the snapshot store work on its f16
-    cache (flash attention auto) as they do in exact mode; with repacked weights too."""
+    cache (flash attention off: V stored transposed) as they do in exact mode; with repacked weights too."""
     from kvfork import Engine, SnapshotStore
 
     doc = long_text(14)
     with Engine(gemma_path, n_ctx=4096, n_seq_max=16, chat_template="gemma", progress=False, repack=True,
                 store=SnapshotStore(tmp_path / "store")) as e:
-        assert (e.config.kv_type, e.config.flash_attn) == ("f16", "auto")
+        assert (e.config.kv_type, e.config.flash_attn) == ("f16", "off")
         head = e.tokenize("<start_of_turn>user\nYou are terse.\n\nReport:\n", add_bos=True, special=True)
         other = e.tokenize("<start_of_turn>user\nYou are a careful inspector.\n\nReport:\n", add_bos=True,
                            special=True)
