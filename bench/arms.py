@@ -329,7 +329,7 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--n-seq-max", type=int, default=20)
     ap.add_argument("--flash-attn", choices=["on", "off", "auto", "default"], default="default",
-                    help="a child's flash attention (default: Llama's own, off, for llama.cpp; the mode's own for kvfork)")
+                    help="a child's flash attention (default: Llama's own (off) for llama.cpp, the mode's for kvfork)")
     ap.add_argument("--repack", choices=["on", "off", "default"], default="default", help="a kvfork child's repack")
     ap.add_argument("--compare-settings", action="store_true", help="measure the settings behind fast mode")
     ap.add_argument("--repeats", type=int, default=3)

@@ -33,7 +33,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     # NOTE: None takes the mode's own (see EngineConfig): fast = llama.cpp's defaults, exact = q8_0 + "on"
     p.add_argument("--kv-type", choices=["q8_0", "f16", "f32"], default=None,
                    help="KV cache type (default: f16; --exact: q8_0)")
-    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default=None, help="default: off (fast; auto for a quantized --kv-type); --exact: on")
+    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default=None,
+                   help="default: off (fast; auto for a quantized --kv-type); --exact: on")
     p.add_argument("--chat-template", default=None, help="llama.cpp template name for models without one")
     p.add_argument("--store", default=None, metavar="DIR", help="snapshot store folder (restores long prefixes)")
     p.add_argument("--store-ram-mb", type=int, default=None, help="store's host-RAM budget (default 1024)")
