@@ -77,11 +77,18 @@ def main() -> None:
     ap.add_argument("--prefix-reuse", action="store_true", help="add llama.cpp with Llama's own prefix reuse")
     ap.add_argument("--doc-chars", type=int, default=None, help="cut the report (a quick smoke run)")
     ap.add_argument("--out", type=Path, default=OUT / "scenarios.json")
+    ap.add_argument("--summarize", type=Path, default=None,
+                    help="only summarize runs saved before ({'runs': ...}, as scenarios.runs.json holds them)")
     args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        write(args, json.loads(args.summarize.read_text()))
+        return
     path = resolve_model(args.model)
     rows: dict[str, list[dict]] = {s: [] for s in args.scenarios}
     with Arms(path, threads=args.threads) as arms:
-        info = {kind: arm.info for kind, arm in arms.items()}
+        head = {"provenance": provenance(), "model": path.name, "threads": args.threads,
+                "settings": {kind: arm.info for kind, arm in arms.items()}}
         for kind in KVFORK:  # NOTE: warm-up: page the weights in, build the graphs
             arms[kind].call("agents", doc=document("warm-up", 1500), system=SYSTEM, instructions=INSTRUCTIONS[:2],
                             max_tokens=4)
@@ -101,8 +108,15 @@ def main() -> None:
                 else:
                     rows[name].append(measure_agents(arms, name, doc, r, args.prefix_reuse))
                 print(f"repeat {r + 1} {name}: " + json.dumps(brief(rows[name][-1])), flush=True)
-    result = {"provenance": provenance(), "model": path.name, "threads": args.threads, "settings": info,
-              "runs": rows, "summary": {name: summarize(name, runs) for name, runs in rows.items() if name != "memory"}}
+                # NOTE: every run is on disk before the next one starts: a failure later loses nothing measured
+                args.out.with_suffix(".runs.json").write_text(json.dumps({**head, "runs": rows}))
+    write(args, {**head, "runs": rows})
+
+
+def write(args: argparse.Namespace, result: dict) -> None:
+    """Summarize the runs in `result` and write scenarios.json and its table."""
+    rows = result["runs"]
+    result["summary"] = {name: summarize(name, runs) for name, runs in rows.items() if name != "memory"}
     if "memory" in rows:
         result["summary"]["memory"] = rows["memory"][0]
     result["table"] = table(result["summary"], args.prefix_reuse)
@@ -169,8 +183,10 @@ def summarize(name: str, runs: list[dict]) -> dict:
     for key in ("exact_cost", "scratch_ttft_s", "tokens", "forks_ms", "prompt_tokens"):
         if key in runs[0]:
             out[key] = stats([r[key] for r in runs])
-    out["phases"] = {m: {k: stats([r["phases"][m][k] for r in runs]) for k in runs[0]["phases"][m]} for m in KVFORK}
-    if "activation_s" in out:
+    if "phases" in runs[0]:
+        out["phases"] = {m: {k: stats([r["phases"][m][k] for r in runs]) for k in runs[0]["phases"][m]}
+                         for m in KVFORK}
+    if "activation_s" in out and "scratch_ttft_s" in runs[0]:
         out["activation_speedup"] = {k: stats([r["scratch_ttft_s"] / r["activation_s"][k] for r in runs])
                                      for k in KVFORK}
     return out
@@ -191,7 +207,7 @@ def table(summary: dict, prefix_reuse: bool) -> str:
                      f" {fmt(w['llama.cpp'], ' s')} |{extra} {fmt(sp['kvfork'], 'x', digits=2)} |"
                      f" {fmt(sp['kvfork-exact'], 'x', digits=2)} | {fmt(s['exact_cost'], 'x', digits=2)} |")
     notes = []
-    if "swarm" in summary:
+    if "activation_speedup" in summary.get("swarm", {}):
         a = summary["swarm"]
         notes.append("SwarmKV: agent 2 activated from the live snapshot in"
                      f" {fmt(a['activation_s']['kvfork'], ' s', digits=3)}"
@@ -199,7 +215,7 @@ def table(summary: dict, prefix_reuse: bool) -> str:
                      f" {fmt(a['scratch_ttft_s'], ' s')} to its first token from scratch:"
                      f" {fmt(a['activation_speedup']['kvfork'], 'x', digits=0)} /"
                      f" {fmt(a['activation_speedup']['kvfork-exact'], 'x', digits=0)} sooner.")
-    if "four" in summary:
+    if "forks_ms" in summary.get("four", {}):
         notes.append("4 agents: the 4 forks (seq_cp on the unified cache) took"
                      f" {fmt(summary['four']['forks_ms'], ' ms', digits=2)}"
                      " together.")
@@ -219,7 +235,8 @@ def table(summary: dict, prefix_reuse: bool) -> str:
                          f" fast {fmt(g['kvfork'], '%', 100, 0)}, exact {fmt(g['kvfork-exact'], '%', 100, 0)}.")
     if "rate_tok_s" in summary.get("one", {}):
         d = summary["one"]
-        notes.append(f"1 agent: its whole prompt ({d['prompt_tokens']['median']:.0f} tokens: the report, the demo's"
+        n = f"{d['prompt_tokens']['median']:.0f} tokens: " if "prompt_tokens" in d else ""
+        notes.append(f"1 agent: its whole prompt ({n}the report, the demo's"
                      " system prompt and an instruction) to the first token: fast"
                      f" {fmt(d['rate_tok_s']['kvfork'], ' tok/s', digits=0)}, exact"
                      f" {fmt(d['rate_tok_s']['kvfork-exact'], ' tok/s', digits=0)}, llama.cpp"
@@ -228,7 +245,8 @@ def table(summary: dict, prefix_reuse: bool) -> str:
                      f" {fmt(d['rate_vs_llama_cpp']['kvfork-exact'], '%', 100, 0)} (within each repeat).")
     if "demo" in summary:
         d = summary["demo"]
-        notes.append(f"`kvfork demo`'s shared prefill ({d['tokens']['median']:.0f} tokens): fast"
+        n = f" ({d['tokens']['median']:.0f} tokens)" if "tokens" in d else ""
+        notes.append(f"`kvfork demo`'s shared prefill{n}: fast"
                      f" {fmt(d['rate_tok_s']['kvfork'], ' tok/s', digits=0)}, exact"
                      f" {fmt(d['rate_tok_s']['kvfork-exact'], ' tok/s', digits=0)}, llama.cpp"
                      f" {fmt(d['rate_tok_s']['llama.cpp'], ' tok/s', digits=0)}: fast at"
