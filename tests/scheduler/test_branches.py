@@ -50,6 +50,26 @@ def test_branch_forks_a_branch(gemma, gemma_ref):
         b.close()
 
 
+def test_a_chain_of_forks_each_closing_its_parent_runs_on_a_few_ids(gemma_path, gemma_ref):
+    """20 forks of forks through 4 sequence ids, each parent closed once forked: a closed parent hands
+    its cells to its fork (nothing pins it), and the last fork still computes what a from-scratch run does."""
+    with Engine(gemma_path, n_ctx=2048, n_seq_max=4, **GEMMA) as engine:
+        snap = engine.prefill(long_text(6))
+        branch = snap.fork()
+        snap.close()
+        for i in range(20):
+            branch.send(f" Step {i}:").generate(max_tokens=2)
+            branch, parent = branch.fork(), branch
+            parent.close()
+        assert engine.scheduler.table.n_free_ids == 3
+        branch.send(" Summary:")
+        out = branch.generate(max_tokens=6)
+        history = branch.tokens[: len(branch.tokens) - len(out.tokens)]
+        assert out.tokens == gemma_ref.generate(history, max_tokens=6).tokens
+        branch.close()
+        assert engine.scheduler.table.n_free_ids == 4 and engine.scheduler.table.cells_reserved() == 0
+
+
 def test_a_small_fork_does_not_wait_behind_a_prompt_that_does_not_fit(gemma_path):
     # 1,024 cells: a ~730-token snapshot, then a 600-token prompt that cannot fit until the snapshot is
     # gone, queued ahead of a short fork of the snapshot that fits: the fork runs first (first fit).

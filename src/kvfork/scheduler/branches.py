@@ -19,6 +19,11 @@ class BranchTable:
     it may still generate; shared prefix cells are counted once, on the sequence that made them.
     A sequence released with defer=True is *spent*: it keeps its id and cells, which count as free
     (`can_allocate`), until `free_spent` or an `allocate` / `borrow_id` that needs them.
+    A released sequence whose forks live on does not pin its cells: llama.cpp frees a cell only when
+    no sequence id holds it, and each fork's id already holds the cells it shares. So the fork sharing
+    the most takes over their accounting (`_hand_over`), its siblings become its forks, and only the
+    cells no fork shares are freed. A sequence stays pinned only while a fork of it waits for its id
+    (the fork's cells are tagged from the parent's at admission).
     """
 
     def __init__(self, ctx: LlamaContext, n_seq_max: int) -> None:
@@ -39,8 +44,12 @@ class BranchTable:
         return len(self._free_ids) + len(self._spent)
 
     def cells_reserved(self) -> int:
-        """Cells the live sequences may occupy (spent ones not counted: they are freed on demand)."""
-        spent = set(self._spent)
+        """Cells the live sequences may occupy (spent ones not counted: they are freed on demand).
+
+        NOTE: a spent sequence with forks is counted whole: freeing it hands the cells its forks share
+        over to them rather than freeing them.
+        """
+        spent = {s for s in self._spent if not s.children}
         return sum(seq.cells_needed() for seq in self._live if seq not in spent)
 
     def check_fits(self, seq: Sequence) -> None:
@@ -66,18 +75,21 @@ class BranchTable:
 
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` an id (sharing its parent's cells) if it has none; count its cells."""
-        held = sum(s.n_own_tokens for s in self._spent)
+        held = sum(s.n_own_tokens for s in self._spent if not s.children)
         if (seq.seq_id is None and not self._free_ids) or self._cells_with(seq) + held > self.n_cells:
             self.free_spent()
         if seq.seq_id is None:
             seq.seq_id = self._free_ids.pop()
-            if seq.parent is not None:
-                assert seq.parent.seq_id is not None, "a parent keeps its id while it has children"
+            parent = seq.parent
+            if parent is not None:
+                assert parent.seq_id is not None, "a parent keeps its id while a fork waits for one"
                 # NOTE: zero-copy fork: on a unified cache seq_cp only adds the new id to the parent's cells.
                 t0 = time.perf_counter()
-                self.ctx.seq_cp(seq.parent.seq_id, seq.seq_id, -1, seq.n_shared)
+                self.ctx.seq_cp(parent.seq_id, seq.seq_id, -1, seq.n_shared)
                 self.fork_seconds += time.perf_counter() - t0
                 self.n_forks += 1
+                if parent.released and parent not in self._spent and self._all_admitted(parent):
+                    self._spent.append(parent)  # it waited for this fork only: freed with the spent ones
         self._live.add(seq)
 
     def borrow_id(self) -> int:
@@ -96,7 +108,7 @@ class BranchTable:
         self._free_ids.append(seq_id)
 
     def release(self, seq: Sequence, *, defer: bool = False) -> None:
-        """Free `seq` now, or once its last fork is freed (its cells are pinned until then).
+        """Free `seq` now (its forks keep the cells they share), or, defer=True, once turns end.
 
         defer=True (other sequences are mid-turn): keep its id and cells until `free_spent`.
         NOTE: llama.cpp puts new tokens in the lowest free cells, and flash attention sums a query's
@@ -108,11 +120,11 @@ class BranchTable:
         if seq.released:
             return
         seq.released = True
-        if seq.n_children == 0:
-            if defer and seq.seq_id is not None:
+        if defer and seq.seq_id is not None:
+            if self._all_admitted(seq):  # NOTE: else allocate adds it once its last waiting fork has its id
                 self._spent.append(seq)
-            else:
-                self._free(seq)
+        else:
+            self._free(seq)
 
     def free_spent(self) -> None:
         """Free every spent sequence (no sequence is mid-turn, or their cells are needed now)."""
@@ -121,18 +133,52 @@ class BranchTable:
             self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
-        """Drop the sequence's own cells and return its id; shared cells stay with their other owners."""
+        """Drop the sequence's own cells and return its id; cells its forks share stay with them."""
+        if seq.status is SeqStatus.CLOSED:
+            return
+        if not self._all_admitted(seq):
+            return  # NOTE: pinned until its waiting forks have tagged its cells (see allocate)
         parent = seq.parent
+        if seq.children:
+            self._hand_over(seq)
         if seq.seq_id is not None:
             self.ctx.seq_rm(seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
             seq.seq_id = None
         self._live.discard(seq)
         seq.status = SeqStatus.CLOSED
-        if parent is not None:
-            parent.n_children -= 1
-            if parent.released and parent.n_children == 0:
+        if parent is not None and seq in parent.children:
+            parent.children.remove(seq)
+            if parent.released and not parent.children:
                 self._free(parent)
+
+    @staticmethod
+    def _hand_over(seq: Sequence) -> None:
+        """Make the fork sharing most of `seq` the owner of those cells, in `seq`'s place in the tree.
+
+        Invariant kept: a sequence's first n_shared cells are its parent's first n_shared cells, and
+        are counted on an ancestor. The heir holds `seq`'s first heir.n_shared cells under its own id, so
+        its siblings (sharing no more) become its forks, and it becomes a fork of `seq`'s parent
+        sharing what `seq` shared; the cells in between become its own, counted once.
+        """
+        heir = max(seq.children, key=lambda c: c.n_shared)
+        for child in seq.children:
+            if child is not heir:
+                child.parent = heir
+                heir.children.append(child)
+        seq.children = []
+        parent = seq.parent
+        heir.parent = parent
+        if parent is None:
+            heir.n_shared = 0
+        else:
+            heir.n_shared = min(heir.n_shared, seq.n_shared)
+            parent.children[parent.children.index(seq)] = heir
+        seq.parent = None
+
+    @staticmethod
+    def _all_admitted(seq: Sequence) -> bool:
+        return all(child.seq_id is not None for child in seq.children)
 
     @staticmethod
     def _ancestors(seq: Sequence) -> list[Sequence]:

@@ -54,12 +54,14 @@ class Scheduler:
             raise SnapshotMismatch("cannot fork a branch while it is generating")
         if n is not None and not 0 < n <= parent.n_in_kv:
             raise SnapshotMismatch(f"cannot fork at {n} tokens: the parent holds {parent.n_in_kv} in the cache")
-        parent.n_children += 1
         if n is None or n == parent.n_in_kv:
             n = parent.n_in_kv
             # NOTE: tokens the parent has not put in the cache yet (a last sampled token) become the child's own.
-            return Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
-        return Sequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
+            child = Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
+        else:
+            child = Sequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
+        parent.children.append(child)
+        return child
 
     def adopt(self, tokens: list[int], state: bytes, keep: int | None = None) -> Sequence:
         """A sequence whose cells come from a state blob (a restored snapshot) instead of a prefill.

@@ -43,8 +43,8 @@ class Sequence:
     text_bytes: bytearray = field(default_factory=bytearray)  # the turn's raw pieces; text is their decoding
     error: Exception | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when params.logprobs is set
-    n_children: int = 0  # forks sharing this sequence's cells: it stays pinned while > 0
-    released: bool = False  # its owner let go; freed when n_children drops to 0
+    children: list[Sequence] = field(default_factory=list, repr=False)  # forks sharing its first cells
+    released: bool = False  # its owner let go; freed once its forks hold the cells they share
     one_shot: bool = False  # free as soon as the current turn ends (fan-out branches)
     adapter: Adapter | None = None  # the LoRA decoder of this branch (None: the bare base model)
     # accounting of the current turn
@@ -52,6 +52,10 @@ class Sequence:
     t_submit: float = 0.0
     t_first_token: float | None = None
     t_done: float | None = None
+
+    @property
+    def n_children(self) -> int:
+        return len(self.children)
 
     @property
     def n_pending(self) -> int:

@@ -57,11 +57,6 @@ class LivePrefixes:
             whole = n == node.n_in_kv
             if n == 0 or not (whole or (n >= self.min_shared and can_trim(self.n_swa, node.n_in_kv, n))):
                 continue
-            # NOTE: a fork pins every cell of its parent until it ends, and the next prompt may fork this
-            # fork: sharing a short head of a long node (a system prompt before another document) would
-            # chain whole documents in the cache. A partial fork must use at least half of the node.
-            if not whole and 2 * n < node.n_in_kv:
-                continue
             n = self._back_off(node, n, len(tokens))
             if best is None or n > best.n:
                 best = PrefixHit(node, n)

@@ -14,8 +14,8 @@ __all__ = ["LiveSnapshots"]
 class LiveSnapshots:
     """Prefilled snapshots still held in one engine's KV cache, searched by token prefix.
 
-    Contract: used under the engine's lock. Released snapshots drop out on the next lookup; a hit
-    pins its parent (n_children) until the new sequence is freed, as any fork does.
+    Contract: used under the engine's lock. Released snapshots drop out on the next lookup; a hit is
+    a fork, which holds the cells it shares under its own id (the snapshot may close before it).
     """
 
     def __init__(self, n_swa: int, min_tokens: int = 32) -> None:
