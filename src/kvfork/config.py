@@ -43,14 +43,16 @@ class EngineConfig:
       NOTE: ggml's CPU flash-attention kernel runs each query as its own pass over the visible cells,
       so every branch of a fan-out reads the shared prefix again; without it, attention is two matmuls
       that read each cell once for all the rows of a batch. Measured: a decode step of 1 / 4 / 8
-      branches 46-55 / 108-134 / 219-245 ms against 74-76 / 200-204 / 342-376 ms with flash attention,
-      prefill the same (84-86 tok/s). A quantized kv_type needs flash attention and keeps "auto"; on
+      branches 59 / 159 / 316 ms against 75 / 226 / 452 ms with flash attention (medians of 3),
+      prefill the same within noise (67 vs 69 tok/s). A quantized kv_type needs flash attention and keeps "auto"; on
       a GPU build pass flash_attn="auto" (llama.cpp's default there), which this CPU figure says
       nothing about.
       NOTE: repacked Q4_K weights (llama.cpp's default) run a decode of 2-3 rows as 2-3 single-row
       passes over the weights, and bypass the tiled K-quant matmul that beats them in prefill on AVX2
       CPUs: measured prefill 73.8 vs 68.2 tok/s, a decode step of 2 / 4 / 8 branches 122 / 213 / 383 vs
-      142 / 236 / 442 ms; one branch alone 72 vs 64 ms (flash attention on in both).
+      142 / 236 / 442 ms; one branch alone 72 vs 64 ms (flash attention on in both). With flash
+      attention off the comparison was undecided in one run (docs/benchmarks.md); this stays until a
+      longer run settles it.
       A forked branch computes what a from-scratch run computes up to floating-point rounding (the
       kernels llama.cpp picks depend on the batch and on where cells sit), so long greedy outputs can
       part ways at near-ties.
