@@ -298,6 +298,7 @@ def _compare_settings(args: argparse.Namespace) -> None:
     kv = {name: Arm("kvfork", model, threads=args.threads, n_ctx=args.n_ctx, n_seq_max=12, extra=extra)
           for name, extra in variants.items()}
     rows: dict[str, list[float]] = {}
+    n_tokens = 24
     for r in range(args.repeats):
         doc = document(f"settings-{r}-{time.time_ns()}")
         first = kv["as shipped"]
@@ -307,10 +308,11 @@ def _compare_settings(args: argparse.Namespace) -> None:
                 len(prompt) / arm.call("prefill", tokens=prompt)["prefill_s"])
         for name in rotate(list(kv), r):
             x = kv[name].call("fanouts", doc=doc, system=SYSTEM, instructions=INSTRUCTIONS, counts=[1, 2, 4, 8],
-                              max_tokens=24)
+                              max_tokens=n_tokens)
             rows.setdefault(f"kvfork fast {name}: prefill tok/s", []).append(x["shared_tokens"] / x["shared_s"])
             for n, c in x["cells"].items():
-                rows.setdefault(f"kvfork fast {name}: decode step ms, N={n}", []).append(c["decode_s"] / 23 * 1e3)
+                steps = n_tokens - 1  # NOTE: the first token ends the own-part prefill, not a decode step
+                rows.setdefault(f"kvfork fast {name}: decode step ms, N={n}", []).append(c["decode_s"] / steps * 1e3)
         print(f"repeat {r + 1}: " + "; ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()), flush=True)
     for arm in (*llama.values(), *kv.values()):
         arm.close()

@@ -120,7 +120,6 @@ def write(args: argparse.Namespace, result: dict) -> None:
     if "memory" in rows:
         result["summary"]["memory"] = rows["memory"][0]
     result["table"] = table(result["summary"], args.prefix_reuse)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(result["table"] + "\n")
     print("\n" + result["table"])

@@ -38,9 +38,13 @@ class CellContext:
         return sorted(pos for pos, ids in self.cells if seq_id in ids)
 
 
-def _scheduler(n_ctx: int = 4096, n_seq_max: int = 8) -> tuple[Scheduler, CellContext]:
-    ctx = CellContext(n_ctx)
-    return Scheduler(ctx, None, EngineConfig(n_ctx=n_ctx, n_seq_max=n_seq_max)), ctx  # type: ignore[arg-type]
+def _scheduler(n_root: int, n_seq_max: int = 8) -> tuple[Scheduler, CellContext, Sequence]:
+    """A scheduler on a fake context of 4,096 cells, with a root sequence of n_root tokens in the cache."""
+    ctx = CellContext(4096)
+    sched = Scheduler(ctx, None, EngineConfig(n_ctx=4096, n_seq_max=n_seq_max))  # type: ignore[arg-type]
+    root = Sequence(tokens=[])
+    _grow(sched, ctx, root, n_root)
+    return sched, ctx, root
 
 
 def _grow(sched: Scheduler, ctx: CellContext, seq: Sequence, n: int) -> None:
@@ -54,9 +58,7 @@ def _grow(sched: Scheduler, ctx: CellContext, seq: Sequence, n: int) -> None:
 
 
 def test_a_chain_of_forks_each_releasing_its_parent_holds_only_the_cells_in_use():
-    sched, ctx = _scheduler(n_seq_max=4)
-    root = Sequence(tokens=[])
-    _grow(sched, ctx, root, 300)
+    sched, ctx, root = _scheduler(300, n_seq_max=4)
     seq = root
     for _ in range(20):
         # NOTE: each fork drops its parent's last 20 tokens (a retry of the turn) and adds 40 of its own
@@ -74,9 +76,7 @@ def test_a_chain_of_forks_each_releasing_its_parent_holds_only_the_cells_in_use(
 
 
 def test_siblings_keep_what_they_share_and_the_tail_nobody_shares_is_freed():
-    sched, ctx = _scheduler()
-    root = Sequence(tokens=[])
-    _grow(sched, ctx, root, 100)
+    sched, ctx, root = _scheduler(100)
     short, long_, whole = sched.fork(root, 40), sched.fork(root, 70), sched.fork(root)
     for seq, n in ((short, 5), (long_, 6), (whole, 7)):
         _grow(sched, ctx, seq, n)
@@ -95,9 +95,7 @@ def test_siblings_keep_what_they_share_and_the_tail_nobody_shares_is_freed():
 
 
 def test_an_inner_heir_joins_its_grandparent_sharing_what_its_parent_shared():
-    sched, ctx = _scheduler()
-    root = Sequence(tokens=[])
-    _grow(sched, ctx, root, 50)
+    sched, ctx, root = _scheduler(50)
     mid = sched.fork(root)
     _grow(sched, ctx, mid, 30)
     leaf = sched.fork(mid, 65)
@@ -108,9 +106,7 @@ def test_an_inner_heir_joins_its_grandparent_sharing_what_its_parent_shared():
 
 
 def test_a_parent_stays_until_its_waiting_fork_has_its_cells():
-    sched, ctx = _scheduler()
-    root = Sequence(tokens=[])
-    _grow(sched, ctx, root, 80)
+    sched, ctx, root = _scheduler(80)
     child = sched.fork(root)  # not admitted yet: its cells are tagged from root's at admission
     sched.release(root)
     assert root.seq_id is not None and len(ctx.cells) == 80
@@ -121,9 +117,7 @@ def test_a_parent_stays_until_its_waiting_fork_has_its_cells():
 
 
 def test_an_unadmitted_fork_released_first_unpins_its_parent():
-    sched, ctx = _scheduler()
-    root = Sequence(tokens=[])
-    _grow(sched, ctx, root, 10)
+    sched, ctx, root = _scheduler(10)
     child = sched.fork(root)
     sched.release(root)
     sched.release(child)  # never admitted: nothing to hand over, and root is free to go

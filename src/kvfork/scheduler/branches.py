@@ -49,8 +49,12 @@ class BranchTable:
         NOTE: a spent sequence with forks is counted whole: freeing it hands the cells its forks share
         over to them rather than freeing them.
         """
-        spent = {s for s in self._spent if not s.children}
+        spent = set(self._reclaimable())
         return sum(seq.cells_needed() for seq in self._live if seq not in spent)
+
+    def _reclaimable(self) -> list[Sequence]:
+        """Spent sequences whose freeing frees their own cells (those with forks hand them over)."""
+        return [s for s in self._spent if not s.children]
 
     def check_fits(self, seq: Sequence) -> None:
         """Raise ContextOverflow if `seq` could never fit, even with every other branch gone."""
@@ -75,7 +79,7 @@ class BranchTable:
 
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` an id (sharing its parent's cells) if it has none; count its cells."""
-        held = sum(s.n_own_tokens for s in self._spent if not s.children)
+        held = sum(s.n_own_tokens for s in self._reclaimable())
         if (seq.seq_id is None and not self._free_ids) or self._cells_with(seq) + held > self.n_cells:
             self.free_spent()
         if seq.seq_id is None:
@@ -135,7 +139,7 @@ class BranchTable:
     def _free(self, seq: Sequence) -> None:
         """Drop the sequence's own cells and return its id; cells its forks share stay with them."""
         if seq.status is SeqStatus.CLOSED:
-            return
+            return  # NOTE: a spent parent can be freed first by its last fork's free (see below)
         if not self._all_admitted(seq):
             return  # NOTE: pinned until its waiting forks have tagged its cells (see allocate)
         parent = seq.parent
