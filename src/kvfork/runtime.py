@@ -66,7 +66,7 @@ class Engine:
         except BaseException:
             self.model.close()
             raise
-        self.scheduler = Scheduler(self.ctx, self.model, config)
+        self.scheduler = Scheduler(self.ctx, config)
         self.adapters = Adapters(self.model)  # LoRA decoders by name (issue 8: PrefillShare)
         self.store = store  # consulted by every prefill: restore the longest stored prefix, store the result
         self._lock = threading.RLock()
@@ -259,7 +259,7 @@ class Engine:
         """Teacher forcing: raw logits [len(tokens), n_vocab]; row i scores tokens[i] after the source's
         tokens and tokens[:i]. The source is left as it was (a temporary fork does the work)."""
         with self._lock:
-            return next_token_logits(self.scheduler, self.ctx, source._seq, [int(t) for t in tokens])
+            return next_token_logits(self.scheduler, source._seq, [int(t) for t in tokens])
 
     def close(self) -> None:
         """Free the context and the model; the engine cannot be used afterwards."""

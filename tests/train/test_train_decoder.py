@@ -218,6 +218,7 @@ def test_adapter_writer_refuses_bad_input(tmp_path):
 
 
 # -- the command line --------------------------------------------------------------------------------
+@pytest.mark.model  # loads gemma3-270m by its catalog name
 def test_train_decoder_cli_end_to_end(data_file, tmp_path, capsys):
     lines = data_file.read_text().splitlines()[:3]
     small = tmp_path / "three.jsonl"

@@ -224,9 +224,11 @@ class LoraAdapter:
 
 
 class Sampler:
-    """One branch's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, seeded dist)."""
+    """One branch's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, seeded dist),
+    sampling from one context's logits (made by `LlamaContext.sampler`)."""
 
-    def __init__(self, params: SamplingParams, seed: int, n_vocab: int) -> None:
+    def __init__(self, ctx: LlamaContext, params: SamplingParams, seed: int) -> None:
+        n_vocab = ctx.model.n_vocab
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
         p = params
@@ -245,14 +247,15 @@ class Sampler:
             add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
             add(chain, llama_cpp.llama_sampler_init_dist(seed))
         self.ptr = chain
+        self.ctx = ctx
 
     def accept(self, token: int) -> None:
         """Tell the penalties a token is in the history (prompt tokens, or a token chosen elsewhere)."""
         llama_cpp.llama_sampler_accept(self.ptr, token)
 
-    def sample(self, ctx: LlamaContext, index: int) -> int:
+    def sample(self, index: int) -> int:
         """Pick a token from the logits at batch index `index` of the last decode, and accept it."""
-        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, index))
+        return int(llama_cpp.llama_sampler_sample(self.ptr, self.ctx.ptr, index))
 
     def close(self) -> None:
         if self.ptr:
@@ -262,6 +265,8 @@ class Sampler:
 
 class LlamaContext:
     """One llama context with a unified KV cache: every sequence id sees the same cells.
+
+    It is the scheduler's `engine.backend.Backend`: decode, logits, samplers, KV memory ops, vocabulary.
 
     NOTE: kv_unified is what makes a fork zero-copy: seq_cp only tags the existing cells with the
     new id. With separate streams per sequence, seq_cp would copy the data.
@@ -327,6 +332,15 @@ class LlamaContext:
             raise ContextOverflow(f"no room in the KV cache ({self.n_ctx} cells) for {n} more tokens; raise n_ctx")
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc}")
+
+    def sampler(self, params: SamplingParams, seed: int) -> Sampler:
+        return Sampler(self, params, seed)
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.model.token_bytes(token)
 
     def logits(self, index: int) -> np.ndarray:
         """A copy of the raw logits at batch index `index` of the last decode (n_vocab floats)."""

@@ -1,10 +1,10 @@
-"""BranchTable: the sequence-id pool and KV-cell budget, with fork and free on the llama context."""
+"""BranchTable: the sequence-id pool and KV-cell budget, with fork and free on the backend's cache."""
 
 from __future__ import annotations
 
 import time
 
-from kvfork.engine.llama import LlamaContext
+from kvfork.engine.backend import Backend
 from kvfork.errors import ContextOverflow
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
@@ -26,9 +26,9 @@ class BranchTable:
     (the fork's cells are tagged from the parent's at admission).
     """
 
-    def __init__(self, ctx: LlamaContext, n_seq_max: int) -> None:
-        self.ctx = ctx
-        self.n_cells = ctx.n_ctx
+    def __init__(self, backend: Backend, n_seq_max: int) -> None:
+        self.backend = backend
+        self.n_cells = backend.n_ctx
         self._free_ids = list(range(n_seq_max - 1, -1, -1))
         self._live: set[Sequence] = set()
         self._spent: list[Sequence] = []  # released, cells kept until free_spent (see release)
@@ -89,7 +89,7 @@ class BranchTable:
                 assert parent.seq_id is not None, "a parent keeps its id while a fork waits for one"
                 # NOTE: zero-copy fork: on a unified cache seq_cp only adds the new id to the parent's cells.
                 t0 = time.perf_counter()
-                self.ctx.seq_cp(parent.seq_id, seq.seq_id, -1, seq.n_shared)
+                self.backend.seq_cp(parent.seq_id, seq.seq_id, -1, seq.n_shared)
                 self.fork_seconds += time.perf_counter() - t0
                 self.n_forks += 1
                 if parent.released and parent not in self._spent and self._all_admitted(parent):
@@ -108,7 +108,7 @@ class BranchTable:
         return self._free_ids.pop()
 
     def return_id(self, seq_id: int) -> None:
-        self.ctx.seq_rm(seq_id, -1, -1)
+        self.backend.seq_rm(seq_id, -1, -1)
         self._free_ids.append(seq_id)
 
     def release(self, seq: Sequence, *, defer: bool = False) -> None:
@@ -146,7 +146,7 @@ class BranchTable:
         if seq.children:
             self._hand_over(seq)
         if seq.seq_id is not None:
-            self.ctx.seq_rm(seq.seq_id, -1, -1)
+            self.backend.seq_rm(seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
             seq.seq_id = None
         self._live.discard(seq)

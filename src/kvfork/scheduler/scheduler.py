@@ -5,22 +5,59 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
 
 from kvfork.config import EngineConfig
 from kvfork.engine.adapters import Adapter
+from kvfork.engine.backend import Backend, TokenSampler
 from kvfork.engine.batch import Batch
-from kvfork.engine.llama import LlamaContext, LlamaModel, Sampler
 from kvfork.engine.logprobs import token_logprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
-__all__ = ["Scheduler"]
+__all__ = ["Decode", "Outcome", "Row", "Sampled", "Scheduler"]
+
+
+class Row(NamedTuple):
+    """One sequence's part of a decode: `take` tokens from n_in_kv on; `sample_at`: its batch index to
+    sample from (None: it samples nothing in this step)."""
+
+    seq: Sequence
+    take: int
+    sample_at: int | None
+
+
+@dataclass
+class Decode:
+    """One planned llama_decode: a batch under one adapter set (None: the bare base) and its rows."""
+
+    adapter: Adapter | None
+    batch: Batch = field(default_factory=Batch)
+    rows: list[Row] = field(default_factory=list)
+
+
+class Sampled(NamedTuple):
+    token: int
+    raw: np.ndarray | None  # the raw logits, read only when the turn asks for log-probabilities
+    t: float  # when it was sampled (time to first token)
+
+
+@dataclass
+class Outcome:
+    """What running one Decode gave: the sampled token per sequence, or the error that failed it."""
+
+    decode: Decode
+    sampled: dict[Sequence, Sampled] = field(default_factory=dict)
+    error: Exception | None = None
 
 
 class Scheduler:
-    """schedule -> one llama_decode over all running sequences -> sample and post-process.
+    """schedule -> run (one llama_decode per adapter set over all running sequences, then sample) -> postprocess.
 
     Contract: one thread drives it (the engine holds a lock around every call). Sequences enter with
     `submit`, wait until the BranchTable has an id and cells for them, run until their pending tokens
@@ -29,15 +66,14 @@ class Scheduler:
     added, so a long prefill never starves them; the rest of the n_batch budget goes to prefills.
     """
 
-    def __init__(self, ctx: LlamaContext, model: LlamaModel, config: EngineConfig) -> None:
-        self.ctx = ctx
-        self.model = model
+    def __init__(self, backend: Backend, config: EngineConfig) -> None:
+        self.backend = backend
         self.n_batch = config.n_batch
         self.exact = config.exact
-        self.table = BranchTable(ctx, config.n_seq_max)
+        self.table = BranchTable(backend, config.n_seq_max)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._samplers: dict[Sequence, Sampler] = {}
+        self._samplers: dict[Sequence, TokenSampler] = {}
         self._active: Adapter | None = None  # the adapter set of the last decode
 
     # -- building sequences ----------------------------------------------------------------
@@ -72,9 +108,9 @@ class Scheduler:
         seq = Sequence(tokens=list(tokens))
         self.allocate_now(seq, f"to restore {len(tokens):,} tokens")
         try:
-            self.ctx.state_seq_set(seq.seq_id, state)  # type: ignore[arg-type]
+            self.backend.state_seq_set(seq.seq_id, state)  # type: ignore[arg-type]
             if keep is not None and keep < len(tokens):
-                self.ctx.seq_rm(seq.seq_id, keep, -1)  # type: ignore[arg-type]
+                self.backend.seq_rm(seq.seq_id, keep, -1)  # type: ignore[arg-type]
                 del seq.tokens[keep:]
         except BaseException:
             self.table.release(seq)
@@ -132,9 +168,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # -- the step ------------------------------------------------------------------------------
+    # -- the step: schedule -> run -> postprocess -------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one decode over every running sequence; return the sequences whose turn ended."""
+        decodes, idle = self.schedule()
+        return self.postprocess([self.run(d) for d in decodes], idle)
+
+    def schedule(self) -> tuple[list[Decode], list[Sequence]]:
+        """Admit what fits, then plan this step's decodes (one per adapter set, the active set first).
+
+        Returns the decodes and the running sequences with nothing left to compute (their turn ends).
+        Sequences that are decoding get their token before any prefill chunk takes the rest of n_batch.
+        """
         self._admit()
         if self.waiting and not self.running:
             held = self.table.n_live
@@ -142,7 +187,7 @@ class Scheduler:
                 f"nothing can run: the next branch needs a sequence id or KV cells that {held} open snapshots and"
                 " branches hold; close branches you are done with, or raise n_seq_max / n_ctx"
             )
-        groups: dict[Adapter | None, tuple[Batch, list[tuple[Sequence, int, int | None]]]] = {}
+        groups: dict[Adapter | None, Decode] = {}
         budget = self.n_batch
         decoding = [s for s in self.running if s.n_pending == 1 and s.generated]
         prefilling = [s for s in self.running if s not in decoding]
@@ -154,32 +199,54 @@ class Scheduler:
             budget -= take
             completes = take == seq.n_pending
             sample_at = None
-            batch, plan = groups.setdefault(adapter, (Batch(), []))
+            decode = groups.setdefault(adapter, Decode(adapter))
             for i in range(seq.n_in_kv, seq.n_in_kv + take):
                 last = completes and i == len(seq.tokens) - 1 and seq.wants_tokens
-                index = batch.add(seq.tokens[i], i, seq.seq_id, last)  # type: ignore[arg-type]
+                index = decode.batch.add(seq.tokens[i], i, seq.seq_id, last)  # type: ignore[arg-type]
                 if last:
                     sample_at = index
-            plan.append((seq, take, sample_at))
-        finished: list[Sequence] = [s for s in self.running if s.n_pending == 0]  # nothing left to do
+            decode.rows.append(Row(seq, take, sample_at))
+        idle = [s for s in self.running if s.n_pending == 0]
         # NOTE: one llama_decode per adapter set (llama.cpp applies a set to the whole batch); the set
         # that is active already goes first, so a step switches sets only where it must.
-        for adapter in sorted(groups, key=lambda a: a is not self._active):
-            batch, plan = groups[adapter]
-            self.ctx.set_adapters(() if adapter is None else ((adapter.lora, adapter.scale),))
-            self._active = adapter
-            try:
-                self.ctx.decode(batch)
-            except KvforkError as exc:
-                finished += self._fail(plan, exc)
+        order = sorted(groups, key=lambda a: a is not self._active)
+        return [groups[a] for a in order], idle
+
+    def run(self, decode: Decode) -> Outcome:
+        """One decode on the backend, then sample every row that asked for a token.
+
+        NOTE: sampling happens here, not in postprocess: the logits of this decode are gone after the next one.
+        """
+        adapter = decode.adapter
+        self.backend.set_adapters(() if adapter is None else ((adapter.lora, adapter.scale),))
+        self._active = adapter
+        try:
+            self.backend.decode(decode.batch)
+        except KvforkError as exc:
+            return Outcome(decode, error=exc)
+        sampled: dict[Sequence, Sampled] = {}
+        for row in decode.rows:
+            if row.sample_at is not None:
+                seq = row.seq
+                # NOTE: the raw logits are read before the sampler chain runs over them
+                raw = self.backend.logits(row.sample_at) if seq.params.logprobs is not None else None
+                token = self._samplers[seq].sample(row.sample_at)
+                sampled[seq] = Sampled(token, raw, time.perf_counter())
+        return Outcome(decode, sampled)
+
+    def postprocess(self, outcomes: list[Outcome], idle: list[Sequence]) -> list[Sequence]:
+        """Advance each sequence by what its decode computed, take its sampled token, end finished turns."""
+        finished = list(idle)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                finished += self._fail(outcome.decode.rows, outcome.error)
                 continue
-            # NOTE: sample now: the logits of this decode are gone after the next one
-            for seq, take, sample_at in plan:
+            for seq, take, _ in outcome.decode.rows:
                 if seq.generated == [] and seq.n_pending > 0:
                     seq.n_prompt_computed += take
                 seq.n_in_kv += take
-                if sample_at is not None:
-                    self._sample(seq, sample_at)
+                if seq in outcome.sampled:
+                    self._take(seq, outcome.sampled[seq])
                 if seq.finish_reason is None and seq.n_pending == 0 and not seq.wants_tokens:
                     seq.finish("prefilled")
                 if seq.finish_reason is not None:
@@ -203,7 +270,7 @@ class Scheduler:
         # is already in the cache (a bare fork): drop that token's cell and decode it again.
         last = seq.n_in_kv - 1
         if seq.seq_id is not None:
-            self.ctx.seq_rm(seq.seq_id, last, -1)
+            self.backend.seq_rm(seq.seq_id, last, -1)
         seq.n_in_kv = last
         seq.n_shared = min(seq.n_shared, last)
 
@@ -220,30 +287,21 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
-    def _sample(self, seq: Sequence, index: int) -> None:
-        # NOTE: the raw logits are read before the sampler chain runs over them
-        row = self.ctx.logits(index) if seq.params.logprobs is not None else None
-        token = self._samplers[seq].sample(self.ctx, index)
-        now = time.perf_counter()
+    def _take(self, seq: Sequence, sampled: Sampled) -> None:
+        """Append a sampled token to `seq`'s turn, or end the turn (end of generation, stop string, length)."""
+        token = sampled.token
         if seq.t_first_token is None:
-            seq.t_first_token = now
-        if self.model.is_eog(token) and not seq.params.ignore_eos:
+            seq.t_first_token = sampled.t
+        if self.backend.is_eog(token) and not seq.params.ignore_eos:
             seq.finish("stop")
             return
         seq.generated.append(token)
         seq.tokens.append(token)
-        if row is not None:
-            seq.logprobs.append(token_logprob(row, token, seq.params.logprobs or 0))
-        # NOTE: decode the turn's bytes, not piece by piece: a piece may be half of a UTF-8 character.
-        seq.text_bytes += self.model.token_bytes(token)
-        seq.text = seq.text_bytes.decode("utf-8", errors="replace")
-        for stop in seq.params.stop:
-            cut = seq.text.find(stop)
-            if cut >= 0:
-                seq.text = seq.text[:cut]
-                seq.finish("stop")
-                return
-        if len(seq.generated) >= seq.params.max_tokens:
+        if sampled.raw is not None:
+            seq.logprobs.append(token_logprob(sampled.raw, token, seq.params.logprobs or 0))
+        if seq.out.add(self.backend.token_bytes(token)):
+            seq.finish("stop")
+        elif len(seq.generated) >= seq.params.max_tokens:
             seq.finish("length")
 
     def _prepare_sampler(self, seq: Sequence) -> None:
@@ -252,19 +310,19 @@ class Scheduler:
             old.close()
         params = seq.params
         seed = params.seed if params.seed is not None else random.getrandbits(32)
-        sampler = Sampler(params, seed, self.model.n_vocab)
+        sampler = self.backend.sampler(params, seed)
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             for token in seq.tokens[-params.repeat_last_n:] if params.repeat_last_n else ():
                 sampler.accept(token)
         self._samplers[seq] = sampler
 
-    def _fail(self, plan: list[tuple[Sequence, int, int | None]], exc: Exception) -> list[Sequence]:
+    def _fail(self, rows: list[Row], exc: Exception) -> list[Sequence]:
         """A decode failed: drop what the batch may have left in the cache, fail its sequences."""
         failed = []
-        for seq, _, _ in plan:
+        for seq, _, _ in rows:
             # NOTE: llama.cpp keeps ubatches that succeeded before the failing one; trim them so the
             # sequence's cells again match tokens[:n_in_kv], and the engine stays usable.
-            self.ctx.seq_rm(seq.seq_id, seq.n_in_kv, -1)  # type: ignore[arg-type]
+            self.backend.seq_rm(seq.seq_id, seq.n_in_kv, -1)  # type: ignore[arg-type]
             del seq.tokens[seq.n_in_kv:]
             seq.error = exc
             seq.finish("error")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from kvfork.engine.batch import Batch
-from kvfork.engine.llama import LlamaContext
 from kvfork.errors import InvalidParameter
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.sequence import Sequence
@@ -13,7 +12,7 @@ from kvfork.scheduler.sequence import Sequence
 __all__ = ["next_token_logits"]
 
 
-def next_token_logits(scheduler: Scheduler, ctx: LlamaContext, parent: Sequence, tokens: list[int]) -> np.ndarray:
+def next_token_logits(scheduler: Scheduler, parent: Sequence, tokens: list[int]) -> np.ndarray:
     """Rows of raw logits: row 0 after all of parent's cached tokens, row i after tokens[:i] too.
 
     NOTE: a fork of all but the parent's last cached token re-decodes that token (its logits are
@@ -24,20 +23,21 @@ def next_token_logits(scheduler: Scheduler, ctx: LlamaContext, parent: Sequence,
     if parent.n_in_kv < 1:
         raise InvalidParameter("cannot score after an empty sequence")
     n = parent.n_in_kv
+    backend = scheduler.backend
     seq = scheduler.fork(parent, n - 1) if n > 1 else Sequence(tokens=[])
     seq.tokens = list(parent.tokens[: n]) + tokens[:-1]
     seq.n_in_kv = n - 1
     try:
         scheduler.allocate_now(seq, "to score tokens")
-        ctx.set_adapters(())  # NOTE: scored under the bare base model, whatever decoded last
+        backend.set_adapters(())  # NOTE: scored under the bare base model, whatever decoded last
         rows: list[np.ndarray] = []
         while seq.n_pending:
             batch = Batch()
             take = min(seq.n_pending, scheduler.n_batch)
             for i in range(seq.n_in_kv, seq.n_in_kv + take):
                 batch.add(seq.tokens[i], i, seq.seq_id, True)  # type: ignore[arg-type]
-            ctx.decode(batch)
-            rows += [ctx.logits(j) for j in range(take)]
+            backend.decode(batch)
+            rows += [backend.logits(j) for j in range(take)]
             seq.n_in_kv += take
         return np.stack(rows)
     finally:

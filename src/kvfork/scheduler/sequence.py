@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from kvfork.engine.adapters import Adapter
 from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
+from kvfork.scheduler.text import TurnText
 
 __all__ = ["Sequence", "SeqStatus"]
 
@@ -39,8 +40,7 @@ class Sequence:
     # generation state of the current turn
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    text: str = ""
-    text_bytes: bytearray = field(default_factory=bytearray)  # the turn's raw pieces; text is their decoding
+    out: TurnText = field(default_factory=TurnText)  # the turn's text, cut at a stop string
     error: Exception | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when params.logprobs is set
     children: list[Sequence] = field(default_factory=list, repr=False)  # forks sharing its first cells
@@ -52,6 +52,11 @@ class Sequence:
     t_submit: float = 0.0
     t_first_token: float | None = None
     t_done: float | None = None
+
+    @property
+    def text(self) -> str:
+        """The text generated in the current turn (up to a stop string)."""
+        return self.out.text
 
     @property
     def n_children(self) -> int:
@@ -88,8 +93,7 @@ class Sequence:
         self.params = params
         self.generated = []
         self.finish_reason = None
-        self.text = ""
-        self.text_bytes = bytearray()
+        self.out = TurnText(tuple(params.stop))
         self.error = None
         self.logprobs = []
         self.n_prompt_computed = 0
