@@ -127,8 +127,8 @@ class FakeBackend:
     keeps the ubatches before the failing one).
     """
 
-    def __init__(self, n_ctx: int = 4096, n_batch: int = 512, n_vocab: int = 64) -> None:
-        self.n_ctx, self.n_batch, self.n_vocab = n_ctx, n_batch, n_vocab
+    def __init__(self, n_ctx: int = 4096, n_batch: int = 512, n_vocab: int = 64, n_swa: int = 0) -> None:
+        self.n_ctx, self.n_batch, self.n_vocab, self.n_swa = n_ctx, n_batch, n_vocab, n_swa
         self.cells: list[FakeCell] = []
         self.decodes: list[Batch] = []
         self.adapters: tuple = ()

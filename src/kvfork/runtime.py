@@ -26,7 +26,6 @@ from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.scoring import next_token_logits
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.snapshot.base import Snapshot
-from kvfork.snapshot.live import LiveSnapshots
 from kvfork.snapshot.store import SnapshotStore
 
 __all__ = ["Engine"]
@@ -70,7 +69,6 @@ class Engine:
         self.adapters = Adapters(self.model)  # LoRA decoders by name (issue 8: PrefillShare)
         self.store = store  # consulted by every prefill: restore the longest stored prefix, store the result
         self._lock = threading.RLock()
-        self._live = LiveSnapshots(self.model.n_swa)
         self._composer: Composer | None = None
 
     # -- text and prompts ------------------------------------------------------------------------
@@ -134,8 +132,8 @@ class Engine:
             )
         t0 = time.perf_counter()
         with self._lock:
-            # NOTE: tiers in order of cost: a live snapshot in this context (zero-copy fork), then the store.
-            live = self._live.longest(tokens)
+            # NOTE: tiers in order of cost: a prefix in this context (zero-copy fork), then the store.
+            live = self.scheduler.prefixes.match(tokens)
             if live is not None:
                 seq = self.scheduler.fork(*live)
                 seq.tokens = tokens
@@ -152,7 +150,7 @@ class Engine:
             except BaseException:
                 self.scheduler.release(seq)  # NOTE: also unpins a live parent this prefill forked
                 raise
-        self._live.add(seq)
+            self.scheduler.prefixes.insert(seq, locked=True)  # NOTE: the Snapshot owns it; later prefills fork it
         snapshot = Snapshot(self, seq, layout, time.perf_counter() - t0)
         if self.store is not None:
             self.store.remember(snapshot)

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from kvfork.server.prefixes import MIN_SUFFIX
+from kvfork.scheduler.prefix_cache import MIN_SUFFIX
 from kvfork.server.protocol import ChatRequest
 from tests.server.conftest import chat_prompt
 
@@ -78,7 +78,7 @@ def test_snapshot_endpoints(server, ref):
     question = [{"role": "user", "content": "What ran hot?"}]
     out = server.client().chat.completions.create(model="gemma", messages=question, max_tokens=8, temperature=0,
                                                   extra_body={"snapshot_id": snap["id"]})
-    # reused: the snapshot, less what a short continuation recomputes (prefixes.MIN_SUFFIX)
+    # reused: the snapshot, less what a short continuation recomputes (prefix_cache.MIN_SUFFIX)
     assert out.usage.prompt_tokens_details.cached_tokens >= min(snap["n_tokens"], out.usage.prompt_tokens - MIN_SUFFIX)
     assert out.choices[0].message.content == ref.generate(chat_prompt(ref, doc + question), max_tokens=8).text
     assert httpx.delete(f"{base}/v1/snapshots/{snap['id']}", headers=headers).status_code == 200

@@ -9,11 +9,12 @@ import openai
 import pytest
 
 from kvfork.config import ServerConfig
+from kvfork.scheduler.prefix_cache import common_prefix
+from kvfork.server.coalesce import coalesce
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job, Sink
 from kvfork.server.loop import EngineLoop
 from kvfork.server.metrics import ServerMetrics
-from kvfork.server.prefixes import coalesce, common_prefix
 from tests.conftest import long_text
 
 AUTH = {"Authorization": "Bearer test-key"}

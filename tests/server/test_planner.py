@@ -7,10 +7,10 @@ import pytest
 from kvfork import Engine
 from kvfork.config import ServerConfig
 from kvfork.engine.sampling import SamplingParams
+from kvfork.scheduler.prefix_cache import MIN_SUFFIX
 from kvfork.server.job import Event, Job
 from kvfork.server.metrics import ServerMetrics
 from kvfork.server.plans import Planner
-from kvfork.server.prefixes import MIN_SUFFIX
 from tests.conftest import GEMMA, long_text
 
 
@@ -59,7 +59,7 @@ def test_a_late_request_joins_the_prefill_in_flight(small_batches, late_steps):
     # the shared part is computed once (the second job recomputes at least MIN_SUFFIX tokens itself)
     assert first.computed + second.computed == len(first.tokens) + max(len(second.tokens) - shared, MIN_SUFFIX)
     # NOTE: no token-for-token comparison here: 32-token steps split prompts into chunks of a few rows,
-    # and llama.cpp's CPU kernels round few-row chunks differently (see prefixes.MIN_SUFFIX); the
+    # and llama.cpp's CPU kernels round few-row chunks differently (see prefix_cache.MIN_SUFFIX); the
     # HTTP tests check exactness where prompts fit in one step.
     assert first.sink.text() and second.sink.text()  # type: ignore[attr-defined]
     assert engine.scheduler.table.n_live == 0  # live_prefixes=0: everything was freed

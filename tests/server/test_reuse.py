@@ -108,7 +108,7 @@ def test_a_client_that_leaves_during_composition_leaks_no_cells(server):
     while quiet < 20 and time.time() < deadline:  # idle for half a second in a row (read from this thread)
         quiet = 0 if planner.sched.has_work else quiet + 1
         time.sleep(0.025)
-    kept = set(planner.prefixes._lru) | set(planner.prefixes.pinned.values())
+    kept = set(planner.prefixes.entries())
     stray = [s for s in table._live if s not in kept and s.n_children == 0]
     assert not stray, [(len(s.tokens), s.status, s.released) for s in stray]
 

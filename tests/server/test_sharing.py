@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from kvfork.server.prefixes import common_prefix
+from kvfork.scheduler.prefix_cache import common_prefix
 from tests.conftest import long_text
 from tests.server.conftest import chat_prompt
 

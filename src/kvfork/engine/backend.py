@@ -42,6 +42,7 @@ class Backend(Protocol):
 
     n_ctx: int
     n_batch: int
+    n_swa: int  # the model's sliding window (0: full attention everywhere)
 
     def decode(self, batch: Batch) -> None: ...
 

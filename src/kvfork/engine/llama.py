@@ -293,6 +293,7 @@ class LlamaContext:
         self.model = model
         self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
         self.n_batch = config.n_batch
+        self.n_swa: int = model.n_swa
         self.mem = llama_cpp.llama_get_memory(ptr)
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._adapters: tuple[tuple[int, float], ...] = ()  # the active set, as (adapter pointer, scale)

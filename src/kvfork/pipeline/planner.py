@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kvfork.pipeline.definition import Pipeline
 from kvfork.pipeline.turns import first_turn, placeholder_outputs
 from kvfork.runtime import Engine
-from kvfork.snapshot.index import common_prefix as pairwise_prefix
+from kvfork.scheduler.prefix_cache import common_prefix as pairwise_prefix
 
 __all__ = ["Plan", "SnapshotPlan", "plan", "common_prefix", "shareable_fraction"]
 

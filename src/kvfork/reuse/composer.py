@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import operator
 import time
-from collections import OrderedDict
 from collections.abc import Generator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -35,14 +34,12 @@ from kvfork.reuse.anchors import AnchorPool
 from kvfork.reuse.config import ReuseConfig
 from kvfork.reuse.report import ReuseReport, SegmentOutcome
 from kvfork.scheduler.sequence import Sequence
-from kvfork.snapshot.base import Snapshot
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
 
 __all__ = ["Composer", "Segment", "Part", "Steps", "split_head"]
 
-_MAX_HEADS = 8  # agent heads kept live between prompts (each holds a sequence id)
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +81,6 @@ class Composer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.anchors = AnchorPool()
-        self._heads: OrderedDict[tuple[int, ...], Snapshot] = OrderedDict()
 
     @cached_property
     def spec(self) -> RopeSpec:
@@ -120,7 +116,7 @@ class Composer:
         if not tokens:
             raise InvalidParameter("an empty segment")
         if head:
-            seq = self.engine.scheduler.fork(self._head(list(head))[0]._seq)
+            seq = self.engine.scheduler.fork(self._head(list(head))[0])
             seq.tokens.extend(tokens)
         else:
             seq = Sequence(tokens=tokens)
@@ -137,9 +133,9 @@ class Composer:
         t0 = time.perf_counter()
         report = ReuseReport(config.mode)
         head, rest = split_head(parts)
-        snap, computed = self._head(head)
+        node, computed = self._head(head)
         report.prefix_tokens, report.computed_tokens = len(head) - computed, computed
-        seq = self.engine.scheduler.fork(snap._seq)
+        seq = self.engine.scheduler.fork(node)
         try:
             for pending in self.steps(seq, rest, agent, config, report):
                 self._run(pending)
@@ -233,6 +229,8 @@ class Composer:
     def _run(self, seq: Sequence) -> None:
         """Prefill seq's pending tokens (no generation)."""
         if not seq.n_pending:
+            if seq.seq_id is None:  # NOTE: a fork covering all its tokens still needs its id to be forked from
+                self.engine.scheduler.allocate_now(seq, "for a prompt head")
             return
         self.engine.scheduler.submit(seq, SamplingParams(max_tokens=0))
         self.engine._run([seq])
@@ -248,30 +246,23 @@ class Composer:
             raise
         return seq
 
-    def _head(self, head: list[int]) -> tuple[Snapshot, int]:
-        """A live snapshot of exactly `head` (kept for later prompts; the oldest is closed past the cap),
-        and how many of its tokens were computed now."""
-        key = tuple(head)
-        snap = self._heads.get(key)
-        if snap is not None and not snap._seq.released:
-            self._heads.move_to_end(key)
-            return snap, 0
-        live = self.engine._live.longest(head)
-        t0 = time.perf_counter()
-        seq = self.engine.scheduler.fork(*live) if live is not None else Sequence(tokens=[])
+    def _head(self, head: list[int]) -> tuple[Sequence, int]:
+        """A sequence holding exactly `head` in the cache, and how many of its tokens were computed now.
+
+        NOTE: heads live in the engine's prefix cache as its own entries: later prompts of the agent (and
+        any prefill starting with the head) fork them, and the scheduler evicts them when it needs room.
+        """
+        prefixes = self.engine.scheduler.prefixes
+        hit = prefixes.match(head)
+        if hit is not None and hit.n == len(head) == hit.node.n_in_kv:
+            return hit.node, 0
+        seq = self.engine.scheduler.fork(*hit) if hit is not None else Sequence(tokens=[])
         seq.tokens = list(head)
-        self.engine._live.add(self._prefilled(seq))
-        snap = Snapshot(self.engine, seq, None, time.perf_counter() - t0)
-        self._heads[key] = snap
-        # NOTE: each head holds a sequence id: keep at most a quarter of them (and no more than 8)
-        while len(self._heads) > min(_MAX_HEADS, max(1, self.engine.config.n_seq_max // 4)):
-            self._heads.popitem(last=False)[1].close()
-        return snap, seq.n_prompt_computed
+        self._prefilled(seq)
+        prefixes.insert(seq)
+        return seq, seq.n_prompt_computed
 
     def close(self) -> None:
-        for snap in self._heads.values():
-            snap.close()
-        self._heads.clear()
         self.anchors.clear()
 
 

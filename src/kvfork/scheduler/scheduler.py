@@ -18,6 +18,7 @@ from kvfork.engine.logprobs import token_logprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
+from kvfork.scheduler.prefix_cache import PrefixCache
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
 __all__ = ["Decode", "Outcome", "Row", "Sampled", "Scheduler"]
@@ -71,6 +72,7 @@ class Scheduler:
         self.n_batch = config.n_batch
         self.exact = config.exact
         self.table = BranchTable(backend, config.n_seq_max)
+        self.prefixes = PrefixCache(backend.n_swa, exact=config.exact)  # what new prompts may share
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._samplers: dict[Sequence, TokenSampler] = {}
@@ -145,8 +147,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def release(self, seq: Sequence) -> None:
-        """Forget `seq`: leave the queues, free its cells (once no fork shares them)."""
+        """Forget `seq`: leave the queues and the prefix cache, free its cells (its forks keep theirs)."""
         self.cancel(seq)
+        self.prefixes.remove(seq)
         sampler = self._samplers.pop(seq, None)
         if sampler is not None:
             sampler.close()
@@ -278,9 +281,21 @@ class Scheduler:
         # NOTE: first fit, in arrival order: a sequence that does not fit now must not hold back the
         # ones behind it that do (a fork that needs a few cells to decode, whose parent holds many).
         for seq in list(self.waiting):
-            if self.table.can_allocate(seq):
+            if self.table.can_allocate(seq) or self._evict_for(seq):
                 self.waiting.remove(seq)
                 self._start(seq)
+
+    def _evict_for(self, seq: Sequence) -> bool:
+        """Release the prefix cache's own entries, least recently used first, until `seq` fits; did it?
+
+        NOTE: entries whose release frees cells go first; one that forks share frees only its id.
+        """
+        while not self.table.can_allocate(seq):
+            victim = self.prefixes.evict(frees_cells=seq.seq_id is not None or bool(self.table.n_free_ids))
+            if victim is None:
+                return False
+            self.release(victim)
+        return True
 
     def _start(self, seq: Sequence) -> None:
         self.table.allocate(seq)

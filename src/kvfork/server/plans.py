@@ -12,16 +12,15 @@ from typing import TYPE_CHECKING
 from kvfork.config import ServerConfig
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import KvforkError
+from kvfork.scheduler.prefix_cache import PrefixHit, can_trim, common_prefix
 from kvfork.scheduler.sequence import Sequence
 from kvfork.server.choices import Choices
+from kvfork.server.coalesce import coalesce
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job
 from kvfork.server.metrics import ServerMetrics
-from kvfork.server.prefixes import LivePrefixes, PrefixHit, coalesce
 from kvfork.server.segments import ReusePlacer
 from kvfork.snapshot.base import Snapshot
-from kvfork.snapshot.host import can_trim
-from kvfork.snapshot.index import common_prefix
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
@@ -63,8 +62,9 @@ class Planner:
         self.sched = engine.scheduler
         self.config = config
         self.metrics = metrics
-        self.prefixes = LivePrefixes(config.live_prefixes, engine.model.n_swa, config.min_shared_tokens,
-                                     exact=engine.config.exact)
+        self.prefixes = engine.scheduler.prefixes  # NOTE: the one cache Engine.prefill and the Composer use too
+        self.prefixes.min_shared = config.min_shared_tokens
+        self.pinned: dict[str, Sequence] = {}  # snapshot id -> its node, locked in the cache
         self.snapshots: dict[str, SnapshotInfo] = {}
         self._waiters: dict[Sequence, list[_Waiter]] = {}
         self.choices = Choices(self.sched, metrics)
@@ -81,7 +81,7 @@ class Planner:
             if job.reuse is not None and job.reuse.mode != "exact" and job.pieces is not None:
                 self._guard([job], functools.partial(self.reuse.place, job))
                 continue
-            hit = self.prefixes.best(job.tokens)
+            hit = self.prefixes.match(job.tokens)
             if not self._join_in_flight(job, hit.n if hit else 0):
                 pending.append((job, hit.n if hit else 0))
         jobs, live = [j for j, _ in pending], [n for _, n in pending]
@@ -131,7 +131,11 @@ class Planner:
         """Prefill `tokens` (forking what is live) and pin it under a new id; `done` gets the info or error."""
         def pin(node: Sequence) -> None:
             info = SnapshotInfo(f"snap-{uuid.uuid4().hex[:16]}", node.n_in_kv, int(time.time()), source)
-            self.prefixes.pin(info.id, node)
+            if node in self.prefixes:
+                self.prefixes.lock(node)
+            else:
+                self.prefixes.insert(node, locked=True)
+            self.pinned[info.id] = node
             self.snapshots[info.id] = info
             if self.engine.store is not None:
                 seconds = (node.t_done or time.perf_counter()) - node.t_submit
@@ -144,10 +148,11 @@ class Planner:
             done(exc)
 
     def drop_snapshot(self, snapshot_id: str) -> bool:
-        node = self.prefixes.unpin(snapshot_id)
+        node = self.pinned.pop(snapshot_id, None)
         self.snapshots.pop(snapshot_id, None)
         if node is not None:
-            self._keep(node)  # NOTE: still a useful prefix; the LRU frees it when room is needed
+            self.prefixes.unlock(node)  # NOTE: still a useful prefix; the cache frees it when room is needed
+            self._keep(node)
         return node is not None
 
     def _guard(self, jobs: list[Job], fn: Callable[[], None]) -> None:
@@ -159,7 +164,7 @@ class Planner:
     def _place(self, job: Job, hint: Sequence | None = None) -> None:
         if job.cancelled:
             return
-        hit = self.prefixes.best(job.tokens, extra=(hint,) if hint is not None else ())
+        hit = self.prefixes.match(job.tokens, extra=(hint,) if hint is not None else ())
         if hit is not None and hit.n == len(job.tokens):
             self.choices.fork(job, hit.node, hit.n)
             return
@@ -175,7 +180,7 @@ class Planner:
 
     def _prefill(self, tokens: list[int], waiter: _Waiter, hit: PrefixHit | None = None, exact: bool = False) -> None:
         """A node holding `tokens`: forked from the best live prefix, restored from the store, or prefilled."""
-        hit = hit or self.prefixes.best(tokens)
+        hit = hit or self.prefixes.match(tokens)
         if hit is not None and hit.n == len(tokens) == hit.node.n_in_kv and not exact:
             waiter.then(hit.node)
             return
@@ -195,7 +200,7 @@ class Planner:
 
     def prefill_then(self, tokens: list[int], job: Job, then: Callable[[Sequence], None]) -> None:
         """A node holding exactly `tokens` (live, or prefilled and billed to `job`), then `then(node)`."""
-        hit = self.prefixes.best(tokens)
+        hit = self.prefixes.match(tokens)
         if hit is not None and hit.n == len(tokens) == hit.node.n_in_kv:
             then(hit.node)
             return
@@ -211,8 +216,14 @@ class Planner:
         self._waiters[seq] = [_Waiter([job], then, functools.partial(self.choices.fail, [job]), keep)]
 
     def _keep(self, node: Sequence) -> None:
-        for old in self.prefixes.add(node):
-            self.sched.release(old)
+        """Keep a prefilled node in the prefix cache for later prompts, within `live_prefixes` of them."""
+        if node not in self.prefixes:
+            self.prefixes.insert(node)
+        while len(self.prefixes) > self.config.live_prefixes:
+            victim = self.prefixes.evict()
+            if victim is None:
+                break
+            self.sched.release(victim)
         self.metrics.live_prefixes.set(len(self.prefixes))
 
     # -- after each step ----------------------------------------------------------------------------
@@ -235,7 +246,7 @@ class Planner:
     def evict_until(self, fits: Callable[[], bool]) -> bool:
         """Free idle live prefixes, least recently used first, until `fits()`; False if they run out."""
         while not fits():
-            node = self.prefixes.evict_idle()
+            node = self.prefixes.evict(frees_cells=True)
             if node is None:
                 return False
             self.sched.release(node)
@@ -264,7 +275,7 @@ class Planner:
                 w.then(node)
             except (KvforkError, APIError) as exc:
                 w.fail(exc)
-        if node not in self.prefixes.pinned.values() and all(w.keep for w in waiters):
+        if node not in self.pinned.values() and all(w.keep for w in waiters):
             self._keep(node)  # NOTE: after the forks, so a full LRU cannot free it under them
 
     # -- failures -----------------------------------------------------------------------------------

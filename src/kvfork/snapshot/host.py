@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvfork.errors import SnapshotMismatch
 from kvfork.prompt import ChatLayout
+from kvfork.scheduler.prefix_cache import can_trim
 from kvfork.scheduler.sequence import Sequence
 from kvfork.snapshot.base import Snapshot
 from kvfork.snapshot.layout import StateLayout
@@ -15,17 +16,7 @@ from kvfork.snapshot.layout import StateLayout
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
 
-__all__ = ["HostSnapshot", "can_trim"]
-
-
-def can_trim(n_swa: int, n_tokens: int, keep: int) -> bool:
-    """Whether a state of `n_tokens` can be cut back to its first `keep` tokens and still be exact.
-
-    NOTE: a sliding-window layer keeps (and a state blob holds) only the last n_swa positions of a
-    sequence; the token after a cut at `keep` needs positions keep-n_swa.. of those layers, which
-    are gone once n_tokens > n_swa. Full-attention models (n_swa == 0) can always be cut.
-    """
-    return keep >= n_tokens or n_swa <= 0 or n_tokens <= n_swa
+__all__ = ["HostSnapshot"]
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 
+from kvfork.scheduler.prefix_cache import common_prefix
 from kvfork.snapshot.keys import block_hashes
 
-__all__ = ["PrefixIndex", "PrefixMatch", "common_prefix"]
+__all__ = ["PrefixIndex", "PrefixMatch"]
 
 
 class PrefixMatch(NamedTuple):
@@ -18,13 +19,6 @@ class PrefixMatch(NamedTuple):
     key: str
     n_shared: int
     n_tokens: int  # tokens in the stored entry (> n_shared: it must be trimmed)
-
-
-def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
-    """Length of the longest common token prefix of `a` and `b` (lists or arrays)."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if len(diff) else n
 
 
 class PrefixIndex:

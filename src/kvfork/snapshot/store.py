@@ -13,8 +13,9 @@ import numpy as np
 
 from kvfork.config import StoreConfig
 from kvfork.errors import InvalidParameter, SnapshotMismatch
+from kvfork.scheduler.prefix_cache import can_trim
 from kvfork.snapshot.disk import DiskTier
-from kvfork.snapshot.host import HostSnapshot, can_trim
+from kvfork.snapshot.host import HostSnapshot
 from kvfork.snapshot.index import PrefixIndex, PrefixMatch
 from kvfork.snapshot.keys import as_array, entry_key
 from kvfork.snapshot.layout import StateLayout

@@ -1,0 +1,283 @@
+"""PrefixCache: the prefilled prefixes in the KV cache, as a radix tree over token ids; what may be shared.
+
+Every rule about which cells a new prompt may share lives here: the minimum length worth a fork, the
+sliding-window limit on cutting a prefix short, exact mode's back-off from tiny suffixes, locked
+(pinned) entries and least-recently-used eviction. The scheduler owns it; Engine.prefill, the
+Composer and the server's planner all match against this one cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from typing import NamedTuple
+
+import numpy as np
+
+from kvfork.errors import KvforkError
+from kvfork.scheduler.sequence import SeqStatus, Sequence
+
+__all__ = ["MIN_SHARED", "MIN_SUFFIX", "PrefixCache", "PrefixHit", "can_trim", "common_prefix"]
+
+# NOTE: a shorter common prefix is not worth a fork of its own (the server's nodes, Engine.prefill).
+MIN_SHARED = 16
+
+# NOTE: a fork that leaves only a few prompt tokens to prefill computes them as a tiny ubatch, and
+# llama.cpp's CPU kernels for 3-7 rows round differently from the same rows inside a long prompt:
+# measured on gemma3-270m (q8_0 KV, flash attention), suffixes of 3-6 tokens (once 7) flipped a greedy
+# token against a from-scratch run; 1-2 and 8-16 did not. So in exact mode such forks back off to leave
+# this many (fast mode promises agreement up to rounding only, and forks as late as it can).
+MIN_SUFFIX = 16
+
+
+def can_trim(n_swa: int, n_tokens: int, keep: int) -> bool:
+    """Whether the cells of `n_tokens` can be cut back to their first `keep` tokens and still be exact.
+
+    NOTE: a sliding-window layer keeps (and a state blob holds) only the last n_swa positions of a
+    sequence; the token after a cut at `keep` needs positions keep-n_swa.. of those layers, which
+    are gone once n_tokens > n_swa. Full-attention models (n_swa == 0) can always be cut.
+    """
+    return keep >= n_tokens or n_swa <= 0 or n_tokens <= n_swa
+
+
+def common_prefix(a: Seq[int] | np.ndarray, b: Seq[int] | np.ndarray) -> int:
+    """Length of the longest common token prefix of `a` and `b` (lists or arrays)."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
+class PrefixHit(NamedTuple):
+    """Fork `node`'s first `n` cached tokens: they are the first `n` tokens of the prompt."""
+
+    node: Sequence
+    n: int
+
+
+class _Node:
+    """A radix-tree node: `edge` leads here from `parent`; `entries` hold exactly the path's tokens."""
+
+    __slots__ = ("edge", "parent", "children", "entries")
+
+    def __init__(self, edge: tuple[int, ...], parent: _Node | None) -> None:
+        self.edge = edge
+        self.parent = parent
+        self.children: dict[int, _Node] = {}
+        self.entries: list[Sequence] = []
+
+    def subtree_entries(self) -> Iterator[Sequence]:
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield from node.entries
+            stack.extend(node.children.values())
+
+
+class PrefixCache:
+    """Idle prefilled sequences, indexed by their cached tokens; `match` finds the best one to fork.
+
+    Contract: only the scheduler's thread uses it. An entry is a sequence whose `tokens[:n_in_kv]`
+    are in the cache and stay as they are (nothing is appended to an entry; forks of it grow).
+    Unlocked entries belong to the cache: `evict` hands them back, least recently used first, for the
+    scheduler to release. Locked entries (a Snapshot's, a pinned server snapshot's) stay until unlocked
+    or released. A released sequence leaves the cache (`remove`, called by Scheduler.release).
+    NOTE: a fork inside an entry's tokens (n < n_in_kv) copies the first n cells of any entry below
+    that point; where the model has a sliding window it is offered only where `can_trim` holds.
+    """
+
+    def __init__(self, n_swa: int, *, exact: bool, min_shared: int = MIN_SHARED) -> None:
+        self.n_swa = n_swa
+        self.min_shared = min_shared
+        self.min_suffix = MIN_SUFFIX if exact else 0
+        self._root = _Node((), None)
+        self._where: dict[Sequence, _Node] = {}
+        self._locks: dict[Sequence, int] = {}
+        self._lru: OrderedDict[Sequence, None] = OrderedDict()  # unlocked entries, least recent first
+
+    def __len__(self) -> int:
+        """Unlocked entries: the prefixes the cache keeps on its own (and may evict)."""
+        return len(self._lru)
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._where
+
+    def entries(self) -> list[Sequence]:
+        return list(self._where)
+
+    # -- match ----------------------------------------------------------------------------------
+    def match(self, tokens: Seq[int], extra: Seq[Sequence] = ()) -> PrefixHit | None:
+        """The entry (or one of `extra`, idle sequences not in the cache) to fork for `tokens`, and where.
+
+        A hit covers a whole entry, or at least `min_shared` tokens of a longer one (where the sliding
+        window allows the cut); in exact mode it backs off to leave MIN_SUFFIX tokens rather than 2..15.
+        """
+        best: PrefixHit | None = None
+        for hit in [*self._walk(tokens), *(self._candidate(s, common_prefix(s.tokens[: s.n_in_kv], tokens))
+                                            for s in extra)]:
+            if hit is None:
+                continue
+            hit = PrefixHit(hit.node, self._back_off(hit.node, hit.n, len(tokens)))
+            if best is None or hit.n > best.n:
+                best = hit
+        if best is not None and best.node in self._lru:
+            self._lru.move_to_end(best.node)
+        return best
+
+    def _walk(self, tokens: Seq[int]) -> Iterator[PrefixHit | None]:
+        """Every entry that shares tokens with the prompt, with how many: those ending on its path share
+        their whole length, those in a branch off the path share the branching node's depth, those below
+        the point where it leaves the tree (inside an edge) share up to that point.
+
+        NOTE: all of them, not just the deepest: on a sliding-window model a deep entry may not be cut
+        where a shallower one can be.
+        """
+        node, depth = self._root, 0
+        while True:
+            for seq in node.entries:
+                yield self._candidate(seq, depth)
+            child = node.children.get(tokens[depth]) if depth < len(tokens) else None
+            for below in node.children.values():
+                if below is not child:
+                    for seq in below.subtree_entries():
+                        yield self._candidate(seq, depth)
+            if child is None:
+                return
+            n = common_prefix(child.edge, tokens[depth: depth + len(child.edge)])
+            if n < len(child.edge):
+                for seq in child.subtree_entries():
+                    yield self._candidate(seq, depth + n)
+                return
+            node, depth = child, depth + n
+
+    def _candidate(self, seq: Sequence, n: int) -> PrefixHit | None:
+        if seq.status is not SeqStatus.IDLE or seq.released or seq.seq_id is None or n == 0:
+            return None
+        whole = n == seq.n_in_kv
+        if whole or (n >= self.min_shared and can_trim(self.n_swa, seq.n_in_kv, n)):
+            return PrefixHit(seq, n)
+        return None
+
+    def _back_off(self, node: Sequence, n: int, total: int) -> int:
+        """Exact mode: fork earlier when the prompt would leave 2..MIN_SUFFIX-1 tokens to prefill (see MIN_SUFFIX)."""
+        if 1 < total - n < self.min_suffix:
+            m = total - self.min_suffix
+            if m >= 1 and can_trim(self.n_swa, node.n_in_kv, m):
+                return m
+        return n
+
+    # -- insert, lock, remove, evict ------------------------------------------------------------
+    def insert(self, seq: Sequence, *, locked: bool = False) -> None:
+        """Index `seq`'s cached tokens; locked=True keeps it until `unlock` or its release."""
+        if seq in self._where:
+            raise KvforkError("this sequence is already in the prefix cache")
+        if seq.seq_id is None or seq.n_in_kv == 0 or seq.status is not SeqStatus.IDLE:
+            raise KvforkError("only an idle sequence with cells in the cache can be a prefix")
+        tokens, node, depth = tuple(seq.tokens[: seq.n_in_kv]), self._root, 0
+        while depth < len(tokens):
+            child = node.children.get(tokens[depth])
+            if child is None:
+                child = _Node(tokens[depth:], node)
+                node.children[tokens[depth]] = child
+                node = child
+                break
+            n = common_prefix(child.edge, tokens[depth: depth + len(child.edge)])
+            if n < len(child.edge):
+                child = self._split(child, n)
+            node, depth = child, depth + n
+        node.entries.append(seq)
+        self._where[seq] = node
+        if locked:
+            self._locks[seq] = 1
+        else:
+            self._lru[seq] = None
+
+    def lock(self, seq: Sequence) -> None:
+        """Keep `seq` until as many `unlock`s (a pinned snapshot); it cannot be evicted meanwhile."""
+        self._require(seq)
+        self._lru.pop(seq, None)
+        self._locks[seq] = self._locks.get(seq, 0) + 1
+
+    def unlock(self, seq: Sequence) -> None:
+        """Undo one `lock`; the last makes it the cache's own again (most recently used)."""
+        self._require(seq)
+        if seq not in self._locks:
+            raise KvforkError("this prefix is not locked")
+        self._locks[seq] -= 1
+        if not self._locks[seq]:
+            del self._locks[seq]
+            self._lru[seq] = None
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget `seq` (it is being released); a no-op for sequences not in the cache."""
+        node = self._where.pop(seq, None)
+        if node is None:
+            return
+        self._lru.pop(seq, None)
+        self._locks.pop(seq, None)
+        node.entries.remove(seq)
+        self._prune(node)
+
+    def evict(self, *, frees_cells: bool = False) -> Sequence | None:
+        """Take the least recently used unlocked entry out (the caller releases it); None if there is none.
+
+        frees_cells=True takes only an entry no fork shares, whose release frees its cells at once;
+        otherwise those are preferred.
+        """
+        for seq in self._lru:
+            if seq.n_children == 0:
+                break
+        else:
+            if frees_cells or not self._lru:
+                return None
+            seq = next(iter(self._lru))
+        self.remove(seq)
+        return seq
+
+    def check_integrity(self) -> None:
+        """Raise KvforkError if an entry's path is not its cached tokens, or the tree is not compressed."""
+        for seq, node in self._where.items():
+            path: list[int] = []
+            at: _Node | None = node
+            while at is not None:
+                path[:0] = at.edge
+                at = at.parent
+            if path != seq.tokens[: seq.n_in_kv] or seq.released or seq.seq_id is None:
+                raise KvforkError("a prefix cache entry no longer holds the tokens it was indexed by")
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node is not self._root and not node.entries and len(node.children) < 2:
+                raise KvforkError("a prefix cache node without entries has fewer than two children")
+            stack.extend(node.children.values())
+        if set(self._lru) | set(self._locks) != set(self._where) or set(self._lru) & set(self._locks):
+            raise KvforkError("the prefix cache's lock and LRU books disagree with its entries")
+
+    # -- the tree -------------------------------------------------------------------------------
+    @staticmethod
+    def _split(child: _Node, n: int) -> _Node:
+        """Cut `child`'s edge after n tokens; return the new node in between."""
+        parent = child.parent
+        assert parent is not None
+        mid = _Node(child.edge[:n], parent)
+        parent.children[child.edge[0]] = mid
+        child.edge, child.parent = child.edge[n:], mid
+        mid.children[child.edge[0]] = child
+        return mid
+
+    def _prune(self, node: _Node) -> None:
+        """Drop empty leaves and merge a node without entries into its only child (path compression)."""
+        while node is not self._root and not node.entries and len(node.children) <= 1:
+            parent = node.parent
+            assert parent is not None
+            if node.children:
+                (child,) = node.children.values()
+                child.edge, child.parent = node.edge + child.edge, parent
+                parent.children[node.edge[0]] = child
+            else:
+                del parent.children[node.edge[0]]
+            node = parent
+
+    def _require(self, seq: Sequence) -> None:
+        if seq not in self._where:
+            raise KvforkError("this sequence is not in the prefix cache")

@@ -1,0 +1,155 @@
+"""PrefixCache: the radix tree's matches against a plain scan of every entry, and its rules (no model)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvfork.config import EngineConfig
+from kvfork.engine.sampling import SamplingParams
+from kvfork.errors import KvforkError
+from kvfork.scheduler.prefix_cache import MIN_SUFFIX, PrefixCache, can_trim, common_prefix
+from kvfork.scheduler.scheduler import Scheduler
+from kvfork.scheduler.sequence import Sequence
+
+_ids = iter(range(10**6))
+
+
+def _entry(tokens: list[int]) -> Sequence:
+    """An idle sequence whose tokens are all in the cache (the cache itself never touches cells)."""
+    return Sequence(tokens=list(tokens), n_in_kv=len(tokens), seq_id=next(_ids))
+
+
+def _scan(entries: list[Sequence], tokens: list[int], n_swa: int, min_shared: int, min_suffix: int) -> int:
+    """The longest usable shared length by looking at every entry (what the tree must find)."""
+    best = 0
+    for seq in entries:
+        n = common_prefix(seq.tokens, tokens)
+        if n == 0 or not (n == seq.n_in_kv or (n >= min_shared and can_trim(n_swa, seq.n_in_kv, n))):
+            continue
+        if 1 < len(tokens) - n < min_suffix and len(tokens) - min_suffix >= 1 \
+                and can_trim(n_swa, seq.n_in_kv, len(tokens) - min_suffix):
+            n = len(tokens) - min_suffix
+        best = max(best, n)
+    return best
+
+
+@pytest.mark.parametrize("n_swa, exact", [(0, False), (0, True), (40, False), (40, True)])
+def test_matches_agree_with_a_scan_of_every_entry_through_inserts_and_removes(n_swa, exact):
+    rng = random.Random(n_swa * 2 + exact)
+    cache = PrefixCache(n_swa, exact=exact, min_shared=8)
+    stems = [[rng.randrange(4) for _ in range(rng.randrange(1, 60))] for _ in range(6)]  # few symbols: deep sharing
+    live: list[Sequence] = []
+    for _ in range(400):
+        if live and rng.random() < 0.35:
+            cache.remove(live.pop(rng.randrange(len(live))))
+        else:
+            stem = rng.choice(stems)
+            seq = _entry(stem[: rng.randrange(1, len(stem) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(5))])
+            cache.insert(seq, locked=rng.random() < 0.3)
+            live.append(seq)
+        cache.check_integrity()
+        stem = rng.choice(stems)
+        prompt = stem[: rng.randrange(1, len(stem) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(20))]
+        hit = cache.match(prompt)
+        want = _scan(live, prompt, n_swa, 8, MIN_SUFFIX if exact else 0)
+        assert (hit.n if hit else 0) == want
+        if hit is not None:
+            assert hit.node in live and hit.node.tokens[: hit.n] == prompt[: hit.n]
+            assert can_trim(n_swa, hit.node.n_in_kv, hit.n)
+    for seq in live:
+        cache.remove(seq)
+    cache.check_integrity()
+    assert cache.entries() == [] and not cache._root.children
+
+
+def test_a_prompt_that_ends_at_a_split_point_forks_an_entry_below_it():
+    cache = PrefixCache(0, exact=False, min_shared=4)
+    a, b = _entry(list(range(20)) + [1, 1]), _entry(list(range(20)) + [2, 2])
+    cache.insert(a)
+    cache.insert(b)  # the tree splits after 20 tokens; no entry ends there
+    hit = cache.match(list(range(20)))
+    assert hit is not None and hit.n == 20 and hit.node in (a, b)
+    assert cache.match(list(range(3))) is None  # shorter than min_shared and no whole entry
+
+
+def test_a_sliding_window_allows_cuts_only_of_short_entries():
+    cache = PrefixCache(64, exact=False, min_shared=4)
+    long_ = _entry(list(range(200)))
+    cache.insert(long_)
+    assert cache.match(list(range(150)) + [7]) is None  # its window no longer holds positions 86..149
+    assert cache.match(list(range(200)) + [7]) == (long_, 200)  # the whole entry is fine
+    short = _entry(list(range(50)))
+    cache.insert(short)
+    assert cache.match(list(range(30)) + [7]) == (short, 30)  # 50 cells fit the window: cut at 30
+
+
+def test_exact_mode_backs_off_to_leave_min_suffix_tokens():
+    for exact, want in ((True, 103 - MIN_SUFFIX), (False, 100)):
+        cache = PrefixCache(0, exact=exact)
+        node = _entry(list(range(100)))
+        cache.insert(node)
+        assert cache.match(list(range(103))) == (node, want)
+
+
+def test_eviction_is_least_recently_used_and_prefers_entries_no_fork_shares():
+    cache = PrefixCache(0, exact=False)
+    a, b, c = _entry([1] * 20), _entry([2] * 20), _entry([3] * 20)
+    for seq in (a, b, c):
+        cache.insert(seq)
+    cache.match([1] * 20 + [9])  # a is used: b is the least recently used now
+    b.children.append(_entry([2] * 21))  # a fork shares b's cells: evicting b frees nothing
+    assert len(cache) == 3
+    assert cache.evict(frees_cells=True) is c
+    assert cache.evict(frees_cells=True) is a
+    assert cache.evict(frees_cells=True) is None  # only b is left, and a fork shares it
+    assert cache.evict() is b and len(cache) == 0 and cache.evict() is None
+
+
+def test_locked_entries_are_matched_but_never_evicted():
+    cache = PrefixCache(0, exact=False)
+    pinned, plain = _entry([5] * 30), _entry([6] * 30)
+    cache.insert(pinned, locked=True)
+    cache.insert(plain)
+    cache.lock(plain)
+    assert len(cache) == 0 and cache.evict() is None
+    assert cache.match([5] * 30 + [1]) == (pinned, 30)
+    cache.unlock(plain)
+    with pytest.raises(KvforkError, match="not locked"):
+        cache.unlock(plain)
+    assert cache.evict() is plain
+    with pytest.raises(KvforkError, match="already"):
+        cache.insert(pinned)
+
+
+def test_an_entry_must_be_idle_in_the_cache_and_keep_its_tokens():
+    cache = PrefixCache(0, exact=False)
+    with pytest.raises(KvforkError, match="idle"):
+        cache.insert(Sequence(tokens=[1, 2, 3]))  # nothing in the cache yet
+    seq = _entry([1, 2, 3])
+    cache.insert(seq)
+    seq.tokens[1] = 9  # nobody may edit an indexed sequence's cached tokens
+    with pytest.raises(KvforkError, match="no longer holds"):
+        cache.check_integrity()
+
+
+def test_the_scheduler_forgets_a_released_prefix(fake_backend):
+    be = fake_backend()
+    sched = Scheduler(be, EngineConfig(n_ctx=be.n_ctx))
+    seq = Sequence(tokens=list(range(1, 40)))
+    sched.submit(seq, SamplingParams(max_tokens=0))
+    while sched.has_work:
+        sched.step()
+    sched.prefixes.insert(seq)
+    hit = sched.prefixes.match(list(range(1, 40)) + [3])
+    assert hit == (seq, 39)
+    child = sched.fork(*hit)
+    sched.release(seq)
+    assert seq not in sched.prefixes and sched.prefixes.match(list(range(1, 40))) is None
+    child.tokens.append(3)
+    sched.submit(child, SamplingParams(max_tokens=2, ignore_eos=True))
+    while sched.has_work:
+        sched.step()
+    assert child.generated == be.greedy(list(range(1, 40)) + [3], 2)
+    assert seq.seq_id is None and be.positions(child.seq_id) == list(range(41))  # the fork took the cells over
