@@ -29,7 +29,6 @@ from prefillshare_tasks import TASKS, long_document  # noqa: E402
 from workload import fmt, provenance, stats  # noqa: E402
 
 from kvfork import Engine  # noqa: E402
-from kvfork.snapshot.host import HostSnapshot  # noqa: E402
 
 ARMS = ("shared", "separate", "handoff")
 
@@ -61,11 +60,11 @@ def _arm_handoff(engine: Engine, decoder_ctx: Engine, document: str, instruction
     ttft, tokens, moves = [], [], []
     with engine.prefill(document) as snapshot:
         t1 = time.perf_counter()
-        host = HostSnapshot.capture(snapshot)  # NOTE: llama_state_seq_get_data: the blob to hand over
+        host = snapshot.to_host()  # NOTE: llama_state_seq_get_data: the blob to hand over
         capture_s = time.perf_counter() - t1
     for instruction, name in zip(instructions, names, strict=True):
         t2 = time.perf_counter()
-        with host.restore(decoder_ctx) as received:  # llama_state_seq_set_data in the decoder's context
+        with decoder_ctx.restore(host) as received:  # llama_state_seq_set_data in the decoder's context
             moves.append(time.perf_counter() - t2)
             start = time.perf_counter() - t0
             out = received.fan_out([instruction], adapters=[name], max_tokens=max_tokens)[0]

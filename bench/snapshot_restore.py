@@ -28,7 +28,6 @@ from workload import stats
 from kvfork import Engine
 from kvfork.config import default_threads
 from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.layout import StateLayout
 from kvfork.snapshot.store import SnapshotStore
 
 ASK = "Summarize the incident in one sentence."
@@ -53,7 +52,7 @@ def main() -> None:
         snap = engine.prefill(doc)
         prefill_s.append(time.perf_counter() - t0)
         answers.append(snap.fan_out([ASK], max_tokens=24, temperature=0)[0].tokens)
-        SnapshotStore(folder).put(HostSnapshot.capture(snap))
+        SnapshotStore(folder).put(snap.to_host())
         snap.close()
     file_bytes = SnapshotStore(folder).stats().bytes_disk
     restored_answers = []
@@ -68,7 +67,7 @@ def main() -> None:
     engine.store = None
 
     # lookup: the stored document, a 16k entry sharing it, and ten unrelated entries up to 32k tokens
-    layout = StateLayout.of(engine)
+    layout = engine.state_layout
     doc_tokens = engine.tokenize(engine.layout(doc).prefix, add_bos=True, special=True)
     rng = random.Random(0)
     lookup_store = SnapshotStore(folder)

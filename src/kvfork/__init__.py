@@ -1,6 +1,5 @@
 """kvfork: prefill shared context once, fork the KV cache to every agent, decode all branches in one batch."""
 
-from kvfork.branch import Branch
 from kvfork.config import EngineConfig, StoreConfig
 from kvfork.engine.adapters import Adapter
 from kvfork.engine.sampling import SamplingParams
@@ -21,7 +20,8 @@ from kvfork.pipeline import Agent, AgentResult, Pipeline, PipelineResult, load_p
 from kvfork.result import Completion
 from kvfork.reuse import ReuseConfig, ReuseReport, Segment
 from kvfork.runtime import Engine
-from kvfork.snapshot.base import Snapshot
+from kvfork.runtime.branch import Branch
+from kvfork.runtime.snapshot import Snapshot
 from kvfork.snapshot.host import HostSnapshot
 from kvfork.snapshot.store import SnapshotStore
 

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands of the other wings; each module registers its own (and sets `func`)."""
-    from kvfork.snapshot.cli import add_snapshot_commands
+    from kvfork.runtime.snapshot_cli import add_snapshot_commands
 
     add_snapshot_commands(sub)
     wings = (("kvfork.pipeline.cli", "add_pipeline_commands"), ("kvfork.server.cli", "add_server_commands"),

@@ -11,7 +11,6 @@ import pytest
 from kvfork import Engine
 from kvfork.errors import SnapshotCorrupt, SnapshotMismatch
 from kvfork.snapshot.fileformat import MAGIC, read_header, read_snapshot, write_snapshot
-from kvfork.snapshot.host import HostSnapshot
 from tests.snapshot.snap_helpers import fake_layout, fake_snapshot
 
 TOKENS = list(range(2, 202))
@@ -94,15 +93,15 @@ def test_header_field_missing(saved: Path) -> None:
 def test_engine_refuses_a_snapshot_of_another_model(engine: Engine, tmp_path: Path) -> None:
     snap = fake_snapshot(TOKENS)
     with pytest.raises(SnapshotMismatch, match="another model"):
-        snap.restore(engine)
+        engine.restore(snap)
     path = write_snapshot(tmp_path / "x.kvs", snap)
     with pytest.raises(SnapshotMismatch):
-        HostSnapshot.restore(read_snapshot(path), engine)
+        engine.restore(read_snapshot(path))
 
 
 def test_real_snapshot_file_round_trip(engine: Engine, short_doc: str, tmp_path: Path) -> None:
     with engine.prefill(short_doc, chat=False) as live:
         want = live.fan_out(["\n\nIn short,"], max_tokens=8, temperature=0)[0].tokens
-        path = write_snapshot(tmp_path / "doc.kvs", HostSnapshot.capture(live))
-    with read_snapshot(path).restore(engine) as back:
+        path = write_snapshot(tmp_path / "doc.kvs", live.to_host())
+    with engine.restore(read_snapshot(path)) as back:
         assert back.fan_out(["\n\nIn short,"], max_tokens=8, temperature=0)[0].tokens == want

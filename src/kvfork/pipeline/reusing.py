@@ -21,9 +21,9 @@ from kvfork.reuse.config import ReuseConfig
 from kvfork.reuse.report import ReuseReport
 
 if TYPE_CHECKING:
-    from kvfork.branch import Branch
     from kvfork.runtime import Engine
-    from kvfork.snapshot.base import Snapshot
+    from kvfork.runtime.branch import Branch
+    from kvfork.runtime.snapshot import Snapshot
 
 __all__ = ["PipelineReuse"]
 

@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kvfork.branch import Branch
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import KvforkError
 from kvfork.pipeline.accounting import SnapshotUse, settle
@@ -20,7 +19,8 @@ from kvfork.result import Completion
 from kvfork.reuse.composer import Part
 from kvfork.reuse.config import ReuseConfig
 from kvfork.runtime import Engine
-from kvfork.snapshot.base import Snapshot
+from kvfork.runtime.branch import Branch
+from kvfork.runtime.snapshot import Snapshot
 
 __all__ = ["Runner"]
 

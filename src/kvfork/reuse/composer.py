@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvfork.engine.llama import LlamaContext, LlamaModel
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, InvalidParameter
 from kvfork.kvcache.cells import combine, covers, select, shift_positions, summary
@@ -33,10 +33,8 @@ from kvfork.kvcache.state import SeqState
 from kvfork.reuse.anchors import AnchorPool
 from kvfork.reuse.config import ReuseConfig
 from kvfork.reuse.report import ReuseReport, SegmentOutcome
+from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.sequence import Sequence
-
-if TYPE_CHECKING:
-    from kvfork.runtime import Engine
 
 __all__ = ["Composer", "Segment", "Part", "Steps", "split_head"]
 
@@ -75,18 +73,20 @@ Steps = Generator[Sequence, None, None]  # yields a sequence whose pending token
 class Composer:
     """One engine's segment reuse: capture segments, compose prompts, the kvcomm anchor pool.
 
-    Contract: every method runs under the engine's lock.
+    Contract: every method runs under the engine's lock (the one thread that steps `scheduler`).
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, scheduler: Scheduler, ctx: LlamaContext, model: LlamaModel,
+                 run: Callable[[list[Sequence]], None]) -> None:
+        self.scheduler, self.ctx, self.model = scheduler, ctx, model
+        self.run = run  # steps the scheduler until the given sequences' turns end (the engine's loop)
         self.anchors = AnchorPool()
 
     @cached_property
     def spec(self) -> RopeSpec:
         """How this model's keys move; refuses (before anything is placed) models whose keys cannot."""
         try:
-            spec = RopeSpec.from_model(self.engine.model)
+            spec = RopeSpec.from_model(self.model)
             spec.check()
         except InvalidParameter as exc:
             raise InvalidParameter(f"reuse modes other than 'exact' are not available for this model: {exc}") from exc
@@ -97,15 +97,15 @@ class Composer:
         """The cells of seq's tokens [start, end) as a Segment (seq must hold them in the cache)."""
         if not 0 <= start < end <= seq.n_in_kv or seq.seq_id is None:
             raise InvalidParameter(f"cannot capture tokens [{start}, {end}) of a sequence holding {seq.n_in_kv}")
-        cells = select(decode(self.engine.ctx.state_seq_get(seq.seq_id)), start, end)
-        if not covers(cells, start, end, self.engine.model.n_swa or None):
+        cells = select(decode(self.ctx.state_seq_get(seq.seq_id)), start, end)
+        if not covers(cells, start, end, self.model.n_swa or None):
             raise InvalidParameter(f"the cache no longer holds tokens [{start}, {end}) (sliding window)")
         return Segment(name, tuple(seq.tokens[start:end]), cells, start)
 
     def reply(self, seq: Sequence) -> tuple[list[int], int, int]:
         """The last turn's reply of `seq`: its tokens (end-of-generation dropped), the position of the
         first, and how many of them are in the cache (all but a last sampled one that was never decoded)."""
-        tokens = [t for t in seq.generated if not self.engine.model.is_eog(t)]
+        tokens = [t for t in seq.generated if not self.model.is_eog(t)]
         start = len(seq.tokens) - len(seq.generated)
         return tokens, start, max(0, min(len(tokens), seq.n_in_kv - start))
 
@@ -116,7 +116,7 @@ class Composer:
         if not tokens:
             raise InvalidParameter("an empty segment")
         if head:
-            seq = self.engine.scheduler.fork(self._head(list(head))[0])
+            seq = self.scheduler.fork(self._head(list(head))[0])
             seq.tokens.extend(tokens)
         else:
             seq = Sequence(tokens=tokens)
@@ -125,7 +125,7 @@ class Composer:
             n = len(head)
             return self.capture(name, seq, n, n + len(tokens)), seq.n_prompt_computed
         finally:
-            self.engine.scheduler.release(seq)
+            self.scheduler.release(seq)
 
     # -- composing ------------------------------------------------------------------------------
     def compose(self, parts: Seq[Part], agent: str, config: ReuseConfig) -> tuple[Sequence, ReuseReport]:
@@ -135,12 +135,12 @@ class Composer:
         head, rest = split_head(parts)
         node, computed = self._head(head)
         report.prefix_tokens, report.computed_tokens = len(head) - computed, computed
-        seq = self.engine.scheduler.fork(node)
+        seq = self.scheduler.fork(node)
         try:
             for pending in self.steps(seq, rest, agent, config, report):
                 self._run(pending)
         except BaseException:
-            self.engine.scheduler.release(seq)
+            self.scheduler.release(seq)
             raise
         report.seconds = time.perf_counter() - t0
         return seq, report
@@ -154,7 +154,7 @@ class Composer:
             yield from self._add(seq, part, agent, config, report)
         yield from self._compute(seq, report)
         if seq.seq_id is None:
-            self.engine.scheduler.allocate_now(seq, "for a composed prompt")
+            self.scheduler.allocate_now(seq, "for a composed prompt")
         report.prompt_tokens = len(seq.tokens)
 
     def _placeable(self, part: Part, config: ReuseConfig) -> bool:
@@ -205,12 +205,12 @@ class Composer:
         cells = rerotate(part.cells(start), self.spec, at - part.p0)
         if deviation is not None:
             cells = combine(cells, select(deviation, at + start, at + part.n_tokens), operator.add)
-        table, ctx = self.engine.scheduler.table, self.engine.ctx
+        table, ctx = self.scheduler.table, self.ctx
         n0 = len(seq.tokens)
         seq.tokens.extend(part.tokens[start:])
         try:
             if seq.seq_id is None:  # NOTE: a fork not admitted yet (nothing was computed since the head)
-                self.engine.scheduler.allocate_now(seq, "for a composed prompt")
+                self.scheduler.allocate_now(seq, "for a composed prompt")
             if not table.can_allocate(seq) or table.n_free_ids < 1:
                 raise ContextOverflow(f"no room for {part.n_tokens - start:,} more KV cells (or no free sequence"
                                       f" id) in a context of {ctx.n_ctx:,}; close branches or raise n_ctx")
@@ -230,10 +230,10 @@ class Composer:
         """Prefill seq's pending tokens (no generation)."""
         if not seq.n_pending:
             if seq.seq_id is None:  # NOTE: a fork covering all its tokens still needs its id to be forked from
-                self.engine.scheduler.allocate_now(seq, "for a prompt head")
+                self.scheduler.allocate_now(seq, "for a prompt head")
             return
-        self.engine.scheduler.submit(seq, SamplingParams(max_tokens=0))
-        self.engine._run([seq])
+        self.scheduler.submit(seq, SamplingParams(max_tokens=0))
+        self.run([seq])
         if seq.error is not None:
             raise seq.error
 
@@ -242,7 +242,7 @@ class Composer:
         try:
             self._run(seq)
         except BaseException:
-            self.engine.scheduler.release(seq)
+            self.scheduler.release(seq)
             raise
         return seq
 
@@ -252,11 +252,11 @@ class Composer:
         NOTE: heads live in the engine's prefix cache as its own entries: later prompts of the agent (and
         any prefill starting with the head) fork them, and the scheduler evicts them when it needs room.
         """
-        prefixes = self.engine.scheduler.prefixes
+        prefixes = self.scheduler.prefixes
         hit = prefixes.match(head)
         if hit is not None and hit.n == len(head) == hit.node.n_in_kv:
             return hit.node, 0
-        seq = self.engine.scheduler.fork(*hit) if hit is not None else Sequence(tokens=[])
+        seq = self.scheduler.fork(*hit) if hit is not None else Sequence(tokens=[])
         seq.tokens = list(head)
         self._prefilled(seq)
         prefixes.insert(seq)

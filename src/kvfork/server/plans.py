@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from kvfork.config import ServerConfig
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import KvforkError
+from kvfork.runtime import warm
+from kvfork.runtime.snapshot import Snapshot
 from kvfork.scheduler.prefix_cache import PrefixHit, can_trim, common_prefix
 from kvfork.scheduler.sequence import Sequence
 from kvfork.server.choices import Choices
@@ -20,7 +22,6 @@ from kvfork.server.errors import APIError
 from kvfork.server.job import Job
 from kvfork.server.metrics import ServerMetrics
 from kvfork.server.segments import ReusePlacer
-from kvfork.snapshot.base import Snapshot
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
@@ -139,7 +140,7 @@ class Planner:
             self.snapshots[info.id] = info
             if self.engine.store is not None:
                 seconds = (node.t_done or time.perf_counter()) - node.t_submit
-                self.engine.store.remember(Snapshot(self.engine, node, None, seconds))
+                warm.remember(self.engine.store, Snapshot(self.engine, node, None, seconds))
             done(info)
 
         try:
@@ -188,7 +189,7 @@ class Planner:
             node = self.sched.fork(hit.node, hit.n)
             node.tokens.extend(tokens[hit.n:])
         elif self.engine.store is not None:
-            node = self.engine.store.restore_prefix(self.engine, list(tokens))
+            node = warm.restore_prefix(self.engine.store, self.engine, list(tokens))
         else:
             node = Sequence(tokens=list(tokens))
         try:

@@ -1,1 +1,1 @@
-"""snapshot package: live snapshots (base), host copies (host), files (fileformat), and the tiered store."""
+"""snapshot package: KV state blobs off the context: host copies (host), files (fileformat), the tiered store."""

@@ -6,13 +6,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from kvfork.errors import SnapshotMismatch
 from kvfork.snapshot.fingerprint import model_fingerprint
-
-if TYPE_CHECKING:
-    from kvfork.runtime import Engine
 
 __all__ = ["StateLayout"]
 
@@ -43,15 +41,15 @@ class StateLayout:
     llama_cpp: str  # llama-cpp-python version (it pins the llama.cpp sources)
 
     @classmethod
-    def of(cls, engine: Engine) -> StateLayout:
-        """The layout of `engine`'s context."""
+    def of(cls, model_path: Path, model_desc: str, n_swa: int, kv_type: str, flash_attn: str) -> StateLayout:
+        """The layout of a context of the model at `model_path` with these KV settings."""
         return cls(
-            model=model_fingerprint(engine.model_path),
-            model_desc=engine.model.description,
-            kv_type=engine.config.kv_type,
-            flash_attn=engine.config.flash_attn,
+            model=model_fingerprint(model_path),
+            model_desc=model_desc,
+            kv_type=kv_type,
+            flash_attn=flash_attn,
             kv_unified=True,
-            n_swa=int(engine.model.n_swa),
+            n_swa=int(n_swa),
             llama_cpp=_binding_version(),
         )
 

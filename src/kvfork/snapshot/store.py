@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -21,11 +21,6 @@ from kvfork.snapshot.keys import as_array, entry_key
 from kvfork.snapshot.layout import StateLayout
 from kvfork.snapshot.ram import RamTier
 from kvfork.snapshot.stats import StoreStats
-
-if TYPE_CHECKING:
-    from kvfork.runtime import Engine
-    from kvfork.scheduler.sequence import Sequence as Seq
-    from kvfork.snapshot.base import Snapshot
 
 __all__ = ["SnapshotStore", "StoreStats", "EntryInfo"]
 
@@ -193,20 +188,8 @@ class SnapshotStore:
                 s.bytes_disk, s.entries_disk = self.disk.nbytes, len(self.disk.entries)
             return s
 
-    # -- the engine's use: restore before a prefill, remember after -------------------------------
-    def restore_prefix(self, engine: Engine, tokens: list[int]) -> Seq:
-        """A Sequence of `engine` for `tokens` whose longest stored prefix is already in the cache."""
-        from kvfork.snapshot.warm import restore_prefix
-
-        return restore_prefix(self, engine, tokens)
-
-    def remember(self, snapshot: Snapshot) -> None:
-        """Store a freshly prefilled snapshot (unless stored already); never raises on I/O errors."""
-        from kvfork.snapshot.warm import remember
-
-        remember(self, snapshot)
-
-    def _count(self, **deltas: float) -> None:
+    def count(self, **deltas: float) -> None:
+        """Add to the statistics (hits, misses, tokens and seconds saved): the engine's warm starts report here."""
         with self._lock:
             for name, value in deltas.items():
                 setattr(self._stats, name, getattr(self._stats, name) + value)

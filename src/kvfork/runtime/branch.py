@@ -10,7 +10,7 @@ from kvfork.scheduler.sequence import Sequence
 
 if TYPE_CHECKING:
     from kvfork.engine.adapters import Adapter
-    from kvfork.runtime import Engine
+    from kvfork.runtime.engine import Engine
 
 __all__ = ["Branch"]
 

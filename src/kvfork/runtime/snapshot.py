@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any
 
-from kvfork.branch import Branch
 from kvfork.engine.sampling import SamplingParams
 from kvfork.prompt import ChatLayout
 from kvfork.result import Completion
+from kvfork.runtime import warm
+from kvfork.runtime.branch import Branch
 from kvfork.scheduler.sequence import Sequence
+from kvfork.snapshot.host import HostSnapshot
 
 if TYPE_CHECKING:
     from kvfork.engine.adapters import Adapter
     from kvfork.reuse.report import ReuseReport
-    from kvfork.runtime import Engine
+    from kvfork.runtime.engine import Engine
 
 __all__ = ["Snapshot"]
 
@@ -85,6 +87,11 @@ class Snapshot:
         finally:
             for branch in branches:
                 branch.close()
+
+    def to_host(self) -> HostSnapshot:
+        """Copy this snapshot's cells to host memory (it stays live): save it, or restore it elsewhere
+        with `Engine.restore`."""
+        return warm.capture(self)
 
     def close(self) -> None:
         self._engine._release(self._seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -11,7 +12,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kvfork.branch import Branch
 from kvfork.config import EngineConfig
 from kvfork.engine.adapters import Adapter, Adapters
 from kvfork.engine.llama import LlamaContext, LlamaModel
@@ -22,10 +22,14 @@ from kvfork.prompt import ChatLayout
 from kvfork.result import Completion
 from kvfork.reuse.composer import Composer, Part, Segment
 from kvfork.reuse.config import ReuseConfig
+from kvfork.runtime import warm
+from kvfork.runtime.branch import Branch
+from kvfork.runtime.snapshot import Snapshot
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.scoring import next_token_logits
 from kvfork.scheduler.sequence import SeqStatus, Sequence
-from kvfork.snapshot.base import Snapshot
+from kvfork.snapshot.host import HostSnapshot
+from kvfork.snapshot.layout import StateLayout
 from kvfork.snapshot.store import SnapshotStore
 
 __all__ = ["Engine"]
@@ -138,7 +142,7 @@ class Engine:
                 seq = self.scheduler.fork(*live)
                 seq.tokens = tokens
             elif self.store is not None:
-                seq = self.store.restore_prefix(self, tokens)
+                seq = warm.restore_prefix(self.store, self, tokens)
             else:
                 seq = Sequence(tokens=tokens)
             try:
@@ -153,8 +157,25 @@ class Engine:
             self.scheduler.prefixes.insert(seq, locked=True)  # NOTE: the Snapshot owns it; later prefills fork it
         snapshot = Snapshot(self, seq, layout, time.perf_counter() - t0)
         if self.store is not None:
-            self.store.remember(snapshot)
+            warm.remember(self.store, snapshot)
         return snapshot
+
+    def restore(self, host: HostSnapshot, *, keep: int | None = None) -> Snapshot:
+        """A live Snapshot holding a host copy's cells (or their first `keep` tokens), without a prefill.
+
+        Other sequences of the context are untouched. Raises SnapshotMismatch if this engine's model
+        or KV layout differs from the copy's, or if `keep` cuts into a sliding window's past;
+        ContextOverflow if the context has no room.
+        """
+        t0 = time.perf_counter()
+        seq = warm.adopt(self, host, keep)
+        return Snapshot(self, seq, host.chat, time.perf_counter() - t0)
+
+    @functools.cached_property
+    def state_layout(self) -> StateLayout:
+        """What this context's state blobs depend on (model file, KV type, flash attention, llama.cpp)."""
+        return StateLayout.of(self.model_path, self.model.description, self.model.n_swa,
+                              self.config.kv_type, self.config.flash_attn)
 
     def generate(
         self,
@@ -223,7 +244,7 @@ class Engine:
         """The engine's segment reuse (and its kvcomm anchor pool), made on first use."""
         with self._lock:
             if self._composer is None:
-                self._composer = Composer(self)
+                self._composer = Composer(self.scheduler, self.ctx, self.model, self._run)
             return self._composer
 
     def segment(self, name: str, tokens: Seq[int], *, head: Seq[int] = ()) -> Segment:

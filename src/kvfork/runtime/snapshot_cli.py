@@ -15,8 +15,6 @@ from typing import Any
 from kvfork.config import EXACT_HELP
 from kvfork.errors import KvforkError
 from kvfork.snapshot.fileformat import read_header, read_snapshot, write_snapshot
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.layout import StateLayout
 from kvfork.snapshot.store import SnapshotStore
 
 __all__ = ["add_snapshot_commands"]
@@ -68,7 +66,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _engine(args: argparse.Namespace) -> Any:
     from kvfork.models import DEFAULT_MODEL
-    from kvfork.runtime import Engine
+    from kvfork.runtime.engine import Engine
 
     return Engine(args.model or DEFAULT_MODEL, n_ctx=args.n_ctx, chat_template=args.chat_template, exact=args.exact)
 
@@ -76,7 +74,7 @@ def _engine(args: argparse.Namespace) -> Any:
 def _save(args: argparse.Namespace) -> int:
     text = args.document.read_text(encoding="utf-8")
     with _engine(args) as engine, engine.prefill(text, system=args.system, chat=not args.plain) as snap:
-        host = HostSnapshot.capture(snap)
+        host = snap.to_host()
         if args.output is not None:
             target = str(write_snapshot(args.output, host))
         else:
@@ -89,8 +87,8 @@ def _save(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
         t0 = time.perf_counter()
-        host = read_snapshot(args.file, expect=StateLayout.of(engine))
-        with host.restore(engine) as snap:
+        host = read_snapshot(args.file, expect=engine.state_layout)
+        with engine.restore(host) as snap:
             print(f"restored {snap.n_tokens:,} tokens in {time.perf_counter() - t0:.3f} s", file=sys.stderr)
             if args.ask:
                 answers = snap.fan_out(args.ask, max_tokens=args.max_tokens)

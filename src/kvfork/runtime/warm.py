@@ -1,0 +1,116 @@
+"""Warm starts: an engine's prefill restores the longest stored prefix, and stores what it prefilled.
+
+The engine's side of a SnapshotStore: the store holds blobs and finds prefixes; these functions put
+blobs into the engine's context and take them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
+from kvfork.scheduler.prefix_cache import can_trim
+from kvfork.scheduler.sequence import Sequence
+from kvfork.snapshot.host import HostSnapshot
+from kvfork.snapshot.store import SnapshotStore
+
+if TYPE_CHECKING:
+    from kvfork.runtime.engine import Engine
+    from kvfork.runtime.snapshot import Snapshot
+
+__all__ = ["adopt", "capture", "remember", "restore_prefix"]
+
+log = logging.getLogger(__name__)
+
+
+def capture(snapshot: Snapshot) -> HostSnapshot:
+    """Copy a live snapshot's cells out of its engine's context (the snapshot stays live)."""
+    engine, seq = snapshot._engine, snapshot._seq
+    with engine._lock:
+        if seq.released or seq.seq_id is None:
+            raise SnapshotMismatch("cannot copy out a snapshot that was closed")
+        tokens = tuple(seq.tokens[: seq.n_in_kv])
+        state = engine.ctx.state_seq_get(seq.seq_id)
+    return HostSnapshot(tokens, state, engine.state_layout, snapshot.layout, time.time(), snapshot.prefill_s)
+
+
+def adopt(engine: Engine, host: HostSnapshot, keep: int | None = None) -> Sequence:
+    """A new Sequence of `engine` holding `host`'s cells (or their first `keep` tokens).
+
+    Raises SnapshotMismatch if the engine's model or KV layout differs, or if `keep` cuts into a
+    sliding window's past; ContextOverflow if the context has no room.
+    """
+    host.layout.check(engine.state_layout)
+    if keep is not None and not 0 < keep <= host.n_tokens:
+        raise SnapshotMismatch(f"keep={keep} is outside 1..{host.n_tokens}")
+    if keep is not None and not can_trim(host.layout.n_swa, host.n_tokens, keep):
+        raise SnapshotMismatch(
+            f"cannot cut a {host.n_tokens:,}-token state back to {keep:,} tokens: the model's sliding"
+            f" window ({host.layout.n_swa} tokens) no longer holds the positions needed; prefill instead"
+        )
+    with engine._lock:
+        seq = engine.scheduler.adopt(list(host.tokens), host.state, keep)
+        n_swa = host.layout.n_swa
+        cut = keep is not None and keep < host.n_tokens
+        if cut and n_swa > 0 and engine.ctx.seq_pos_min(seq.seq_id) > max(0, keep - n_swa):  # type: ignore[arg-type,operator]
+            # NOTE: belt and braces for can_trim: the context itself says the window's past is gone.
+            engine.scheduler.release(seq)
+            raise SnapshotMismatch(f"the restored state lacks the sliding-window positions before {keep}")
+    return seq
+
+
+def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> Sequence:
+    """A Sequence for `tokens` holding the longest usable stored prefix; its tail is left pending.
+
+    Falls back to the next shorter match when one cannot be loaded or restored, and to a fresh
+    Sequence (a full prefill) when none can: a store problem never fails the prefill.
+    """
+    layout = engine.state_layout
+    for match in store.matches(layout, tokens):
+        snap = store.get(match.key, layout)
+        if snap is None:
+            continue
+        keep = match.n_shared
+        if list(snap.tokens[:keep]) != tokens[:keep]:  # NOTE: the file's own tokens decide, not its name
+            log.warning("snapshot %s does not hold the tokens its index promised; skipped", match.key)
+            continue
+        t0 = time.perf_counter()
+        try:
+            seq = adopt(engine, snap, keep if keep < snap.n_tokens else None)
+        except ContextOverflow as exc:
+            log.info("no room to restore a stored prefix (%s); prefilling instead", exc)
+            break
+        except KvforkError as exc:
+            log.warning("could not restore snapshot %s: %s", match.key, exc)
+            continue
+        seconds = time.perf_counter() - t0
+        seq.tokens.extend(tokens[keep:])
+        per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
+        store.count(tokens_saved=keep, restore_s=seconds, seconds_saved=per_token * keep - seconds)
+        return seq
+    store.count(misses=1)
+    return Sequence(tokens=list(tokens))
+
+
+def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
+    """Put `snapshot` in the store unless its exact tokens are stored already (then mark it used).
+
+    Never raises on a context or I/O problem: the store is a cache.
+    """
+    seq = snapshot._seq
+    if store.touch(store.key_of(snapshot._engine.state_layout, seq.tokens[: seq.n_in_kv])):
+        return
+    try:
+        host = capture(snapshot)
+    except KvforkError as exc:
+        log.warning("could not copy the snapshot out of the context: %s", exc)
+        return
+    # NOTE: prefill_s of an entry estimates a from-scratch prefill of all its tokens; when part of it
+    # was restored, scale the measured time of the computed part.
+    computed = seq.n_prompt_computed
+    if 0 < computed < host.n_tokens:
+        host = dataclasses.replace(host, prefill_s=snapshot.prefill_s * host.n_tokens / computed)
+    store.put(host)
