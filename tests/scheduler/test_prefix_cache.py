@@ -153,3 +153,58 @@ def test_the_scheduler_forgets_a_released_prefix(fake_backend):
         sched.step()
     assert child.generated == be.greedy(list(range(1, 40)) + [3], 2)
     assert seq.seq_id is None and be.positions(child.seq_id) == list(range(41))  # the fork took the cells over
+
+
+class _Shelf:
+    """A lower tier in host memory: what was demoted, by tokens; restores make fresh sequences."""
+
+    def __init__(self, sched: Scheduler | None = None) -> None:
+        self.sched = sched
+        self.held: list[tuple[int, ...]] = []
+
+    def demote(self, seq: Sequence) -> None:
+        self.held.append(tuple(seq.tokens[: seq.n_in_kv]))
+
+    def longest(self, tokens) -> int:
+        return max((len(h) for h in self.held if tuple(tokens[: len(h)]) == h), default=0)
+
+    def restore(self, tokens) -> Sequence | None:
+        n = self.longest(tokens)
+        if not n or self.sched is None:
+            return None
+        seq = Sequence(tokens=list(tokens))
+        seq.n_in_kv = n  # NOTE: a real tier writes the cells here (Scheduler.adopt); the test looks at the choice
+        return seq
+
+
+def test_evicted_entries_go_to_the_lower_tier_and_demote_all_copies_the_rest():
+    cache = PrefixCache(0, exact=False)
+    cache.lower = shelf = _Shelf()
+    a, b, pinned = _entry([1] * 20), _entry([2] * 20), _entry([3] * 20)
+    cache.insert(a)
+    cache.insert(b)
+    cache.insert(pinned, locked=True)
+    assert cache.evict() is a and shelf.held == [tuple(a.tokens)]
+    cache.demote_all()  # b stays in the cache too; the locked entry is its owner's business
+    assert shelf.held == [tuple(a.tokens), tuple(b.tokens)] and b in cache
+
+
+def test_a_prompt_comes_from_the_tier_that_covers_it_best(fake_backend):
+    be = fake_backend()
+    sched = Scheduler(be, EngineConfig(n_ctx=be.n_ctx))
+    sched.prefixes.lower = shelf = _Shelf(sched)
+    live = Sequence(tokens=list(range(1, 41)))
+    sched.submit(live, SamplingParams(max_tokens=0))
+    while sched.has_work:
+        sched.step()
+    sched.prefixes.insert(live)
+    prompt = list(range(1, 101))
+    shelf.held = [tuple(range(1, 50))]  # 9 more than the live 40: not worth copying cells in
+    seq = sched.sequence_for(prompt)
+    assert seq.parent is live and seq.n_in_kv == 40 and seq.tokens == prompt
+    shelf.held = [tuple(range(1, 81))]  # 40 more: restored
+    seq = sched.sequence_for(prompt)
+    assert seq.parent is None and seq.n_in_kv == 80 and seq.tokens == prompt
+    shelf.sched = None  # a restore that fails falls back to the fork
+    assert sched.sequence_for(prompt).parent is live
+    assert sched.sequence_for([7, 7, 7]).n_in_kv == 0  # nothing anywhere: a fresh prefill

@@ -38,3 +38,39 @@ def test_store_bytes_and_budgets_in_metrics(gemma_path, tmp_path):
             assert made.status_code == 201, made.text
             assert srv.metric('kvfork_store_bytes{tier="disk"}') > 0
             assert srv.metric('kvfork_store_bytes{tier="ram"}') > 0
+
+
+def test_a_restarted_server_restores_the_prefixes_it_held(gemma_path, ref, tmp_path):
+    """Ordinary requests' prompts, not just pinned snapshots: the prefix cache demotes its entries to the
+    store (on eviction, and when the engine closes), and the next server restores instead of prefilling."""
+    messages = [{"role": "system", "content": "You read logs."},
+                {"role": "user", "content": long_text(10) + "\n\nWhich day came last?"}]
+    want = ref.generate(chat_prompt(ref, messages), max_tokens=6).text
+    with Engine(gemma_path, store=SnapshotStore(tmp_path), **ENGINE) as engine:
+        with serving(engine, ServerConfig(model_name="gemma")) as first:
+            out = first.client().chat.completions.create(model="gemma", messages=messages, max_tokens=6,
+                                                         temperature=0)
+            assert out.choices[0].message.content == want
+            assert first.metric("kvfork_snapshot_hits") == 0 and out.usage.prompt_tokens_details.cached_tokens == 0
+    with Engine(gemma_path, store=SnapshotStore(tmp_path), **ENGINE) as engine:
+        with serving(engine, ServerConfig(model_name="gemma")) as second:
+            out = second.client().chat.completions.create(model="gemma", messages=messages, max_tokens=6,
+                                                          temperature=0)
+            assert second.metric("kvfork_snapshot_hits") == 1
+            assert out.usage.prompt_tokens_details.cached_tokens == out.usage.prompt_tokens  # none prefilled
+            assert out.choices[0].message.content == want
+
+
+def test_a_prefix_evicted_from_the_context_is_restored_from_the_store(gemma_path, ref, tmp_path):
+    """live_prefixes=0: every prompt node is evicted once its request has forked it, so it goes to the store."""
+    messages = [{"role": "user", "content": long_text(8) + "\n\nWhat was restarted?"}]
+    want = ref.generate(chat_prompt(ref, messages), max_tokens=6).text
+    with Engine(gemma_path, store=SnapshotStore(tmp_path), **ENGINE) as engine:
+        with serving(engine, ServerConfig(model_name="gemma", live_prefixes=0)) as srv:
+            cached = []
+            for _ in range(2):
+                out = srv.client().chat.completions.create(model="gemma", messages=messages, max_tokens=6,
+                                                           temperature=0)
+                assert out.choices[0].message.content == want
+                cached.append(out.usage.prompt_tokens_details.cached_tokens)
+            assert cached == [0, out.usage.prompt_tokens] and srv.metric("kvfork_snapshot_hits") == 1

@@ -71,7 +71,9 @@ class Engine:
             raise
         self.scheduler = Scheduler(self.ctx, config)
         self.adapters = Adapters(self.model)  # LoRA decoders by name (issue 8: PrefillShare)
-        self.store = store  # consulted by every prefill: restore the longest stored prefix, store the result
+        self.store = store  # the prefix cache's lower tier; every prefilled snapshot is also stored
+        if store is not None:
+            self.scheduler.prefixes.lower = warm.StoreTier(self, store)
         self._lock = threading.RLock()
         self._composer: Composer | None = None
 
@@ -136,15 +138,7 @@ class Engine:
             )
         t0 = time.perf_counter()
         with self._lock:
-            # NOTE: tiers in order of cost: a prefix in this context (zero-copy fork), then the store.
-            live = self.scheduler.prefixes.match(tokens)
-            if live is not None:
-                seq = self.scheduler.fork(*live)
-                seq.tokens = tokens
-            elif self.store is not None:
-                seq = warm.restore_prefix(self.store, self, tokens)
-            else:
-                seq = Sequence(tokens=tokens)
+            seq = self.scheduler.sequence_for(tokens)  # NOTE: a fork of a prefix in the context, or a restore
             try:
                 if seq.n_pending or seq.seq_id is None:
                     self.scheduler.submit(seq, SamplingParams(max_tokens=0))
@@ -283,6 +277,8 @@ class Engine:
     def close(self) -> None:
         """Free the context and the model; the engine cannot be used afterwards."""
         with self._lock:
+            if self.store is not None:
+                self.scheduler.prefixes.demote_all()  # NOTE: the next engine on this store starts warm
             if self._composer is not None:
                 self._composer.close()
             self.adapters.close()

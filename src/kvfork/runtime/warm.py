@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
+from kvfork.prompt import ChatLayout
 from kvfork.scheduler.prefix_cache import can_trim
 from kvfork.scheduler.sequence import Sequence
 from kvfork.snapshot.host import HostSnapshot
@@ -21,20 +23,23 @@ if TYPE_CHECKING:
     from kvfork.runtime.engine import Engine
     from kvfork.runtime.snapshot import Snapshot
 
-__all__ = ["adopt", "capture", "remember", "restore_prefix"]
+__all__ = ["StoreTier", "adopt", "capture", "remember", "restore_prefix"]
 
 log = logging.getLogger(__name__)
 
 
 def capture(snapshot: Snapshot) -> HostSnapshot:
     """Copy a live snapshot's cells out of its engine's context (the snapshot stays live)."""
-    engine, seq = snapshot._engine, snapshot._seq
+    return _capture(snapshot._engine, snapshot._seq, snapshot.layout, snapshot.prefill_s)
+
+
+def _capture(engine: Engine, seq: Sequence, chat: ChatLayout | None, prefill_s: float) -> HostSnapshot:
     with engine._lock:
         if seq.released or seq.seq_id is None:
             raise SnapshotMismatch("cannot copy out a snapshot that was closed")
         tokens = tuple(seq.tokens[: seq.n_in_kv])
         state = engine.ctx.state_seq_get(seq.seq_id)
-    return HostSnapshot(tokens, state, engine.state_layout, snapshot.layout, time.time(), snapshot.prefill_s)
+    return HostSnapshot(tokens, state, engine.state_layout, chat, time.time(), prefill_s)
 
 
 def adopt(engine: Engine, host: HostSnapshot, keep: int | None = None) -> Sequence:
@@ -62,11 +67,11 @@ def adopt(engine: Engine, host: HostSnapshot, keep: int | None = None) -> Sequen
     return seq
 
 
-def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> Sequence:
+def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> Sequence | None:
     """A Sequence for `tokens` holding the longest usable stored prefix; its tail is left pending.
 
-    Falls back to the next shorter match when one cannot be loaded or restored, and to a fresh
-    Sequence (a full prefill) when none can: a store problem never fails the prefill.
+    Falls back to the next shorter match when one cannot be loaded or restored, and to None (a full
+    prefill) when none can: a store problem never fails the prefill.
     """
     layout = engine.state_layout
     for match in store.matches(layout, tokens):
@@ -91,8 +96,7 @@ def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> S
         per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
         store.count(tokens_saved=keep, restore_s=seconds, seconds_saved=per_token * keep - seconds)
         return seq
-    store.count(misses=1)
-    return Sequence(tokens=list(tokens))
+    return None
 
 
 def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
@@ -114,3 +118,40 @@ def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
     if 0 < computed < host.n_tokens:
         host = dataclasses.replace(host, prefill_s=snapshot.prefill_s * host.n_tokens / computed)
     store.put(host)
+
+
+class StoreTier:
+    """A SnapshotStore as the lower tier of an engine's prefix cache (see scheduler.prefix_cache.LowerTier).
+
+    Prefixes the cache evicts are copied to the store (host RAM, then disk under its budgets), and a
+    prompt the store covers better than the context is restored from it instead of prefilled. So a
+    server restarted on the same store finds every prefix it had demoted (`demote_all` at shutdown).
+    """
+
+    def __init__(self, engine: Engine, store: SnapshotStore) -> None:
+        self.engine = engine
+        self.store = store
+
+    def demote(self, seq: Sequence) -> None:
+        layout = self.engine.state_layout
+        if self.store.touch(self.store.key_of(layout, seq.tokens[: seq.n_in_kv])):
+            return
+        try:
+            # NOTE: prefill_s estimates a from-scratch prefill of the entry: the seconds its own part
+            # took, scaled to all its tokens.
+            took = (seq.t_done or seq.t_submit) - seq.t_submit
+            computed = seq.n_prompt_computed
+            prefill_s = took * seq.n_in_kv / computed if computed else 0.0
+            self.store.put(_capture(self.engine, seq, None, prefill_s))
+        except KvforkError as exc:
+            log.warning("could not demote a prefix to the store: %s", exc)
+
+    def longest(self, tokens: Seq[int]) -> int:
+        best = self.store.lookup(self.engine.state_layout, list(tokens))
+        if best is None:
+            self.store.count(misses=1)
+            return 0
+        return best.n_shared
+
+    def restore(self, tokens: Seq[int]) -> Sequence | None:
+        return restore_prefix(self.store, self.engine, list(tokens))

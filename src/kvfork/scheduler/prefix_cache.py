@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from kvfork.errors import KvforkError
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
-__all__ = ["MIN_SHARED", "MIN_SUFFIX", "PrefixCache", "PrefixHit", "can_trim", "common_prefix"]
+__all__ = ["MIN_SHARED", "MIN_SUFFIX", "LowerTier", "PrefixCache", "PrefixHit", "can_trim", "common_prefix"]
 
 # NOTE: a shorter common prefix is not worth a fork of its own (the server's nodes, Engine.prefill).
 MIN_SHARED = 16
@@ -55,6 +55,24 @@ class PrefixHit(NamedTuple):
     n: int
 
 
+class LowerTier(Protocol):
+    """Where the cache's own entries go when evicted, and come back from (host RAM and disk: a SnapshotStore).
+
+    Contract: called in the scheduler's thread; none of these raise for a storage problem (the tier is
+    a cache: a failed demotion loses an entry, a failed restore is a miss).
+    """
+
+    def demote(self, seq: Sequence) -> None:
+        """Copy an entry's cells out before the scheduler releases it."""
+
+    def longest(self, tokens: Seq[int]) -> int:
+        """How many leading tokens of `tokens` a restore would bring back (0: none)."""
+
+    def restore(self, tokens: Seq[int]) -> Sequence | None:
+        """A new sequence with the longest stored prefix of `tokens` in the cache and the rest pending;
+        None when nothing could be restored."""
+
+
 class _Node:
     """A radix-tree node: `edge` leads here from `parent`; `entries` hold exactly the path's tokens."""
 
@@ -87,6 +105,7 @@ class PrefixCache:
     """
 
     def __init__(self, n_swa: int, *, exact: bool, min_shared: int = MIN_SHARED) -> None:
+        self.lower: LowerTier | None = None  # evicted entries are demoted there (the engine sets its store)
         self.n_swa = n_swa
         self.min_shared = min_shared
         self.min_suffix = MIN_SUFFIX if exact else 0
@@ -222,7 +241,7 @@ class PrefixCache:
         """Take the least recently used unlocked entry out (the caller releases it); None if there is none.
 
         frees_cells=True takes only an entry no fork shares, whose release frees its cells at once;
-        otherwise those are preferred.
+        otherwise those are preferred. With a lower tier, the entry is demoted to it first.
         """
         for seq in self._lru:
             if seq.n_children == 0:
@@ -232,7 +251,15 @@ class PrefixCache:
                 return None
             seq = next(iter(self._lru))
         self.remove(seq)
+        if self.lower is not None:
+            self.lower.demote(seq)
         return seq
+
+    def demote_all(self) -> None:
+        """Copy every unlocked entry to the lower tier (they stay here too): before the context goes away."""
+        if self.lower is not None:
+            for seq in list(self._lru):
+                self.lower.demote(seq)
 
     def check_integrity(self) -> None:
         """Raise KvforkError if an entry's path is not its cached tokens, or the tree is not compressed."""

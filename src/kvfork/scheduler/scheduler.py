@@ -18,7 +18,7 @@ from kvfork.engine.logprobs import token_logprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
-from kvfork.scheduler.prefix_cache import PrefixCache
+from kvfork.scheduler.prefix_cache import MIN_SHARED, PrefixCache, PrefixHit
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
 __all__ = ["Decode", "Outcome", "Row", "Sampled", "Scheduler"]
@@ -100,6 +100,27 @@ class Scheduler:
             child = Sequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
         parent.children.append(child)
         return child
+
+    def sequence_for(self, tokens: list[int], hit: PrefixHit | None = None) -> Sequence:
+        """A new sequence for `tokens` that computes as little as the cache's tiers allow.
+
+        A fork of the prefix cache's best match (zero-copy), or a restore from its lower tier where that
+        covers at least MIN_SHARED more tokens (it copies cells in; a fork shares them), or a fresh
+        sequence. The tokens not covered are left pending: submit it to compute them.
+        `hit`: a match the caller already made (the server matches with its own candidates too).
+        """
+        hit = hit if hit is not None else self.prefixes.match(tokens)
+        lower = self.prefixes.lower
+        n_live = hit.n if hit is not None else 0
+        if lower is not None and lower.longest(tokens) >= n_live + MIN_SHARED:
+            restored = lower.restore(tokens)
+            if restored is not None:
+                return restored
+        if hit is None:
+            return Sequence(tokens=list(tokens))
+        seq = self.fork(hit.node, hit.n)
+        seq.tokens = list(tokens)
+        return seq
 
     def adopt(self, tokens: list[int], state: bytes, keep: int | None = None) -> Sequence:
         """A sequence whose cells come from a state blob (a restored snapshot) instead of a prefill.

@@ -180,18 +180,13 @@ class Planner:
         self._prefill(job.tokens, _Waiter([job], own_done, lambda exc: self.choices.fail([job], exc)), hit=hit)
 
     def _prefill(self, tokens: list[int], waiter: _Waiter, hit: PrefixHit | None = None, exact: bool = False) -> None:
-        """A node holding `tokens`: forked from the best live prefix, restored from the store, or prefilled."""
+        """A node holding `tokens`: forked from the best live prefix, restored from the store, or prefilled
+        (Scheduler.sequence_for decides)."""
         hit = hit or self.prefixes.match(tokens)
         if hit is not None and hit.n == len(tokens) == hit.node.n_in_kv and not exact:
             waiter.then(hit.node)
             return
-        if hit is not None:
-            node = self.sched.fork(hit.node, hit.n)
-            node.tokens.extend(tokens[hit.n:])
-        elif self.engine.store is not None:
-            node = warm.restore_prefix(self.engine.store, self.engine, list(tokens))
-        else:
-            node = Sequence(tokens=list(tokens))
+        node = self.sched.sequence_for(list(tokens), hit)
         try:
             self.sched.submit(node, SamplingParams(max_tokens=0))
         except BaseException:
