@@ -127,8 +127,12 @@ class FakeBackend:
     keeps the ubatches before the failing one).
     """
 
-    def __init__(self, n_ctx: int = 4096, n_batch: int = 512, n_vocab: int = 64, n_swa: int = 0) -> None:
+    def __init__(self, n_ctx: int = 4096, n_batch: int = 512, n_vocab: int = 64, n_swa: int = 0,
+                 model: FakeModel | None = None) -> None:
         self.n_ctx, self.n_batch, self.n_vocab, self.n_swa = n_ctx, n_batch, n_vocab, n_swa
+        self.model = model  # an Engine's fake model: its vocabulary replaces the letters below
+        if model is not None:
+            self.n_vocab = model.n_vocab
         self.cells: list[FakeCell] = []
         self.decodes: list[Batch] = []
         self.adapters: tuple = ()
@@ -194,10 +198,18 @@ class FakeBackend:
         self.cells += [FakeCell(int(pos), int(token), {seq_id}) for pos, token in rows]
 
     def is_eog(self, token: int) -> bool:
-        return token == 0
+        return self.model.is_eog(token) if self.model is not None else token == 0
 
     def token_bytes(self, token: int) -> bytes:
+        if self.model is not None:
+            return self.model.token_bytes(token)
         return {60: b"\xc3", 61: b"\xa9"}.get(token, bytes([ord("a") + token % 26]))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return min(self.positions(seq_id), default=-1)
+
+    def close(self) -> None:
+        pass
 
     # -- what tests look at ----------------------------------------------------------------------
     def next_logits(self, tokens: list[int]) -> np.ndarray:
@@ -225,6 +237,69 @@ class FakeBackend:
     @staticmethod
     def _within(pos: int, p0: int, p1: int) -> bool:
         return (p0 < 0 or pos >= p0) and (p1 < 0 or pos < p1)
+
+
+class FakeModel:
+    """What an Engine needs of a model besides weights: a byte-level vocabulary (token t < 256 is byte t)
+    with a BOS, two chat markers and an end-of-turn token, and a ChatML-like chat template."""
+
+    BOS, END = 256, 258
+    SPECIAL = {"<|im_start|>": 257, "<|im_end|>": 258}
+    n_vocab, n_ctx_train, n_swa, description = 259, 32768, 0, "fake byte-level model"
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        out = [self.BOS] if add_special else []
+        pieces = [text]
+        if parse_special:
+            for marker in self.SPECIAL:
+                pieces = [part for piece in pieces for part in _split_keep(piece, marker)]
+        for piece in pieces:
+            out += [self.SPECIAL[piece]] if parse_special and piece in self.SPECIAL else list(piece.encode())
+        return out
+
+    def token_bytes(self, token: int) -> bytes:
+        if token < 256:
+            return bytes([token])
+        return next((m.encode() for m, t in self.SPECIAL.items() if t == token), b"")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return token == self.END
+
+    def apply_chat_template(self, messages: list[tuple[str, str]], *, add_generation_prompt: bool) -> str:
+        text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def close(self) -> None:
+        pass
+
+
+def _split_keep(text: str, marker: str) -> list[str]:
+    parts = text.split(marker)
+    return [p for i, part in enumerate(parts) for p in ((marker, part) if i else (part,)) if p]
+
+
+@pytest.fixture
+def fake_engine():
+    """fake_engine(**EngineConfig fields): an Engine on FakeModel + FakeBackend (no weights); closed after the test."""
+    from pathlib import Path
+
+    from kvfork.config import EngineConfig
+
+    made = []
+
+    def make(**config) -> Engine:
+        cfg = EngineConfig(**{"n_ctx": 4096, **config})
+        model = FakeModel()
+        engine = Engine.on(Path("fake.gguf"), model, FakeBackend(cfg.n_ctx, cfg.n_batch, model=model), cfg)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
 
 
 @pytest.fixture

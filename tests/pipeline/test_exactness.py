@@ -21,7 +21,8 @@ def _identical(shared: PipelineResult, ref: PipelineResult) -> None:
     assert ref.saved_tokens == 0
 
 
-def test_review_board(gemma, gemma_ref):
+def test_review_board(engines):
+    gemma, gemma_ref = engines
     reviewers = {"facts": "List two facts.", "risks": "Name one risk.", "gaps": "What is missing?"}
     p = review_board(DOC, reviewers=reviewers, chair="Merge the reviews in one line.", sampling=FEW)
     shared, ref = p.run(gemma), p.run(gemma_ref, share=False)
@@ -35,12 +36,14 @@ def test_review_board(gemma, gemma_ref):
     assert all(a.shared_tokens == 0 and a.reused_tokens == 0 for a in ref)
 
 
-def test_chain(gemma, gemma_ref):
+def test_chain(engines):
+    gemma, gemma_ref = engines
     p = chain(DOC, writer="Summarize it in one line.", critic="Criticize it.", reviser="Fix it.", sampling=FEW)
     _identical(p.run(gemma), p.run(gemma_ref, share=False))
 
 
-def test_debate_keeps_each_branch_over_its_rounds(gemma, gemma_ref):
+def test_debate_keeps_each_branch_over_its_rounds(engines):
+    gemma, gemma_ref = engines
     p = debate(DOC, question="Who is to blame?", rounds=3, judge="Who won?", sampling={"max_tokens": 6})
     shared, ref = p.run(gemma), p.run(gemma_ref, share=False)
     _identical(shared, ref)
@@ -54,7 +57,8 @@ def test_debate_keeps_each_branch_over_its_rounds(gemma, gemma_ref):
     assert shared["judge"].computed_tokens > len(people.tokens) + len(shared["design"].tokens)  # all 6 turns
 
 
-def test_map_reduce_over_chunks(gemma, gemma_ref):
+def test_map_reduce_over_chunks(engines):
+    gemma, gemma_ref = engines
     chunks = split_document(long_text(24).replace(". ", ".\n"), 150, lambda s: len(gemma.tokenize(s)))
     assert len(chunks) >= 2 and all(len(gemma.tokenize(c)) <= 150 for c in chunks)
     p = map_reduce(chunks, mapper="Summarize.", reducer="Combine.", sampling=FEW)
@@ -63,7 +67,8 @@ def test_map_reduce_over_chunks(gemma, gemma_ref):
     assert shared.saved_tokens == 0  # NOTE: every chunk has one reader: nothing to share, and none claimed
 
 
-def test_own_roles_get_own_prefill_unless_shared_first(gemma, gemma_ref):
+def test_own_roles_get_own_prefill_unless_shared_first(engines):
+    gemma, gemma_ref = engines
     agents = [Agent("plain", "List the times."), Agent("critic", "List the faults.", role="You are harsh.")]
     exact = Pipeline.of(DOC, agents, system="You are brief.", sampling=FEW)
     result = exact.run(gemma)

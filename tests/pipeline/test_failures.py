@@ -8,7 +8,8 @@ from tests.conftest import long_text
 DOC = long_text(10)
 
 
-def test_failing_agents_next_to_successful_ones(gemma, gemma_ref):
+def test_failing_agents_next_to_successful_ones(engines):
+    gemma, gemma_ref = engines
     agents = [
         Agent("good", "List the times.", sampling={"max_tokens": 8}),
         Agent("bad-sampling", "List the faults.", sampling={"temperature": -1.0}),

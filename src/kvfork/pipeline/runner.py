@@ -40,7 +40,7 @@ class _AgentRun:
     use: SnapshotUse | None = None  # the snapshot it forked from
     error: str | None = None
     skipped: bool = False
-    turn_sent: bool = False  # the first turn is in the branch's composed prompt already
+    turn_sent: bool = False  # this turn's text is in the branch already (a composed first turn, or queued again)
 
     @property
     def replies(self) -> tuple[str, ...]:
@@ -182,6 +182,8 @@ class Runner:
                 for run, _ in items:
                     self._fail(run, exc)
                 return
+            for run, _ in items:
+                run.turn_sent = True  # NOTE: the rollback queued their text again: not to be sent twice
             half = len(items) // 2
             self._generate(items[:half])
             self._generate(items[half:])

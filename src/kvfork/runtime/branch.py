@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvfork.prompt import ChatLayout
@@ -77,14 +78,21 @@ class Branch:
         self.close()
 
     # -- used by the engine ----------------------------------------------------------------------
-    def _take_turn(self) -> Sequence:
-        """Turn queued text into pending tokens; returns the sequence to submit.
+    def _take_turn(self) -> Callable[[], None]:
+        """Turn queued text into pending tokens of the sequence to submit; returns how to undo that.
 
         NOTE: with nothing queued nothing is added: the branch generates from what it holds (e.g. a
-        composed prompt that ends with the assistant header already).
+        composed prompt that ends with the assistant header already). The undo puts the tokens and the
+        queue back as they were (a batch whose submission failed).
         """
+        seq, n0, queued = self._seq, len(self._seq.tokens), list(self._outbox)
+
+        def undo() -> None:
+            del seq.tokens[max(n0, seq.n_in_kv):]
+            self._outbox[:] = queued
+
         if not self._outbox:
-            return self._seq
+            return undo
         text = "\n\n".join(self._outbox)
         if self._layout is None:
             new = text
@@ -93,9 +101,9 @@ class Branch:
         else:
             new = self._layout.next_turn(text)
         if new:
-            self._seq.tokens.extend(self._engine.tokenize(new, add_bos=False, special=self._layout is not None))
+            seq.tokens.extend(self._engine.tokenize(new, add_bos=False, special=self._layout is not None))
         self._outbox.clear()
-        return self._seq
+        return undo
 
     def _took_reply(self, completion: Completion) -> None:
         self._replies += 1

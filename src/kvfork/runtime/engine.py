@@ -6,7 +6,9 @@ import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,18 +61,35 @@ class Engine:
             config = EngineConfig(**overrides)
         elif overrides:
             raise InvalidParameter("pass either config or keyword overrides, not both")
-        self.config = config
-        self.model_path = resolve_model(model)
-        self.model = LlamaModel(
-            self.model_path, verbose=config.verbose, chat_template=config.chat_template, repack=config.repack
-        )
+        path = resolve_model(model)
+        llama = LlamaModel(path, verbose=config.verbose, chat_template=config.chat_template, repack=config.repack)
         try:
-            self.ctx = LlamaContext(self.model, config)
+            ctx = LlamaContext(llama, config)
         except BaseException:
-            self.model.close()
+            llama.close()
             raise
-        self.scheduler = Scheduler(self.ctx, config)
-        self.adapters = Adapters(self.model)  # LoRA decoders by name (issue 8: PrefillShare)
+        self._attach(path, llama, ctx, config, store)
+
+    @classmethod
+    def on(cls, path: Path, model: LlamaModel, ctx: LlamaContext, config: EngineConfig, *,
+           store: SnapshotStore | None = None) -> Engine:
+        """An engine over a model and context made elsewhere: the seam where another backend plugs in
+        (the unit tests run engines, pipelines and the server's planner on a fake one, without weights).
+
+        `path` names the model (its file: snapshot layouts hash it); the engine owns both and closes them.
+        """
+        engine = cls.__new__(cls)
+        engine._attach(path, model, ctx, config, store)
+        return engine
+
+    def _attach(self, path: Path, model: LlamaModel, ctx: LlamaContext, config: EngineConfig,
+                store: SnapshotStore | None) -> None:
+        self.config = config
+        self.model_path = path
+        self.model = model
+        self.ctx = ctx
+        self.scheduler = Scheduler(ctx, config)
+        self.adapters = Adapters(model)  # LoRA decoders by name (issue 8: PrefillShare)
         self.store = store  # the prefix cache's lower tier; every prefilled snapshot is also stored
         if store is not None:
             self.scheduler.prefixes.lower = warm.StoreTier(self, store)
@@ -208,23 +227,21 @@ class Engine:
     ) -> list[Completion]:
         """Prefill every branch's new turn in shared batches and decode them together.
 
-        Raises the first submission error (context overflow, bad state) before anything runs.
+        Raises the first submission error (context overflow, bad state) before anything runs, and
+        leaves every branch as it was (its sent text queued again).
         close=True frees each branch the moment its turn ends (queued branches take its place).
         """
         with self._lock:
-            submitted: list[tuple[Sequence, int]] = []
+            submitted: list[tuple[Sequence, Callable[[], None]]] = []
             try:
                 for branch, p in zip(branches, params, strict=True):
-                    seq = branch._seq
-                    n0 = len(seq.tokens)
-                    branch._take_turn()
-                    submitted.append((seq, n0))
-                    seq.one_shot = close
-                    self.scheduler.submit(seq, p)
+                    submitted.append((branch._seq, branch._take_turn()))
+                    branch._seq.one_shot = close
+                    self.scheduler.submit(branch._seq, p)
             except BaseException:
-                for seq, n0 in submitted:
+                for seq, undo in submitted:
                     self.scheduler.cancel(seq)
-                    del seq.tokens[max(n0, seq.n_in_kv):]
+                    undo()
                 raise
             self._run([seq for seq, _ in submitted])
             results = [self._completion(seq) for seq, _ in submitted]
