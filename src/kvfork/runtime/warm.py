@@ -134,7 +134,14 @@ class StoreTier:
 
     def demote(self, seq: Sequence) -> None:
         layout = self.engine.state_layout
-        if self.store.touch(self.store.key_of(layout, seq.tokens[: seq.n_in_kv])):
+        tokens = seq.tokens[: seq.n_in_kv]
+        if self.store.touch(self.store.key_of(layout, tokens)):
+            return
+        stored = self.store.lookup(layout, tokens)
+        if stored is not None and 2 * stored.n_shared >= len(tokens):
+            # NOTE: the store holds half of it or more already (a document, with another question after
+            # it): a blob of this one would be restored only where it covers twice that (see
+            # Scheduler.sequence_for), and each costs the budget all of its cells.
             return
         try:
             # NOTE: prefill_s estimates a from-scratch prefill of the entry: the seconds its own part
