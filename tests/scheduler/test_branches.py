@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from kvfork import Engine
-from kvfork.engine.sampling import SamplingParams
-from kvfork.scheduler.sequence import Sequence
 from tests.conftest import GEMMA, long_text
 
 
@@ -68,27 +66,3 @@ def test_a_chain_of_forks_each_closing_its_parent_runs_on_a_few_ids(gemma_path, 
         assert out.tokens == gemma_ref.generate(history, max_tokens=6).tokens
         branch.close()
         assert engine.scheduler.table.n_free_ids == 4 and engine.scheduler.table.cells_reserved() == 0
-
-
-def test_a_small_fork_does_not_wait_behind_a_prompt_that_does_not_fit(gemma_path):
-    # 1,024 cells: a ~730-token snapshot, then a 600-token prompt that cannot fit until the snapshot is
-    # gone, queued ahead of a short fork of the snapshot that fits: the fork runs first (first fit).
-    with Engine(gemma_path, n_ctx=1024, n_seq_max=8, **GEMMA) as engine:
-        snap = engine.prefill(long_text(40))
-        sched = engine.scheduler
-        big = Sequence(tokens=engine.tokenize(long_text(30), add_bos=True))
-        sched.submit(big, SamplingParams(max_tokens=0))
-        branch = snap.fork().send("What failed?")
-        small = branch._take_turn()
-        sched.submit(small, SamplingParams(max_tokens=4))
-        finished = []
-        while small.status.value != "idle":
-            finished += sched.step()
-        assert small in finished and len(small.generated) == 4
-        assert big.status.value == "waiting"  # still no room for it
-        branch.close()
-        snap.close()
-        while big.status.value != "idle":  # room now: it runs
-            sched.step()
-        assert big.n_in_kv == len(big.tokens)
-        sched.release(big)

@@ -236,3 +236,25 @@ def test_cancel_stops_a_turn_and_the_branch_can_take_another(fake_backend):
     _run(sched, [seq])
     history = PROMPT + be.greedy(PROMPT, n)  # what the cancelled turn left
     assert seq.tokens[: len(history)] == history and seq.generated == be.greedy(history, 3)
+
+
+def test_a_small_fork_does_not_wait_behind_a_prompt_that_does_not_fit(fake_backend):
+    # 1,024 cells: a 730-token prefix, then a 600-token prompt that cannot fit until the prefix is gone,
+    # queued ahead of a short fork of the prefix that fits: the fork runs first (first fit).
+    be = fake_backend(n_ctx=1024)
+    sched = _scheduler(be)
+    root = _prefilled(sched, [(i * 7) % 60 + 1 for i in range(730)])
+    big = Sequence(tokens=[(i * 11) % 60 + 1 for i in range(600)])
+    sched.submit(big, SamplingParams(max_tokens=0))
+    small = sched.fork(root)
+    small.tokens += [5, 6, 7]
+    sched.submit(small, SamplingParams(max_tokens=4, ignore_eos=True))
+    finished = []
+    while small.status is not SeqStatus.IDLE:
+        finished += sched.step()
+    assert small in finished and small.generated == be.greedy(root.tokens + [5, 6, 7], 4)
+    assert big.status is SeqStatus.WAITING  # still no room for it
+    sched.release(small)
+    sched.release(root)
+    _run(sched, [big])
+    assert big.n_in_kv == len(big.tokens) == 600 and be.positions(big.seq_id) == list(range(600))

@@ -84,7 +84,7 @@ class Scheduler:
 
         Cells are tagged at admission. With n < parent.n_in_kv the child starts from the parent's
         first n tokens only; on sliding-window models the caller must check that the window still
-        holds the positions the child needs (see snapshot.host.can_trim).
+        holds the positions the child needs (see prefix_cache.can_trim).
         """
         if parent.status is SeqStatus.CLOSED or parent.released:
             raise SnapshotMismatch("cannot fork a released snapshot or branch")
@@ -109,9 +109,9 @@ class Scheduler:
         covered are left pending: submit it to compute them.
         `hit`: a match the caller already made (the server matches with its own candidates too).
         NOTE: a restore copies every cell it brings back, a fork shares them: restoring a document the
-        context holds, to save prefilling a question after it, would hold the document twice (measured:
-        the load test's peak cells rose from 5,683 to 7,907 and its throughput halved with a plain
-        "MIN_SHARED more" rule).
+        context holds, to save prefilling a question after it, would hold the document twice (measured
+        with a plain "MIN_SHARED more" rule: the load test peaked at 7,907 of 8,192 cells and served 369
+        requests in 5 minutes; 5,554 cells and 415 requests with this one).
         """
         hit = hit if hit is not None else self.prefixes.match(tokens)
         lower = self.prefixes.lower
