@@ -279,7 +279,7 @@ class Engine:
         t0 = time.perf_counter()
         with self._lock:
             seq, report = self.composer.compose(parts, agent, config)
-        # NOTE: not added to the live tier: its placed cells are approximate, and a later exact
+        # NOTE: not put in the prefix cache: its placed cells are approximate, and a later exact
         # prefill of the same tokens must not fork them.
         snapshot = Snapshot(self, seq, None, time.perf_counter() - t0)
         snapshot.reuse = report

@@ -6,7 +6,6 @@ blobs into the engine's context and take them out.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence as Seq
@@ -104,20 +103,31 @@ def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
 
     Never raises on a context or I/O problem: the store is a cache.
     """
-    seq = snapshot._seq
-    if store.touch(store.key_of(snapshot._engine.state_layout, seq.tokens[: seq.n_in_kv])):
+    _put(store, snapshot._engine, snapshot._seq, snapshot.layout, snapshot.prefill_s)
+
+
+def _put(store: SnapshotStore, engine: Engine, seq: Sequence, chat: ChatLayout | None, seconds: float,
+         *, unless_half_stored: bool = False) -> None:
+    """Copy `seq`'s cells into the store; `seconds`: what computing its uncached part took.
+
+    unless_half_stored: skip it where the store holds half of it or more already (see StoreTier.demote).
+    """
+    layout = engine.state_layout
+    tokens = seq.tokens[: seq.n_in_kv]
+    if store.touch(store.key_of(layout, tokens)):
         return
-    try:
-        host = capture(snapshot)
-    except KvforkError as exc:
-        log.warning("could not copy the snapshot out of the context: %s", exc)
-        return
+    if unless_half_stored:
+        stored = store.lookup(layout, tokens)
+        if stored is not None and 2 * stored.n_shared >= len(tokens):
+            return
     # NOTE: prefill_s of an entry estimates a from-scratch prefill of all its tokens; when part of it
-    # was restored, scale the measured time of the computed part.
+    # was forked or restored, scale the measured time of the computed part.
     computed = seq.n_prompt_computed
-    if 0 < computed < host.n_tokens:
-        host = dataclasses.replace(host, prefill_s=snapshot.prefill_s * host.n_tokens / computed)
-    store.put(host)
+    prefill_s = seconds * len(tokens) / computed if 0 < computed < len(tokens) else seconds
+    try:
+        store.put(_capture(engine, seq, chat, prefill_s))
+    except KvforkError as exc:
+        log.warning("could not copy a prefix out of the context into the store: %s", exc)
 
 
 class StoreTier:
@@ -133,25 +143,11 @@ class StoreTier:
         self.store = store
 
     def demote(self, seq: Sequence) -> None:
-        layout = self.engine.state_layout
-        tokens = seq.tokens[: seq.n_in_kv]
-        if self.store.touch(self.store.key_of(layout, tokens)):
-            return
-        stored = self.store.lookup(layout, tokens)
-        if stored is not None and 2 * stored.n_shared >= len(tokens):
-            # NOTE: the store holds half of it or more already (a document, with another question after
-            # it): a blob of this one would be restored only where it covers twice that (see
-            # Scheduler.sequence_for), and each costs the budget all of its cells.
-            return
-        try:
-            # NOTE: prefill_s estimates a from-scratch prefill of the entry: the seconds its own part
-            # took, scaled to all its tokens.
-            took = (seq.t_done or seq.t_submit) - seq.t_submit
-            computed = seq.n_prompt_computed
-            prefill_s = took * seq.n_in_kv / computed if computed else 0.0
-            self.store.put(_capture(self.engine, seq, None, prefill_s))
-        except KvforkError as exc:
-            log.warning("could not demote a prefix to the store: %s", exc)
+        # NOTE: not where the store holds half of it or more already (a document, with another question
+        # after it): a blob of this one would be restored only where it covers twice that (see
+        # Scheduler.sequence_for), and each costs the budget all of its cells.
+        _put(self.store, self.engine, seq, None, (seq.t_done or seq.t_submit) - seq.t_submit,
+             unless_half_stored=True)
 
     def longest(self, tokens: Seq[int]) -> int:
         best = self.store.lookup(self.engine.state_layout, list(tokens))

@@ -5,56 +5,20 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import NamedTuple
-
-import numpy as np
+from collections.abc import Callable
 
 from kvfork.config import EngineConfig
 from kvfork.engine.adapters import Adapter
 from kvfork.engine.backend import Backend, TokenSampler
-from kvfork.engine.batch import Batch
 from kvfork.engine.logprobs import token_logprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
+from kvfork.scheduler.decode import Decode, Outcome, Row, Sampled
 from kvfork.scheduler.prefix_cache import MIN_SHARED, PrefixCache, PrefixHit
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
-__all__ = ["Decode", "Outcome", "Row", "Sampled", "Scheduler"]
-
-
-class Row(NamedTuple):
-    """One sequence's part of a decode: `take` tokens from n_in_kv on; `sample_at`: its batch index to
-    sample from (None: it samples nothing in this step)."""
-
-    seq: Sequence
-    take: int
-    sample_at: int | None
-
-
-@dataclass
-class Decode:
-    """One planned llama_decode: a batch under one adapter set (None: the bare base) and its rows."""
-
-    adapter: Adapter | None
-    batch: Batch = field(default_factory=Batch)
-    rows: list[Row] = field(default_factory=list)
-
-
-class Sampled(NamedTuple):
-    token: int
-    raw: np.ndarray | None  # the raw logits, read only when the turn asks for log-probabilities
-    t: float  # when it was sampled (time to first token)
-
-
-@dataclass
-class Outcome:
-    """What running one Decode gave: the sampled token per sequence, or the error that failed it."""
-
-    decode: Decode
-    sampled: dict[Sequence, Sampled] = field(default_factory=dict)
-    error: Exception | None = None
+__all__ = ["Scheduler"]
 
 
 class Scheduler:
@@ -311,12 +275,23 @@ class Scheduler:
                 self._start(seq)
 
     def _evict_for(self, seq: Sequence) -> bool:
-        """Release the prefix cache's own entries, least recently used first, until `seq` fits; did it?
+        """Evict until `seq` fits; did it? NOTE: one that forks share frees only its id, so such an entry
+        goes only when `seq` needs an id and none is free."""
+        def fits() -> bool:
+            return self.table.can_allocate(seq)
 
-        NOTE: entries whose release frees cells go first; one that forks share frees only its id.
+        if seq.seq_id is None and not self.table.n_free_ids:
+            self.evict_until(lambda: fits() or self.table.n_free_ids > 0, frees_cells=False)
+        return self.evict_until(fits)
+
+    def evict_until(self, fits: Callable[[], bool], *, frees_cells: bool = True) -> bool:
+        """Release the prefix cache's own entries, least recently used first, until `fits()`; did it?
+
+        frees_cells=True takes only entries no fork shares (their release frees cells at once);
+        otherwise those go first, then any.
         """
-        while not self.table.can_allocate(seq):
-            victim = self.prefixes.evict(frees_cells=seq.seq_id is not None or bool(self.table.n_free_ids))
+        while not fits():
+            victim = self.prefixes.evict(frees_cells=frees_cells)
             if victim is None:
                 return False
             self.release(victim)

@@ -215,11 +215,7 @@ class Planner:
         """Keep a prefilled node in the prefix cache for later prompts, within `live_prefixes` of them."""
         if node not in self.prefixes:
             self.prefixes.insert(node)
-        while len(self.prefixes) > self.config.live_prefixes:
-            victim = self.prefixes.evict()
-            if victim is None:
-                break
-            self.sched.release(victim)
+        self.sched.evict_until(lambda: len(self.prefixes) <= self.config.live_prefixes, frees_cells=False)
         self.metrics.live_prefixes.set(len(self.prefixes))
 
     # -- after each step ----------------------------------------------------------------------------
@@ -227,7 +223,7 @@ class Planner:
         """Evict idle live prefixes while the next waiting sequence does not fit; fail it if nothing can run."""
         waiting, table = self.sched.waiting, self.sched.table
         if waiting:
-            self.evict_until(lambda: table.can_allocate(waiting[0]))
+            self.sched.evict_until(lambda: table.can_allocate(waiting[0]))
         # NOTE: fail the sequences that cannot start while nothing runs that could free room, one after
         # another (not just the first), so the step never finds nothing to run.
         while waiting and not self.sched.running and not any(table.can_allocate(s) for s in waiting):
@@ -238,15 +234,6 @@ class Planner:
                 self.sched.cancel(seq)
                 self.sched.release(seq)
         self.metrics.live_prefixes.set(len(self.prefixes))
-
-    def evict_until(self, fits: Callable[[], bool]) -> bool:
-        """Free idle live prefixes, least recently used first, until `fits()`; False if they run out."""
-        while not fits():
-            node = self.prefixes.evict(frees_cells=True)
-            if node is None:
-                return False
-            self.sched.release(node)
-        return True
 
     def after_step(self, finished: list[Sequence]) -> None:
         """Send new text to every job, end finished choices, hand prefilled nodes to their waiters."""

@@ -105,7 +105,7 @@ class ReusePlacer:
         evicting idle live prefixes. NOTE: a placed segment is this prompt's own copy: nothing shares it."""
         table = self.planner.sched.table
         need = len(job.tokens) + sum(p.max_tokens for p in job.params)
-        return self.planner.evict_until(lambda: table.cells_reserved() + need <= table.n_cells)
+        return self.planner.sched.evict_until(lambda: table.cells_reserved() + need <= table.n_cells)
 
     def _place(self, job: Job) -> None:
         assert job.pieces is not None and job.reuse is not None
