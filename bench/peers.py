@@ -6,7 +6,7 @@ openai client, against the servers a user would otherwise run, on the same model
 
 Systems, all started before the first repeat, order rotated per repeat:
   kvfork serve              its defaults (fast mode: llama.cpp's settings): sent at once (the server
-                            coalesces them: one prefill, N forks)
+                            forks the first prompt while it prefills: one prefill, N forks)
   kvfork-exact              `kvfork serve --exact` (q8_0 cache, batch-invariant kernels): the same
   llama-server -np N        llama.cpp's own server, its defaults (f16 cache, flash attention auto,
                             prompt cache, cache-ram): the baseline, sent at once

@@ -9,8 +9,6 @@ import openai
 import pytest
 
 from kvfork.config import ServerConfig
-from kvfork.scheduler.prefix_cache import common_prefix
-from kvfork.server.coalesce import coalesce
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job, Sink
 from kvfork.server.loop import EngineLoop
@@ -81,14 +79,6 @@ def test_queue_cap_is_429(gemma):
     with pytest.raises(APIError) as e:
         loop.submit(Job(tokens=[1, 2], params=[], sink=Sink.__new__(Sink)))
     assert e.value.status == 429 and e.value.body()["error"]["type"] == "rate_limit_error"
-
-
-def test_coalesce_groups_by_common_prefix():
-    a, b, c = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9], [7, 8]
-    assert common_prefix(a, b) == 4 and common_prefix(a, c) == 0 and common_prefix(a, a[:3]) == 3
-    assert coalesce([a, b, c], [0, 0, 0], min_shared=3) == [(4, [0, 1]), (0, [2])]
-    assert coalesce([a, b, c], [4, 0, 0], min_shared=3) == [(0, [0]), (0, [1]), (0, [2])]  # already live
-    assert coalesce([a, b], [0, 0], min_shared=5) == [(0, [0]), (0, [1])]  # too short to share
 
 
 def test_disconnect_while_waiting_for_a_whole_answer(server):

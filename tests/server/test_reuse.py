@@ -101,9 +101,9 @@ def test_a_client_that_leaves_during_composition_leaks_no_cells(server):
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
         assert r.status_code == 200  # the headers come at once; leave while the prompt is being composed
         deadline = time.time() + 30
-        while not _composing(planner) and time.time() < deadline:
+        while not planner.composing and time.time() < deadline:
             time.sleep(0.001)
-        assert _composing(planner)
+        assert planner.composing
     deadline, quiet = time.time() + 60, 0
     while quiet < 20 and time.time() < deadline:  # idle for half a second in a row (read from this thread)
         quiet = 0 if planner.sched.has_work else quiet + 1
@@ -112,12 +112,3 @@ def test_a_client_that_leaves_during_composition_leaks_no_cells(server):
     stray = [s for s in table._live if s not in kept and s.n_children == 0]
     assert not stray, [(len(s.tokens), s.status, s.released) for s in stray]
 
-
-def _composing(planner) -> bool:
-    """A reuse-mode prompt is prefilling now (read from the test thread: retried if the dict changes)."""
-    for _ in range(10):
-        try:
-            return any(not w.keep for ws in list(planner._waiters.values()) for w in ws)
-        except RuntimeError:
-            continue
-    return False

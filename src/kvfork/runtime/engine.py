@@ -160,14 +160,14 @@ class Engine:
             seq = self.scheduler.sequence_for(tokens)  # NOTE: a fork of a prefix in the context, or a restore
             try:
                 if seq.n_pending or seq.seq_id is None:
-                    self.scheduler.submit(seq, SamplingParams(max_tokens=0))
+                    self.scheduler.submit(seq, SamplingParams(max_tokens=0), share=True)
                     self._run([seq], progress=seq.n_pending >= _PROGRESS_MIN_TOKENS and self.config.progress)
                 if seq.error is not None:
                     raise seq.error
             except BaseException:
                 self.scheduler.release(seq)  # NOTE: also unpins a live parent this prefill forked
                 raise
-            self.scheduler.prefixes.insert(seq, locked=True)  # NOTE: the Snapshot owns it; later prefills fork it
+            self.scheduler.prefixes.pin(seq)  # NOTE: the Snapshot owns it; later prefills fork it
         snapshot = Snapshot(self, seq, layout, time.perf_counter() - t0)
         if self.store is not None:
             warm.remember(self.store, snapshot)

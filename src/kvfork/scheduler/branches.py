@@ -96,6 +96,19 @@ class BranchTable:
                     self._spent.append(parent)  # it waited for this fork only: freed with the spent ones
         self._live.add(seq)
 
+    def detach(self, seq: Sequence) -> None:
+        """A fork still waiting for its id gives up its parent: it will compute the shared tokens itself.
+
+        NOTE: a released parent that only this fork pinned is spent now (freed with the spent ones).
+        """
+        parent = seq.parent
+        assert seq.seq_id is None and parent is not None, "only a waiting fork can be detached"
+        parent.children.remove(seq)
+        seq.parent, seq.n_shared, seq.n_in_kv = None, 0, 0
+        if parent.released and parent.status is not SeqStatus.CLOSED and self._all_admitted(parent):
+            if parent not in self._spent:
+                self._spent.append(parent)
+
     def borrow_id(self) -> int:
         """A sequence id for a moment's scratch work (restoring cells before tagging them to a sequence).
 

@@ -18,7 +18,8 @@ import numpy as np
 from kvfork.errors import KvforkError
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
-__all__ = ["MIN_SHARED", "MIN_SUFFIX", "LowerTier", "PrefixCache", "PrefixHit", "can_trim", "common_prefix"]
+__all__ = ["MIN_SHARED", "MIN_SUFFIX", "LowerTier", "PrefixCache", "PrefixHit", "can_trim", "common_prefix",
+           "in_flight"]
 
 # NOTE: a shorter common prefix is not worth a fork of its own (the server's nodes, Engine.prefill).
 MIN_SHARED = 16
@@ -46,6 +47,16 @@ def common_prefix(a: Seq[int] | np.ndarray, b: Seq[int] | np.ndarray) -> int:
     n = min(len(a), len(b))
     diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if len(diff) else n
+
+
+def in_flight(seq: Sequence) -> bool:
+    """A prompt being prefilled (queued or running, generating nothing): its tokens are fixed."""
+    return seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING) and seq.params.max_tokens == 0
+
+
+def _indexed(seq: Sequence) -> list[int]:
+    """The tokens an entry is indexed by: all of a prompt in flight's, the cached ones of an idle entry."""
+    return seq.tokens if in_flight(seq) else seq.tokens[: seq.n_in_kv]
 
 
 class PrefixHit(NamedTuple):
@@ -93,10 +104,12 @@ class _Node:
 
 
 class PrefixCache:
-    """Idle prefilled sequences, indexed by their cached tokens; `match` finds the best one to fork.
+    """Prefilled prompts (and prompts being prefilled), indexed by their tokens; `match` finds the best one to fork.
 
-    Contract: only the scheduler's thread uses it. An entry is a sequence whose `tokens[:n_in_kv]`
-    are in the cache and stay as they are (nothing is appended to an entry; forks of it grow).
+    Contract: only the scheduler's thread uses it. An entry is either idle, its `tokens[:n_in_kv]` in
+    the cache, or a prompt in flight (submitted with max_tokens=0 and share=True): all its `tokens` are
+    indexed while its chunks are computed, so a request arriving meanwhile forks it at a point it has
+    not reached yet (Scheduler.fork: the fork waits for it). Nothing is appended to an entry.
     Unlocked entries belong to the cache: `evict` hands them back, least recently used first, for the
     scheduler to release. Locked entries (a Snapshot's, a pinned server snapshot's) stay until unlocked
     or released. A released sequence leaves the cache (`remove`, called by Scheduler.release).
@@ -115,8 +128,8 @@ class PrefixCache:
         self._lru: OrderedDict[Sequence, None] = OrderedDict()  # unlocked entries, least recent first
 
     def __len__(self) -> int:
-        """Unlocked entries: the prefixes the cache keeps on its own (and may evict)."""
-        return len(self._lru)
+        """Unlocked idle entries: the prefixes the cache keeps on its own (and may evict)."""
+        return sum(not in_flight(s) for s in self._lru)
 
     def __contains__(self, seq: object) -> bool:
         return seq in self._where
@@ -125,19 +138,21 @@ class PrefixCache:
         return list(self._where)
 
     # -- match ----------------------------------------------------------------------------------
-    def match(self, tokens: Seq[int], extra: Seq[Sequence] = ()) -> PrefixHit | None:
-        """The entry (or one of `extra`, idle sequences not in the cache) to fork for `tokens`, and where.
+    def match(self, tokens: Seq[int]) -> PrefixHit | None:
+        """The entry to fork for `tokens`, and where (an entry in flight: the fork waits for its chunks).
 
         A hit covers a whole entry, or at least `min_shared` tokens of a longer one (where the sliding
         window allows the cut); in exact mode it backs off to leave MIN_SUFFIX tokens rather than 2..15.
         """
         best: PrefixHit | None = None
-        for hit in [*self._walk(tokens), *(self._candidate(s, common_prefix(s.tokens[: s.n_in_kv], tokens))
-                                            for s in extra)]:
+        for hit in self._walk(tokens):
             if hit is None:
                 continue
-            hit = PrefixHit(hit.node, self._back_off(hit.node, hit.n, len(tokens)))
-            if best is None or hit.n > best.n:
+            n = self._back_off(hit.node, hit.n, len(tokens))
+            if n is None:
+                continue
+            hit = PrefixHit(hit.node, n)
+            if best is None or hit.n > best.n or (hit.n == best.n and in_flight(best.node) > in_flight(hit.node)):
                 best = hit
         if best is not None and best.node in self._lru:
             self._lru.move_to_end(best.node)
@@ -170,29 +185,53 @@ class PrefixCache:
             node, depth = child, depth + n
 
     def _candidate(self, seq: Sequence, n: int) -> PrefixHit | None:
-        if seq.status is not SeqStatus.IDLE or seq.released or seq.seq_id is None or n == 0:
+        if seq.released or n == 0:
+            return None
+        if in_flight(seq):
+            return PrefixHit(seq, n) if n == len(seq.tokens) or n >= self.min_shared else None
+        if seq.status is not SeqStatus.IDLE or seq.seq_id is None:
             return None
         whole = n == seq.n_in_kv
         if whole or (n >= self.min_shared and can_trim(self.n_swa, seq.n_in_kv, n)):
             return PrefixHit(seq, n)
         return None
 
-    def _back_off(self, node: Sequence, n: int, total: int) -> int:
-        """Exact mode: fork earlier when the prompt would leave 2..MIN_SUFFIX-1 tokens to prefill (see MIN_SUFFIX)."""
-        if 1 < total - n < self.min_suffix:
-            m = total - self.min_suffix
-            if m >= 1 and can_trim(self.n_swa, node.n_in_kv, m):
-                return m
-        return n
+    def _back_off(self, node: Sequence, n: int, total: int) -> int | None:
+        """Where to fork `node` for a prompt of `total` tokens sharing `n`; None: not at all.
+
+        Exact mode forks earlier when the prompt would leave 2..MIN_SUFFIX-1 tokens to prefill (see
+        MIN_SUFFIX). A prompt in flight stops its own chunks at the fork point (Scheduler.schedule), so
+        its rows before and after that point must not make such a chunk either. Sliding-window models
+        cut a prompt in flight only where its whole length could be cut (it goes on computing).
+        """
+        flying = in_flight(node)
+        length = len(node.tokens) if flying else node.n_in_kv
+
+        def cuttable(m: int) -> bool:
+            return m >= 1 and ((flying and m >= node.n_in_kv) or can_trim(self.n_swa, length, m))
+
+        m = n
+        for end in (total, length) if flying else (total,):
+            if 1 < end - m < self.min_suffix:
+                m = end - self.min_suffix
+        if m != n and not cuttable(m):
+            m = n  # NOTE: no earlier point to fork at: fork here all the same (rounding only)
+        if flying and 1 < m - node.n_in_kv < self.min_suffix:
+            m = node.n_in_kv  # NOTE: the chunk up to the fork would be a tiny one: fork at what it holds
+        if flying and (not cuttable(m) or m < min(n, self.min_shared)):
+            return None  # NOTE: past what the window keeps, or too little left to share
+        return m
 
     # -- insert, lock, remove, evict ------------------------------------------------------------
     def insert(self, seq: Sequence, *, locked: bool = False) -> None:
-        """Index `seq`'s cached tokens; locked=True keeps it until `unlock` or its release."""
+        """Index `seq`'s cached tokens (all its tokens if it is a prompt in flight); locked=True keeps it
+        until `unlock` or its release."""
         if seq in self._where:
             raise KvforkError("this sequence is already in the prefix cache")
-        if seq.seq_id is None or seq.n_in_kv == 0 or seq.status is not SeqStatus.IDLE:
-            raise KvforkError("only an idle sequence with cells in the cache can be a prefix")
-        tokens, node, depth = tuple(seq.tokens[: seq.n_in_kv]), self._root, 0
+        idle = seq.status is SeqStatus.IDLE and seq.seq_id is not None and seq.n_in_kv > 0
+        if not (idle or in_flight(seq)) or seq.released:
+            raise KvforkError("only an idle sequence with cells in the cache, or a prompt in flight, can be a prefix")
+        tokens, node, depth = tuple(_indexed(seq)), self._root, 0
         while depth < len(tokens):
             child = node.children.get(tokens[depth])
             if child is None:
@@ -210,6 +249,13 @@ class PrefixCache:
             self._locks[seq] = 1
         else:
             self._lru[seq] = None
+
+    def pin(self, seq: Sequence) -> None:
+        """Lock `seq`, inserting it first if it is not an entry yet (a Snapshot's, a pinned server snapshot's)."""
+        if seq in self._where:
+            self.lock(seq)
+        else:
+            self.insert(seq, locked=True)
 
     def lock(self, seq: Sequence) -> None:
         """Keep `seq` until as many `unlock`s (a pinned snapshot); it cannot be evicted meanwhile."""
@@ -243,13 +289,12 @@ class PrefixCache:
         frees_cells=True takes only an entry no fork shares, whose release frees its cells at once;
         otherwise those are preferred. With a lower tier, the entry is demoted to it first.
         """
-        for seq in self._lru:
-            if seq.n_children == 0:
-                break
-        else:
-            if frees_cells or not self._lru:
+        idle = [s for s in self._lru if not in_flight(s)]  # NOTE: a prompt in flight is not the cache's to give
+        seq = next((s for s in idle if s.n_children == 0), None)
+        if seq is None:
+            if frees_cells or not idle:
                 return None
-            seq = next(iter(self._lru))
+            seq = idle[0]
         self.remove(seq)
         if self.lower is not None:
             self.lower.demote(seq)
@@ -259,7 +304,8 @@ class PrefixCache:
         """Copy every unlocked entry to the lower tier (they stay here too): before the context goes away."""
         if self.lower is not None:
             for seq in list(self._lru):
-                self.lower.demote(seq)
+                if not in_flight(seq):
+                    self.lower.demote(seq)
 
     def check_integrity(self) -> None:
         """Raise KvforkError if an entry's path is not its cached tokens, or the tree is not compressed."""
@@ -269,7 +315,7 @@ class PrefixCache:
             while at is not None:
                 path[:0] = at.edge
                 at = at.parent
-            if path != seq.tokens[: seq.n_in_kv] or seq.released or seq.seq_id is None:
+            if path != _indexed(seq) or seq.released or (seq.seq_id is None and not in_flight(seq)):
                 raise KvforkError("a prefix cache entry no longer holds the tokens it was indexed by")
         stack = [self._root]
         while stack:

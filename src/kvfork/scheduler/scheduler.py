@@ -15,7 +15,7 @@ from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
 from kvfork.scheduler.decode import Decode, Outcome, Row, Sampled
-from kvfork.scheduler.prefix_cache import MIN_SHARED, PrefixCache, PrefixHit
+from kvfork.scheduler.prefix_cache import MIN_SHARED, PrefixCache, PrefixHit, in_flight
 from kvfork.scheduler.sequence import SeqStatus, Sequence
 
 __all__ = ["Scheduler"]
@@ -49,14 +49,21 @@ class Scheduler:
         Cells are tagged at admission. With n < parent.n_in_kv the child starts from the parent's
         first n tokens only; on sliding-window models the caller must check that the window still
         holds the positions the child needs (see prefix_cache.can_trim).
+        A prompt in flight (prefix_cache.in_flight) can be forked at any of its tokens: the fork waits
+        until the prompt's chunks reach that point (they stop there, see `schedule`), then is admitted.
         """
         if parent.status is SeqStatus.CLOSED or parent.released:
             raise SnapshotMismatch("cannot fork a released snapshot or branch")
-        if parent.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
+        flying = in_flight(parent)
+        if parent.status in (SeqStatus.WAITING, SeqStatus.RUNNING) and not flying:
             raise SnapshotMismatch("cannot fork a branch while it is generating")
-        if n is not None and not 0 < n <= parent.n_in_kv:
-            raise SnapshotMismatch(f"cannot fork at {n} tokens: the parent holds {parent.n_in_kv} in the cache")
-        if n is None or n == parent.n_in_kv:
+        reach = len(parent.tokens) if flying else parent.n_in_kv
+        if n is not None and not 0 < n <= reach:
+            raise SnapshotMismatch(f"cannot fork at {n} tokens: the parent holds {reach} in the cache")
+        if flying:
+            n = reach if n is None else n
+            child = Sequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
+        elif n is None or n == parent.n_in_kv:
             n = parent.n_in_kv
             # NOTE: tokens the parent has not put in the cache yet (a last sampled token) become the child's own.
             child = Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
@@ -120,8 +127,14 @@ class Scheduler:
                                   " or raise n_ctx / n_seq_max")
         self.table.allocate(seq)
 
-    def submit(self, seq: Sequence, params: SamplingParams) -> None:
-        """Queue `seq` to prefill its pending tokens, then generate up to params.max_tokens."""
+    def submit(self, seq: Sequence, params: SamplingParams, *, share: bool = False) -> None:
+        """Queue `seq` to prefill its pending tokens, then generate up to params.max_tokens.
+
+        share=True (a prompt: max_tokens=0): it enters the prefix cache now, as an unlocked entry, so
+        prompts submitted while it is prefilled fork it instead of computing its tokens again.
+        """
+        if share and params.max_tokens:
+            raise KvforkError("only a prompt (max_tokens=0) can be shared while it is prefilled")
         if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             raise KvforkError("this branch is already generating")
         if seq.status is SeqStatus.CLOSED or seq.released:
@@ -134,6 +147,8 @@ class Scheduler:
             self._prepare_sampler(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+        if share and seq not in self.prefixes:
+            self.prefixes.insert(seq)
 
     def release(self, seq: Sequence) -> None:
         """Forget `seq`: leave the queues and the prefix cache, free its cells (its forks keep theirs)."""
@@ -147,6 +162,8 @@ class Scheduler:
 
     def cancel(self, seq: Sequence) -> None:
         """Stop `seq`'s turn now; it keeps what is already in the cache and can take another turn."""
+        if in_flight(seq):
+            self.prefixes.remove(seq)  # NOTE: it will not hold the tokens it was indexed by
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
@@ -185,7 +202,8 @@ class Scheduler:
         prefilling = [s for s in self.running if s not in decoding]
         for seq in decoding + prefilling:
             adapter, run_end = seq.next_run()
-            take = min(run_end - seq.n_in_kv, budget)
+            take = min(run_end, self._next_stop(seq)) - seq.n_in_kv
+            take = min(take, budget)
             if take <= 0:
                 continue
             budget -= take
@@ -266,13 +284,38 @@ class Scheduler:
         seq.n_in_kv = last
         seq.n_shared = min(seq.n_shared, last)
 
+    def _next_stop(self, seq: Sequence) -> int:
+        """Where `seq`'s next chunk must end for the forks waiting on it (len(tokens): nowhere sooner).
+
+        NOTE: a fork is tagged from its parent's cells when it is admitted, and a sliding-window layer
+        drops positions the parent has moved n_swa past; so on such a model the parent holds at a
+        waiting fork's point until the fork is admitted (or detached, see _admit). Full attention keeps
+        every cell: there the chunk just ends at the fork point, which costs nothing.
+        """
+        hold = self.prefixes.n_swa > 0
+        stops = [c.n_shared for c in seq.children
+                 if c.seq_id is None and (c.n_shared >= seq.n_in_kv if hold else c.n_shared > seq.n_in_kv)]
+        return min(stops, default=len(seq.tokens))
+
     def _admit(self) -> None:
         # NOTE: first fit, in arrival order: a sequence that does not fit now must not hold back the
         # ones behind it that do (a fork that needs a few cells to decode, whose parent holds many).
         for seq in list(self.waiting):
+            parent = seq.parent
+            if seq.seq_id is None and parent is not None and not self._reached(parent, seq.n_shared):
+                if in_flight(parent) and not parent.released:
+                    continue
+                self.table.detach(seq)  # NOTE: the prompt it waited on stopped short: compute it all
             if self.table.can_allocate(seq) or self._evict_for(seq):
                 self.waiting.remove(seq)
                 self._start(seq)
+            elif seq.parent is not None and seq.seq_id is None and self.prefixes.n_swa > 0 and in_flight(seq.parent):
+                self.table.detach(seq)  # NOTE: its parent holds for it (see _next_stop): let it go on
+
+    @staticmethod
+    def _reached(parent: Sequence, n: int) -> bool:
+        """Whether `parent` holds its first `n` tokens' cells under an id (a fork of it can be admitted)."""
+        return parent.seq_id is not None and parent.n_in_kv >= n  # NOTE: a fork waiting for its id has none
 
     def _evict_for(self, seq: Sequence) -> bool:
         """Evict until `seq` fits; did it? NOTE: one that forks share frees only its id, so such an entry
@@ -337,6 +380,7 @@ class Scheduler:
         for seq, _, _ in rows:
             # NOTE: llama.cpp keeps ubatches that succeeded before the failing one; trim them so the
             # sequence's cells again match tokens[:n_in_kv], and the engine stays usable.
+            self.prefixes.remove(seq)  # NOTE: a prompt in flight no longer holds the tokens it was indexed by
             self.backend.seq_rm(seq.seq_id, seq.n_in_kv, -1)  # type: ignore[arg-type]
             del seq.tokens[seq.n_in_kv:]
             seq.error = exc

@@ -32,7 +32,7 @@ class EngineLoop:
 
     Thread-safe API: `submit`, `cancel` and `call` may be used from any thread (HTTP handlers);
     everything else runs in the loop thread, which is the only one touching the engine afterwards.
-    Each iteration takes new commands, plans new jobs (prefix sharing and coalescing, see Planner),
+    Each iteration takes new commands, plans new jobs (prefix sharing, see Planner),
     makes room in the cache if the next waiting sequence does not fit, runs one decode and sends
     every job its new text.
     """
@@ -133,8 +133,9 @@ class EngineLoop:
             if isinstance(item, Job):
                 jobs.append(item)
                 if deadline is None:
-                    # NOTE: agents started together arrive a few ms apart; wait a moment so their common
-                    # prefix is prefilled once (counted from arrival: no extra wait for jobs that queued).
+                    # NOTE: agents started together arrive a few ms apart; wait a moment so one plan sees
+                    # them all (later ones would fork the first's prompt in flight too, but its first chunk
+                    # would not stop where they part). Counted from arrival: no extra wait for jobs that queued.
                     deadline = item.t_arrival + self.config.coalesce_s
             else:
                 with self.engine._lock:
