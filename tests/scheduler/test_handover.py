@@ -10,19 +10,19 @@ from typing import Any
 
 from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import Sequence
 
 
-def _scheduler(backend: Any, n_root: int, n_seq_max: int = 8) -> tuple[Scheduler, Any, Sequence]:
+def _scheduler(backend: Any, n_root: int, n_seq_max: int = 8) -> tuple[Scheduler, Any, KvSequence]:
     """A scheduler on the fake's 4,096 cells, with a root sequence of n_root tokens in the cache."""
     sched = Scheduler(backend, EngineConfig(n_ctx=backend.n_ctx, n_seq_max=n_seq_max))
-    root = Sequence(tokens=[])
+    root = KvSequence(tokens=[])
     _grow(sched, root, n_root)
     return sched, backend, root
 
 
-def _grow(sched: Scheduler, seq: Sequence, n: int) -> None:
+def _grow(sched: Scheduler, seq: KvSequence, n: int) -> None:
     """As a prefill or decode would: admit `seq` and put n more tokens of it in the cache."""
     if seq.seq_id is None:
         sched.table.allocate(seq)

@@ -13,9 +13,9 @@ import pytest
 
 from kvfork.config import EngineConfig
 from kvfork.engine.sampling import SamplingParams
+from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 from kvfork.scheduler.prefix_cache import MIN_SUFFIX, in_flight
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import SeqStatus, Sequence
 
 DOC = [(i * 7 + 3) % 50 + 1 for i in range(200)]
 
@@ -24,14 +24,14 @@ def _scheduler(backend: Any, **config: Any) -> Scheduler:
     return Scheduler(backend, EngineConfig(n_ctx=backend.n_ctx, n_batch=32, n_ubatch=32, **config))
 
 
-def _prompt(sched: Scheduler, tokens: list[int]) -> Sequence:
+def _prompt(sched: Scheduler, tokens: list[int]) -> KvSequence:
     """What the server and Engine.prefill do: the best prefix's fork (in flight too), submitted as shared."""
     seq = sched.sequence_for(list(tokens))
     sched.submit(seq, SamplingParams(max_tokens=0), share=True)
     return seq
 
 
-def _step_until_idle(sched: Scheduler, seqs: list[Sequence]) -> list[list[tuple[int, int]]]:
+def _step_until_idle(sched: Scheduler, seqs: list[KvSequence]) -> list[list[tuple[int, int]]]:
     """Step until `seqs` are prefilled; per step, (seq_id, position) of each token decoded."""
     log = []
     for _ in range(200):

@@ -6,7 +6,7 @@ import pytest
 
 from kvfork import SnapshotMismatch
 from kvfork.engine.sampling import SamplingParams
-from kvfork.scheduler.sequence import Sequence
+from kvfork.scheduler.kv_sequence import KvSequence
 from tests.conftest import long_text
 
 
@@ -15,7 +15,7 @@ def test_fork_at_n_continues_like_from_scratch(gemma):
     other = gemma.tokenize(long_text(8) + "\n\nMeanwhile the operator noted that the backup line", add_bos=True)
     n = next(i for i, (a, b) in enumerate(zip(base, other, strict=False)) if a != b) - 16  # NOTE: >= 16 new tokens
     sched = gemma.scheduler
-    parent = Sequence(tokens=list(base))
+    parent = KvSequence(tokens=list(base))
     with gemma._lock:
         sched.submit(parent, SamplingParams(max_tokens=0))
         gemma._run([parent])

@@ -9,19 +9,19 @@ import pytest
 from kvfork.config import EngineConfig
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import KvforkError
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.prefix_cache import MIN_SUFFIX, PrefixCache, can_trim, common_prefix
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import Sequence
 
 _ids = iter(range(10**6))
 
 
-def _entry(tokens: list[int]) -> Sequence:
+def _entry(tokens: list[int]) -> KvSequence:
     """An idle sequence whose tokens are all in the cache (the cache itself never touches cells)."""
-    return Sequence(tokens=list(tokens), n_in_kv=len(tokens), seq_id=next(_ids))
+    return KvSequence(tokens=list(tokens), n_in_kv=len(tokens), seq_id=next(_ids))
 
 
-def _scan(entries: list[Sequence], tokens: list[int], n_swa: int, min_shared: int, min_suffix: int) -> int:
+def _scan(entries: list[KvSequence], tokens: list[int], n_swa: int, min_shared: int, min_suffix: int) -> int:
     """The longest usable shared length by looking at every entry (what the tree must find)."""
     best = 0
     for seq in entries:
@@ -40,7 +40,7 @@ def test_matches_agree_with_a_scan_of_every_entry_through_inserts_and_removes(n_
     rng = random.Random(n_swa * 2 + exact)
     cache = PrefixCache(n_swa, exact=exact, min_shared=8)
     stems = [[rng.randrange(4) for _ in range(rng.randrange(1, 60))] for _ in range(6)]  # few symbols: deep sharing
-    live: list[Sequence] = []
+    live: list[KvSequence] = []
     for _ in range(400):
         if live and rng.random() < 0.35:
             cache.remove(live.pop(rng.randrange(len(live))))
@@ -126,7 +126,7 @@ def test_locked_entries_are_matched_but_never_evicted():
 def test_an_entry_must_be_idle_in_the_cache_and_keep_its_tokens():
     cache = PrefixCache(0, exact=False)
     with pytest.raises(KvforkError, match="idle"):
-        cache.insert(Sequence(tokens=[1, 2, 3]))  # nothing in the cache yet
+        cache.insert(KvSequence(tokens=[1, 2, 3]))  # nothing in the cache yet
     seq = _entry([1, 2, 3])
     cache.insert(seq)
     seq.tokens[1] = 9  # nobody may edit an indexed sequence's cached tokens
@@ -137,7 +137,7 @@ def test_an_entry_must_be_idle_in_the_cache_and_keep_its_tokens():
 def test_the_scheduler_forgets_a_released_prefix(fake_backend):
     be = fake_backend()
     sched = Scheduler(be, EngineConfig(n_ctx=be.n_ctx))
-    seq = Sequence(tokens=list(range(1, 40)))
+    seq = KvSequence(tokens=list(range(1, 40)))
     sched.submit(seq, SamplingParams(max_tokens=0))
     while sched.has_work:
         sched.step()
@@ -162,17 +162,17 @@ class _Shelf:
         self.sched = sched
         self.held: list[tuple[int, ...]] = []
 
-    def demote(self, seq: Sequence) -> None:
+    def demote(self, seq: KvSequence) -> None:
         self.held.append(tuple(seq.tokens[: seq.n_in_kv]))
 
     def longest(self, tokens) -> int:
         return max((len(h) for h in self.held if tuple(tokens[: len(h)]) == h), default=0)
 
-    def restore(self, tokens) -> Sequence | None:
+    def restore(self, tokens) -> KvSequence | None:
         n = self.longest(tokens)
         if not n or self.sched is None:
             return None
-        seq = Sequence(tokens=list(tokens))
+        seq = KvSequence(tokens=list(tokens))
         seq.n_in_kv = n  # NOTE: a real tier writes the cells here (Scheduler.adopt); the test looks at the choice
         return seq
 
@@ -193,7 +193,7 @@ def test_a_prompt_comes_from_the_tier_that_covers_it_best(fake_backend):
     be = fake_backend()
     sched = Scheduler(be, EngineConfig(n_ctx=be.n_ctx))
     sched.prefixes.lower = shelf = _Shelf(sched)
-    live = Sequence(tokens=list(range(1, 41)))
+    live = KvSequence(tokens=list(range(1, 41)))
     sched.submit(live, SamplingParams(max_tokens=0))
     while sched.has_work:
         sched.step()

@@ -17,14 +17,14 @@ from kvfork.config import EngineConfig
 from kvfork.engine.adapters import Adapter
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError
+from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.scheduler.text import TurnText
 
 PROMPT = [7, 3, 9, 12, 5, 30, 2, 8, 17, 44, 21, 6]
 
 
-def _run(sched: Scheduler, seqs: list[Sequence], max_steps: int = 1000) -> int:
+def _run(sched: Scheduler, seqs: list[KvSequence], max_steps: int = 1000) -> int:
     """Step until every one of `seqs` has ended its turn; the number of steps."""
     for n in range(1, max_steps + 1):
         sched.step()
@@ -33,8 +33,8 @@ def _run(sched: Scheduler, seqs: list[Sequence], max_steps: int = 1000) -> int:
     raise AssertionError("the turns did not end")
 
 
-def _prefilled(sched: Scheduler, tokens: list[int]) -> Sequence:
-    seq = Sequence(tokens=list(tokens))
+def _prefilled(sched: Scheduler, tokens: list[int]) -> KvSequence:
+    seq = KvSequence(tokens=list(tokens))
     sched.submit(seq, SamplingParams(max_tokens=0))
     _run(sched, [seq])
     assert seq.finish_reason == "prefilled" and seq.n_in_kv == len(tokens)
@@ -49,7 +49,7 @@ def _scheduler(backend: Any, **config: Any) -> Scheduler:
 def test_a_fresh_sequence_generates_the_from_scratch_tokens(fake_backend):
     be = fake_backend()
     sched = _scheduler(be)
-    seq = Sequence(tokens=list(PROMPT))
+    seq = KvSequence(tokens=list(PROMPT))
     sched.submit(seq, SamplingParams(max_tokens=12))
     _run(sched, [seq])
     want = be.greedy(PROMPT, 12, ignore_eos=False)
@@ -83,8 +83,8 @@ def test_forks_decode_together_and_match_from_scratch_runs(fake_backend):
 def test_ignore_eos_keeps_generating_past_the_end_token(fake_backend):
     be = fake_backend(n_vocab=2)  # tokens 0 (the end) and 1: the end comes early
     sched = _scheduler(be)
-    ends = Sequence(tokens=[1, 1, 1])
-    goes_on = Sequence(tokens=[1, 1, 1])
+    ends = KvSequence(tokens=[1, 1, 1])
+    goes_on = KvSequence(tokens=[1, 1, 1])
     sched.submit(ends, SamplingParams(max_tokens=32))
     sched.submit(goes_on, SamplingParams(max_tokens=32, ignore_eos=True))
     _run(sched, [ends, goes_on])
@@ -95,10 +95,10 @@ def test_ignore_eos_keeps_generating_past_the_end_token(fake_backend):
 def test_long_prefills_are_chunked_and_decoding_branches_go_first(fake_backend):
     be = fake_backend(n_batch=16)
     sched = _scheduler(be, n_batch=16)
-    talker = Sequence(tokens=list(PROMPT))
+    talker = KvSequence(tokens=list(PROMPT))
     sched.submit(talker, SamplingParams(max_tokens=10, ignore_eos=True))
     sched.step()  # its prompt, and its first token
-    reader = Sequence(tokens=[(i * 7) % 60 + 1 for i in range(50)])
+    reader = KvSequence(tokens=[(i * 7) % 60 + 1 for i in range(50)])
     sched.submit(reader, SamplingParams(max_tokens=1, ignore_eos=True))
     n_before = len(be.decodes)
     _run(sched, [reader])
@@ -114,7 +114,7 @@ def test_long_prefills_are_chunked_and_decoding_branches_go_first(fake_backend):
 def test_a_failed_decode_fails_its_sequences_and_leaves_the_cache_consistent(fake_backend):
     be = fake_backend(n_batch=8)
     sched = _scheduler(be, n_batch=8)
-    seq = Sequence(tokens=[(i * 5) % 60 + 1 for i in range(20)])
+    seq = KvSequence(tokens=[(i * 5) % 60 + 1 for i in range(20)])
     sched.submit(seq, SamplingParams(max_tokens=4, ignore_eos=True))
     sched.step()  # the first chunk of 8
     be.fail_next, be.fail_after = ContextOverflow("no room"), 5  # the next chunk leaves 5 cells behind
@@ -150,7 +150,7 @@ def test_nothing_can_run_is_an_error_naming_the_fix(fake_backend):
     sched = _scheduler(fake_backend(), n_seq_max=2)
     _prefilled(sched, PROMPT)
     _prefilled(sched, PROMPT[:5])  # the two ids are held
-    other = Sequence(tokens=[1, 2, 3])
+    other = KvSequence(tokens=[1, 2, 3])
     sched.submit(other, SamplingParams(max_tokens=1))
     with pytest.raises(KvforkError, match="nothing can run.*n_seq_max"):
         sched.step()
@@ -162,7 +162,7 @@ def test_sequences_of_two_adapters_decode_apart_the_active_set_first(fake_backen
     lora = {name: Adapter(name, Path(name), 1.0, "adapter", lora=f"lora-{name}") for name in ("a", "b")}
     seqs = []
     for name in ("a", "b", "a"):
-        seq = Sequence(tokens=list(PROMPT), adapter=lora[name])
+        seq = KvSequence(tokens=list(PROMPT), adapter=lora[name])
         sched.submit(seq, SamplingParams(max_tokens=3, ignore_eos=True))
         seqs.append(seq)
     _run(sched, seqs)
@@ -175,7 +175,7 @@ def test_sequences_of_two_adapters_decode_apart_the_active_set_first(fake_backen
 def test_logprobs_are_the_log_softmax_of_the_raw_logits(fake_backend):
     be = fake_backend()
     sched = _scheduler(be)
-    seq = Sequence(tokens=list(PROMPT))
+    seq = KvSequence(tokens=list(PROMPT))
     sched.submit(seq, SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2))
     _run(sched, [seq])
     history = list(PROMPT)
@@ -194,7 +194,7 @@ def test_a_stop_string_across_pieces_ends_the_turn_before_it(fake_backend):
     text = b"".join(be.token_bytes(t) for t in want).decode("utf-8", errors="replace")
     stop = text[4:6]  # two tokens' letters: the stop spans two pieces
     assert stop.isascii() and stop.isalpha()
-    seq = Sequence(tokens=list(PROMPT))
+    seq = KvSequence(tokens=list(PROMPT))
     sched.submit(seq, SamplingParams(max_tokens=12, stop=(stop,), ignore_eos=True))
     _run(sched, [seq])
     assert seq.finish_reason == "stop" and seq.text == text[: text.find(stop)]
@@ -213,7 +213,7 @@ def test_exact_mode_keeps_a_released_branchs_cells_until_the_running_turns_end(f
     be = fake_backend()
     sched = _scheduler(be, exact=True)
     done = _prefilled(sched, PROMPT)
-    runner = Sequence(tokens=[1, 2, 3])
+    runner = KvSequence(tokens=[1, 2, 3])
     sched.submit(runner, SamplingParams(max_tokens=4, ignore_eos=True))
     sched.step()
     sched.release(done)  # deferred: a cell freed under a decoding branch would take its next token
@@ -225,7 +225,7 @@ def test_exact_mode_keeps_a_released_branchs_cells_until_the_running_turns_end(f
 def test_cancel_stops_a_turn_and_the_branch_can_take_another(fake_backend):
     be = fake_backend()
     sched = _scheduler(be)
-    seq = Sequence(tokens=list(PROMPT))
+    seq = KvSequence(tokens=list(PROMPT))
     sched.submit(seq, SamplingParams(max_tokens=50, ignore_eos=True))
     sched.step()
     sched.step()
@@ -244,7 +244,7 @@ def test_a_small_fork_does_not_wait_behind_a_prompt_that_does_not_fit(fake_backe
     be = fake_backend(n_ctx=1024)
     sched = _scheduler(be)
     root = _prefilled(sched, [(i * 7) % 60 + 1 for i in range(730)])
-    big = Sequence(tokens=[(i * 11) % 60 + 1 for i in range(600)])
+    big = KvSequence(tokens=[(i * 11) % 60 + 1 for i in range(600)])
     sched.submit(big, SamplingParams(max_tokens=0))
     small = sched.fork(root)
     small.tokens += [5, 6, 7]

@@ -33,8 +33,8 @@ from kvfork.kvcache.state import SeqState
 from kvfork.reuse.anchors import AnchorPool
 from kvfork.reuse.config import ReuseConfig
 from kvfork.reuse.report import ReuseReport, SegmentOutcome
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import Sequence
 
 __all__ = ["Composer", "Segment", "Part", "Steps", "split_head"]
 
@@ -67,7 +67,7 @@ class Segment:
 
 
 Part = Seq[int] | Segment
-Steps = Generator[Sequence, None, None]  # yields a sequence whose pending tokens must be prefilled
+Steps = Generator[KvSequence, None, None]  # yields a sequence whose pending tokens must be prefilled
 
 
 class Composer:
@@ -77,7 +77,7 @@ class Composer:
     """
 
     def __init__(self, scheduler: Scheduler, ctx: LlamaContext, model: LlamaModel,
-                 run: Callable[[list[Sequence]], None]) -> None:
+                 run: Callable[[list[KvSequence]], None]) -> None:
         self.scheduler, self.ctx, self.model = scheduler, ctx, model
         self.run = run  # steps the scheduler until the given sequences' turns end (the engine's loop)
         self.anchors = AnchorPool()
@@ -93,7 +93,7 @@ class Composer:
         return spec
 
     # -- segments ----------------------------------------------------------------------------------
-    def capture(self, name: str, seq: Sequence, start: int, end: int) -> Segment:
+    def capture(self, name: str, seq: KvSequence, start: int, end: int) -> Segment:
         """The cells of seq's tokens [start, end) as a Segment (seq must hold them in the cache)."""
         if not 0 <= start < end <= seq.n_in_kv or seq.seq_id is None:
             raise InvalidParameter(f"cannot capture tokens [{start}, {end}) of a sequence holding {seq.n_in_kv}")
@@ -102,7 +102,7 @@ class Composer:
             raise InvalidParameter(f"the cache no longer holds tokens [{start}, {end}) (sliding window)")
         return Segment(name, tuple(seq.tokens[start:end]), cells, start)
 
-    def reply(self, seq: Sequence) -> tuple[list[int], int, int]:
+    def reply(self, seq: KvSequence) -> tuple[list[int], int, int]:
         """The last turn's reply of `seq`: its tokens (end-of-generation dropped), the position of the
         first, and how many of them are in the cache (all but a last sampled one that was never decoded)."""
         tokens = [t for t in seq.generated if not self.model.is_eog(t)]
@@ -119,7 +119,7 @@ class Composer:
             seq = self.scheduler.fork(self._head(list(head))[0])
             seq.tokens.extend(tokens)
         else:
-            seq = Sequence(tokens=tokens)
+            seq = KvSequence(tokens=tokens)
         seq = self._prefilled(seq)
         try:
             n = len(head)
@@ -128,7 +128,7 @@ class Composer:
             self.scheduler.release(seq)
 
     # -- composing ------------------------------------------------------------------------------
-    def compose(self, parts: Seq[Part], agent: str, config: ReuseConfig) -> tuple[Sequence, ReuseReport]:
+    def compose(self, parts: Seq[Part], agent: str, config: ReuseConfig) -> tuple[KvSequence, ReuseReport]:
         """A sequence holding every part's tokens in order; the caller owns (and releases) it."""
         t0 = time.perf_counter()
         report = ReuseReport(config.mode)
@@ -145,7 +145,7 @@ class Composer:
         report.seconds = time.perf_counter() - t0
         return seq, report
 
-    def steps(self, seq: Sequence, parts: Seq[Part], agent: str, config: ReuseConfig,
+    def steps(self, seq: KvSequence, parts: Seq[Part], agent: str, config: ReuseConfig,
               report: ReuseReport) -> Steps:
         """Add the parts to `seq` (a fork of the head): a generator that yields `seq` whenever its
         pending tokens must be prefilled before it can go on; the driver prefills them and resumes
@@ -161,12 +161,12 @@ class Composer:
         return isinstance(part, Segment) and config.mode != "exact" and part.n_tokens >= max(1, config.min_segment)
 
     @staticmethod
-    def _compute(seq: Sequence, report: ReuseReport) -> Steps:
+    def _compute(seq: KvSequence, report: ReuseReport) -> Steps:
         if seq.n_pending:
             yield seq
             report.computed_tokens += seq.n_prompt_computed
 
-    def _add(self, seq: Sequence, part: Part, agent: str, config: ReuseConfig, report: ReuseReport) -> Steps:
+    def _add(self, seq: KvSequence, part: Part, agent: str, config: ReuseConfig, report: ReuseReport) -> Steps:
         if not self._placeable(part, config):
             seq.tokens.extend(int(t) for t in _tokens(part))
             if isinstance(part, Segment):
@@ -200,7 +200,7 @@ class Composer:
         report.reused_tokens += outcome.n_reused
         report.segments.append(outcome)
 
-    def _place(self, seq: Sequence, part: Segment, start: int, at: int, deviation: SeqState | None) -> None:
+    def _place(self, seq: KvSequence, part: Segment, start: int, at: int, deviation: SeqState | None) -> None:
         """Write tokens[start:] of the segment at positions at+start.. of `seq`, keys re-rotated."""
         cells = rerotate(part.cells(start), self.spec, at - part.p0)
         if deviation is not None:
@@ -226,7 +226,7 @@ class Composer:
         seq.n_in_kv = len(seq.tokens)
 
     # -- sequences ------------------------------------------------------------------------------
-    def _run(self, seq: Sequence) -> None:
+    def _run(self, seq: KvSequence) -> None:
         """Prefill seq's pending tokens (no generation)."""
         if not seq.n_pending:
             if seq.seq_id is None:  # NOTE: a fork covering all its tokens still needs its id to be forked from
@@ -237,7 +237,7 @@ class Composer:
         if seq.error is not None:
             raise seq.error
 
-    def _prefilled(self, seq: Sequence) -> Sequence:
+    def _prefilled(self, seq: KvSequence) -> KvSequence:
         """`seq` with its pending tokens prefilled; released if that fails."""
         try:
             self._run(seq)
@@ -246,7 +246,7 @@ class Composer:
             raise
         return seq
 
-    def _head(self, head: list[int]) -> tuple[Sequence, int]:
+    def _head(self, head: list[int]) -> tuple[KvSequence, int]:
         """A sequence holding exactly `head` in the cache, and how many of its tokens were computed now.
 
         NOTE: heads live in the engine's prefix cache as its own entries: later prompts of the agent (and
@@ -256,7 +256,7 @@ class Composer:
         hit = prefixes.match(head)
         if hit is not None and hit.n == len(head) == hit.node.n_in_kv:
             return hit.node, 0
-        seq = self.scheduler.fork(*hit) if hit is not None else Sequence(tokens=[])
+        seq = self.scheduler.fork(*hit) if hit is not None else KvSequence(tokens=[])
         seq.tokens = list(head)
         self._prefilled(seq)
         prefixes.insert(seq)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvfork.prompt import ChatLayout
 from kvfork.result import Completion
-from kvfork.scheduler.sequence import Sequence
+from kvfork.scheduler.kv_sequence import KvSequence
 
 if TYPE_CHECKING:
     from kvfork.engine.adapters import Adapter
@@ -26,7 +26,7 @@ class Branch:
     its own cells; the shared prefix stays with the snapshot.
     """
 
-    def __init__(self, engine: Engine, seq: Sequence, layout: ChatLayout | None, replies: int) -> None:
+    def __init__(self, engine: Engine, seq: KvSequence, layout: ChatLayout | None, replies: int) -> None:
         self._engine = engine
         self._seq = seq
         self._layout = layout  # None: plain completion, text is appended as is

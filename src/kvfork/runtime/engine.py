@@ -27,9 +27,9 @@ from kvfork.reuse.config import ReuseConfig
 from kvfork.runtime import warm
 from kvfork.runtime.branch import Branch
 from kvfork.runtime.snapshot import Snapshot
+from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.scoring import next_token_logits
-from kvfork.scheduler.sequence import SeqStatus, Sequence
 from kvfork.snapshot.host import HostSnapshot
 from kvfork.snapshot.layout import StateLayout
 from kvfork.snapshot.store import SnapshotStore
@@ -213,7 +213,7 @@ class Engine:
         if not tokens:
             raise InvalidParameter("empty prompt")
         params = self.sampling(**sampling)
-        seq = Sequence(tokens=tokens, adapter=self.adapters.get(adapter))
+        seq = KvSequence(tokens=tokens, adapter=self.adapters.get(adapter))
         try:
             with self._lock:
                 self.scheduler.submit(seq, params)
@@ -232,7 +232,7 @@ class Engine:
         close=True frees each branch the moment its turn ends (queued branches take its place).
         """
         with self._lock:
-            submitted: list[tuple[Sequence, Callable[[], None]]] = []
+            submitted: list[tuple[KvSequence, Callable[[], None]]] = []
             try:
                 for branch, p in zip(branches, params, strict=True):
                     submitted.append((branch._seq, branch._take_turn()))
@@ -310,7 +310,7 @@ class Engine:
 
     # -- internals shared by Snapshot and Branch -------------------------------------------------
     def _fork(
-        self, parent: Sequence, layout: ChatLayout | None, replies: int, adapter: str | Adapter | None
+        self, parent: KvSequence, layout: ChatLayout | None, replies: int, adapter: str | Adapter | None
     ) -> Branch:
         with self._lock:
             chosen = self.adapters.get(adapter)
@@ -326,12 +326,12 @@ class Engine:
             seq.adapter = chosen
             return Branch(self, seq, layout, replies)
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: KvSequence) -> None:
         with self._lock:
             if not seq.released:
                 self.scheduler.release(seq)
 
-    def _run(self, seqs: list[Sequence], progress: bool = False) -> None:
+    def _run(self, seqs: list[KvSequence], progress: bool = False) -> None:
         """Step the scheduler until every sequence in `seqs` has ended its turn."""
         bar = tqdm(total=sum(s.n_pending for s in seqs), unit="tok", desc="prefill", disable=None) if progress else None
         done_before = sum(s.n_in_kv for s in seqs)
@@ -350,7 +350,7 @@ class Engine:
             if bar is not None:
                 bar.close()
 
-    def _completion(self, seq: Sequence) -> Completion:
+    def _completion(self, seq: KvSequence) -> Completion:
         prompt = len(seq.tokens) - len(seq.generated)
         end = seq.t_done or time.perf_counter()
         return Completion(

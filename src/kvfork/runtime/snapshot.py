@@ -10,7 +10,7 @@ from kvfork.prompt import ChatLayout
 from kvfork.result import Completion
 from kvfork.runtime import warm
 from kvfork.runtime.branch import Branch
-from kvfork.scheduler.sequence import Sequence
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.snapshot.host import HostSnapshot
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class Snapshot:
     snapshot frees its cells once the last branch that shares them is closed.
     """
 
-    def __init__(self, engine: Engine, seq: Sequence, layout: ChatLayout | None, prefill_s: float) -> None:
+    def __init__(self, engine: Engine, seq: KvSequence, layout: ChatLayout | None, prefill_s: float) -> None:
         self._engine = engine
         self._seq = seq
         self.layout = layout

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.prompt import ChatLayout
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.prefix_cache import can_trim
-from kvfork.scheduler.sequence import Sequence
 from kvfork.snapshot.host import HostSnapshot
 from kvfork.snapshot.store import SnapshotStore
 
@@ -32,7 +32,7 @@ def capture(snapshot: Snapshot) -> HostSnapshot:
     return _capture(snapshot._engine, snapshot._seq, snapshot.layout, snapshot.prefill_s)
 
 
-def _capture(engine: Engine, seq: Sequence, chat: ChatLayout | None, prefill_s: float) -> HostSnapshot:
+def _capture(engine: Engine, seq: KvSequence, chat: ChatLayout | None, prefill_s: float) -> HostSnapshot:
     with engine._lock:
         if seq.released or seq.seq_id is None:
             raise SnapshotMismatch("cannot copy out a snapshot that was closed")
@@ -41,8 +41,8 @@ def _capture(engine: Engine, seq: Sequence, chat: ChatLayout | None, prefill_s: 
     return HostSnapshot(tokens, state, engine.state_layout, chat, time.time(), prefill_s)
 
 
-def adopt(engine: Engine, host: HostSnapshot, keep: int | None = None) -> Sequence:
-    """A new Sequence of `engine` holding `host`'s cells (or their first `keep` tokens).
+def adopt(engine: Engine, host: HostSnapshot, keep: int | None = None) -> KvSequence:
+    """A new KvSequence of `engine` holding `host`'s cells (or their first `keep` tokens).
 
     Raises SnapshotMismatch if the engine's model or KV layout differs, or if `keep` cuts into a
     sliding window's past; ContextOverflow if the context has no room.
@@ -66,8 +66,8 @@ def adopt(engine: Engine, host: HostSnapshot, keep: int | None = None) -> Sequen
     return seq
 
 
-def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> Sequence | None:
-    """A Sequence for `tokens` holding the longest usable stored prefix; its tail is left pending.
+def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> KvSequence | None:
+    """A KvSequence for `tokens` holding the longest usable stored prefix; its tail is left pending.
 
     Falls back to the next shorter match when one cannot be loaded or restored, and to None (a full
     prefill) when none can: a store problem never fails the prefill.
@@ -106,7 +106,7 @@ def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
     _put(store, snapshot._engine, snapshot._seq, snapshot.layout, snapshot.prefill_s)
 
 
-def _put(store: SnapshotStore, engine: Engine, seq: Sequence, chat: ChatLayout | None, seconds: float,
+def _put(store: SnapshotStore, engine: Engine, seq: KvSequence, chat: ChatLayout | None, seconds: float,
          *, unless_half_stored: bool = False) -> None:
     """Copy `seq`'s cells into the store; `seconds`: what computing its uncached part took.
 
@@ -142,7 +142,7 @@ class StoreTier:
         self.engine = engine
         self.store = store
 
-    def demote(self, seq: Sequence) -> None:
+    def demote(self, seq: KvSequence) -> None:
         # NOTE: not where the store holds half of it or more already (a document, with another question
         # after it): a blob of this one would be restored only where it covers twice that (see
         # Scheduler.sequence_for), and each costs the budget all of its cells.
@@ -156,5 +156,5 @@ class StoreTier:
             return 0
         return best.n_shared
 
-    def restore(self, tokens: Seq[int]) -> Sequence | None:
+    def restore(self, tokens: Seq[int]) -> KvSequence | None:
         return restore_prefix(self.store, self.engine, list(tokens))

@@ -6,7 +6,7 @@ import time
 
 from kvfork.engine.backend import Backend
 from kvfork.errors import ContextOverflow
-from kvfork.scheduler.sequence import SeqStatus, Sequence
+from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 
 __all__ = ["BranchTable"]
 
@@ -30,8 +30,8 @@ class BranchTable:
         self.backend = backend
         self.n_cells = backend.n_ctx
         self._free_ids = list(range(n_seq_max - 1, -1, -1))
-        self._live: set[Sequence] = set()
-        self._spent: list[Sequence] = []  # released, cells kept until free_spent (see release)
+        self._live: set[KvSequence] = set()
+        self._spent: list[KvSequence] = []  # released, cells kept until free_spent (see release)
         self.fork_seconds = 0.0  # total time spent tagging shared cells (seq_cp): the cost of forking
         self.n_forks = 0
 
@@ -52,11 +52,11 @@ class BranchTable:
         spent = set(self._reclaimable())
         return sum(seq.cells_needed() for seq in self._live if seq not in spent)
 
-    def _reclaimable(self) -> list[Sequence]:
+    def _reclaimable(self) -> list[KvSequence]:
         """Spent sequences whose freeing frees their own cells (those with forks hand them over)."""
         return [s for s in self._spent if not s.children]
 
-    def check_fits(self, seq: Sequence) -> None:
+    def check_fits(self, seq: KvSequence) -> None:
         """Raise ContextOverflow if `seq` could never fit, even with every other branch gone."""
         pinned = sum(s.n_own_tokens for s in self._ancestors(seq))
         need = seq.cells_needed()
@@ -66,18 +66,18 @@ class BranchTable:
                 f" max_tokens) but the context holds {self.n_cells:,}; shorten the input or raise n_ctx"
             )
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: KvSequence) -> bool:
         """A sequence without an id needs a free id; every sequence needs room for its reservation."""
         if seq.seq_id is None and not self.n_free_ids:
             return False
         return self._cells_with(seq) <= self.n_cells
 
-    def _cells_with(self, seq: Sequence) -> int:
+    def _cells_with(self, seq: KvSequence) -> int:
         """Cells reserved once `seq` holds its reservation (counted once if it already does)."""
         others = self.cells_reserved() - (seq.cells_needed() if seq in self._live else 0)
         return others + seq.cells_needed()
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: KvSequence) -> None:
         """Give `seq` an id (sharing its parent's cells) if it has none; count its cells."""
         held = sum(s.n_own_tokens for s in self._reclaimable())
         if (seq.seq_id is None and not self._free_ids) or self._cells_with(seq) + held > self.n_cells:
@@ -96,7 +96,7 @@ class BranchTable:
                     self._spent.append(parent)  # it waited for this fork only: freed with the spent ones
         self._live.add(seq)
 
-    def detach(self, seq: Sequence) -> None:
+    def detach(self, seq: KvSequence) -> None:
         """A fork still waiting for its id gives up its parent: it will compute the shared tokens itself.
 
         NOTE: a released parent that only this fork pinned is spent now (freed with the spent ones).
@@ -124,7 +124,7 @@ class BranchTable:
         self.backend.seq_rm(seq_id, -1, -1)
         self._free_ids.append(seq_id)
 
-    def release(self, seq: Sequence, *, defer: bool = False) -> None:
+    def release(self, seq: KvSequence, *, defer: bool = False) -> None:
         """Free `seq` now (its forks keep the cells they share), or, defer=True, once turns end.
 
         defer=True (other sequences are mid-turn): keep its id and cells until `free_spent`.
@@ -149,7 +149,7 @@ class BranchTable:
         for seq in spent:
             self._free(seq)
 
-    def _free(self, seq: Sequence) -> None:
+    def _free(self, seq: KvSequence) -> None:
         """Drop the sequence's own cells and return its id; cells its forks share stay with them."""
         if seq.status is SeqStatus.CLOSED:
             return  # NOTE: a spent parent can be freed first by its last fork's free (see below)
@@ -170,7 +170,7 @@ class BranchTable:
                 self._free(parent)
 
     @staticmethod
-    def _hand_over(seq: Sequence) -> None:
+    def _hand_over(seq: KvSequence) -> None:
         """Make the fork sharing most of `seq` the owner of those cells, in `seq`'s place in the tree.
 
         Invariant kept: a sequence's first n_shared cells are its parent's first n_shared cells, and
@@ -194,11 +194,11 @@ class BranchTable:
         seq.parent = None
 
     @staticmethod
-    def _all_admitted(seq: Sequence) -> bool:
+    def _all_admitted(seq: KvSequence) -> bool:
         return all(child.seq_id is not None for child in seq.children)
 
     @staticmethod
-    def _ancestors(seq: Sequence) -> list[Sequence]:
+    def _ancestors(seq: KvSequence) -> list[KvSequence]:
         out = []
         parent = seq.parent
         while parent is not None:

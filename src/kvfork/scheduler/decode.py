@@ -9,7 +9,7 @@ import numpy as np
 
 from kvfork.engine.adapters import Adapter
 from kvfork.engine.batch import Batch
-from kvfork.scheduler.sequence import Sequence
+from kvfork.scheduler.kv_sequence import KvSequence
 
 __all__ = ["Decode", "Outcome", "Row", "Sampled"]
 
@@ -18,7 +18,7 @@ class Row(NamedTuple):
     """One sequence's part of a decode: `take` tokens from n_in_kv on; `sample_at`: its batch index to
     sample from (None: it samples nothing in this step)."""
 
-    seq: Sequence
+    seq: KvSequence
     take: int
     sample_at: int | None
 
@@ -43,5 +43,5 @@ class Outcome:
     """What running one Decode gave: the sampled token per sequence, or the error that failed it."""
 
     decode: Decode
-    sampled: dict[Sequence, Sampled] = field(default_factory=dict)
+    sampled: dict[KvSequence, Sampled] = field(default_factory=dict)
     error: Exception | None = None

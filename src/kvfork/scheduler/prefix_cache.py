@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from kvfork.errors import KvforkError
-from kvfork.scheduler.sequence import SeqStatus, Sequence
+from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 
 __all__ = ["MIN_SHARED", "MIN_SUFFIX", "LowerTier", "PrefixCache", "PrefixHit", "can_trim", "common_prefix",
            "in_flight"]
@@ -49,12 +49,12 @@ def common_prefix(a: Seq[int] | np.ndarray, b: Seq[int] | np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def in_flight(seq: Sequence) -> bool:
+def in_flight(seq: KvSequence) -> bool:
     """A prompt being prefilled (queued or running, generating nothing): its tokens are fixed."""
     return seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING) and seq.params.max_tokens == 0
 
 
-def _indexed(seq: Sequence) -> list[int]:
+def _indexed(seq: KvSequence) -> list[int]:
     """The tokens an entry is indexed by: all of a prompt in flight's, the cached ones of an idle entry."""
     return seq.tokens if in_flight(seq) else seq.tokens[: seq.n_in_kv]
 
@@ -62,7 +62,7 @@ def _indexed(seq: Sequence) -> list[int]:
 class PrefixHit(NamedTuple):
     """Fork `node`'s first `n` cached tokens: they are the first `n` tokens of the prompt."""
 
-    node: Sequence
+    node: KvSequence
     n: int
 
 
@@ -73,13 +73,13 @@ class LowerTier(Protocol):
     a cache: a failed demotion loses an entry, a failed restore is a miss).
     """
 
-    def demote(self, seq: Sequence) -> None:
+    def demote(self, seq: KvSequence) -> None:
         """Copy an entry's cells out before the scheduler releases it."""
 
     def longest(self, tokens: Seq[int]) -> int:
         """How many leading tokens of `tokens` a restore would bring back (0: none)."""
 
-    def restore(self, tokens: Seq[int]) -> Sequence | None:
+    def restore(self, tokens: Seq[int]) -> KvSequence | None:
         """A new sequence with the longest stored prefix of `tokens` in the cache and the rest pending;
         None when nothing could be restored."""
 
@@ -93,9 +93,9 @@ class _Node:
         self.edge = edge
         self.parent = parent
         self.children: dict[int, _Node] = {}
-        self.entries: list[Sequence] = []
+        self.entries: list[KvSequence] = []
 
-    def subtree_entries(self) -> Iterator[Sequence]:
+    def subtree_entries(self) -> Iterator[KvSequence]:
         stack = [self]
         while stack:
             node = stack.pop()
@@ -123,9 +123,9 @@ class PrefixCache:
         self.min_shared = min_shared
         self.min_suffix = MIN_SUFFIX if exact else 0
         self._root = _Node((), None)
-        self._where: dict[Sequence, _Node] = {}
-        self._locks: dict[Sequence, int] = {}
-        self._lru: OrderedDict[Sequence, None] = OrderedDict()  # unlocked entries, least recent first
+        self._where: dict[KvSequence, _Node] = {}
+        self._locks: dict[KvSequence, int] = {}
+        self._lru: OrderedDict[KvSequence, None] = OrderedDict()  # unlocked entries, least recent first
 
     def __len__(self) -> int:
         """Unlocked idle entries: the prefixes the cache keeps on its own (and may evict)."""
@@ -134,7 +134,7 @@ class PrefixCache:
     def __contains__(self, seq: object) -> bool:
         return seq in self._where
 
-    def entries(self) -> list[Sequence]:
+    def entries(self) -> list[KvSequence]:
         return list(self._where)
 
     # -- match ----------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ class PrefixCache:
                 return
             node, depth = child, depth + n
 
-    def _candidate(self, seq: Sequence, n: int) -> PrefixHit | None:
+    def _candidate(self, seq: KvSequence, n: int) -> PrefixHit | None:
         if seq.released or n == 0:
             return None
         if in_flight(seq):
@@ -196,7 +196,7 @@ class PrefixCache:
             return PrefixHit(seq, n)
         return None
 
-    def _back_off(self, node: Sequence, n: int, total: int) -> int | None:
+    def _back_off(self, node: KvSequence, n: int, total: int) -> int | None:
         """Where to fork `node` for a prompt of `total` tokens sharing `n`; None: not at all.
 
         Exact mode forks earlier when the prompt would leave 2..MIN_SUFFIX-1 tokens to prefill (see
@@ -223,7 +223,7 @@ class PrefixCache:
         return m
 
     # -- insert, lock, remove, evict ------------------------------------------------------------
-    def insert(self, seq: Sequence, *, locked: bool = False) -> None:
+    def insert(self, seq: KvSequence, *, locked: bool = False) -> None:
         """Index `seq`'s cached tokens (all its tokens if it is a prompt in flight); locked=True keeps it
         until `unlock` or its release."""
         if seq in self._where:
@@ -250,20 +250,20 @@ class PrefixCache:
         else:
             self._lru[seq] = None
 
-    def pin(self, seq: Sequence) -> None:
+    def pin(self, seq: KvSequence) -> None:
         """Lock `seq`, inserting it first if it is not an entry yet (a Snapshot's, a pinned server snapshot's)."""
         if seq in self._where:
             self.lock(seq)
         else:
             self.insert(seq, locked=True)
 
-    def lock(self, seq: Sequence) -> None:
+    def lock(self, seq: KvSequence) -> None:
         """Keep `seq` until as many `unlock`s (a pinned snapshot); it cannot be evicted meanwhile."""
         self._require(seq)
         self._lru.pop(seq, None)
         self._locks[seq] = self._locks.get(seq, 0) + 1
 
-    def unlock(self, seq: Sequence) -> None:
+    def unlock(self, seq: KvSequence) -> None:
         """Undo one `lock`; the last makes it the cache's own again (most recently used)."""
         self._require(seq)
         if seq not in self._locks:
@@ -273,7 +273,7 @@ class PrefixCache:
             del self._locks[seq]
             self._lru[seq] = None
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: KvSequence) -> None:
         """Forget `seq` (it is being released); a no-op for sequences not in the cache."""
         node = self._where.pop(seq, None)
         if node is None:
@@ -283,7 +283,7 @@ class PrefixCache:
         node.entries.remove(seq)
         self._prune(node)
 
-    def evict(self, *, frees_cells: bool = False) -> Sequence | None:
+    def evict(self, *, frees_cells: bool = False) -> KvSequence | None:
         """Take the least recently used unlocked entry out (the caller releases it); None if there is none.
 
         frees_cells=True takes only an entry no fork shares, whose release frees its cells at once;
@@ -351,6 +351,6 @@ class PrefixCache:
                 del parent.children[node.edge[0]]
             node = parent
 
-    def _require(self, seq: Sequence) -> None:
+    def _require(self, seq: KvSequence) -> None:
         if seq not in self._where:
             raise KvforkError("this sequence is not in the prefix cache")

@@ -15,8 +15,8 @@ from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.scheduler.branches import BranchTable
 from kvfork.scheduler.decode import Decode, Outcome, Row, Sampled
+from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 from kvfork.scheduler.prefix_cache import MIN_SHARED, PrefixCache, PrefixHit, in_flight
-from kvfork.scheduler.sequence import SeqStatus, Sequence
 
 __all__ = ["Scheduler"]
 
@@ -37,13 +37,13 @@ class Scheduler:
         self.exact = config.exact
         self.table = BranchTable(backend, config.n_seq_max)
         self.prefixes = PrefixCache(backend.n_swa, exact=config.exact)  # what new prompts may share
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._samplers: dict[Sequence, TokenSampler] = {}
+        self.waiting: deque[KvSequence] = deque()
+        self.running: list[KvSequence] = []
+        self._samplers: dict[KvSequence, TokenSampler] = {}
         self._active: Adapter | None = None  # the adapter set of the last decode
 
     # -- building sequences ----------------------------------------------------------------
-    def fork(self, parent: Sequence, n: int | None = None) -> Sequence:
+    def fork(self, parent: KvSequence, n: int | None = None) -> KvSequence:
         """A new sequence sharing `parent`'s first `n` cached tokens (default: all of them).
 
         Cells are tagged at admission. With n < parent.n_in_kv the child starts from the parent's
@@ -62,17 +62,17 @@ class Scheduler:
             raise SnapshotMismatch(f"cannot fork at {n} tokens: the parent holds {reach} in the cache")
         if flying:
             n = reach if n is None else n
-            child = Sequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
+            child = KvSequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
         elif n is None or n == parent.n_in_kv:
             n = parent.n_in_kv
             # NOTE: tokens the parent has not put in the cache yet (a last sampled token) become the child's own.
-            child = Sequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
+            child = KvSequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
         else:
-            child = Sequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
+            child = KvSequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
         parent.children.append(child)
         return child
 
-    def sequence_for(self, tokens: list[int], hit: PrefixHit | None = None) -> Sequence:
+    def sequence_for(self, tokens: list[int], hit: PrefixHit | None = None) -> KvSequence:
         """A new sequence for `tokens` that computes as little as the cache's tiers allow.
 
         A fork of the prefix cache's best match (zero-copy), or a restore from its lower tier where that
@@ -92,18 +92,18 @@ class Scheduler:
             if restored is not None:
                 return restored
         if hit is None:
-            return Sequence(tokens=list(tokens))
+            return KvSequence(tokens=list(tokens))
         seq = self.fork(hit.node, hit.n)
         seq.tokens = list(tokens)
         return seq
 
-    def adopt(self, tokens: list[int], state: bytes, keep: int | None = None) -> Sequence:
+    def adopt(self, tokens: list[int], state: bytes, keep: int | None = None) -> KvSequence:
         """A sequence whose cells come from a state blob (a restored snapshot) instead of a prefill.
 
         `state` must hold the cells of `tokens` (positions 0..len-1); `keep` trims it to its first
         `keep` tokens. Raises ContextOverflow when no sequence id or cells are free for it.
         """
-        seq = Sequence(tokens=list(tokens))
+        seq = KvSequence(tokens=list(tokens))
         self.allocate_now(seq, f"to restore {len(tokens):,} tokens")
         try:
             self.backend.state_seq_set(seq.seq_id, state)  # type: ignore[arg-type]
@@ -116,7 +116,7 @@ class Scheduler:
         seq.n_in_kv = len(seq.tokens)
         return seq
 
-    def allocate_now(self, seq: Sequence, purpose: str) -> None:
+    def allocate_now(self, seq: KvSequence, purpose: str) -> None:
         """Give `seq` its id and cells at once, outside the queue (cells are about to be written for it).
 
         Raises ContextOverflow, naming `purpose`, when no sequence id or cells are free for it.
@@ -127,7 +127,7 @@ class Scheduler:
                                   " or raise n_ctx / n_seq_max")
         self.table.allocate(seq)
 
-    def submit(self, seq: Sequence, params: SamplingParams, *, share: bool = False) -> None:
+    def submit(self, seq: KvSequence, params: SamplingParams, *, share: bool = False) -> None:
         """Queue `seq` to prefill its pending tokens, then generate up to params.max_tokens.
 
         share=True (a prompt: max_tokens=0): it enters the prefix cache now, as an unlocked entry, so
@@ -150,7 +150,7 @@ class Scheduler:
         if share and seq not in self.prefixes:
             self.prefixes.insert(seq)
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: KvSequence) -> None:
         """Forget `seq`: leave the queues and the prefix cache, free its cells (its forks keep theirs)."""
         self.cancel(seq)
         self.prefixes.remove(seq)
@@ -160,7 +160,7 @@ class Scheduler:
         # NOTE: exact mode defers frees while turns run (see BranchTable.release); fast mode frees at once.
         self.table.release(seq, defer=self.exact and bool(self.running))
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: KvSequence) -> None:
         """Stop `seq`'s turn now; it keeps what is already in the cache and can take another turn."""
         if in_flight(seq):
             self.prefixes.remove(seq)  # NOTE: it will not hold the tokens it was indexed by
@@ -178,12 +178,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- the step: schedule -> run -> postprocess -------------------------------------------------
-    def step(self) -> list[Sequence]:
+    def step(self) -> list[KvSequence]:
         """Run one decode over every running sequence; return the sequences whose turn ended."""
         decodes, idle = self.schedule()
         return self.postprocess([self.run(d) for d in decodes], idle)
 
-    def schedule(self) -> tuple[list[Decode], list[Sequence]]:
+    def schedule(self) -> tuple[list[Decode], list[KvSequence]]:
         """Admit what fits, then plan this step's decodes (one per adapter set, the active set first).
 
         Returns the decodes and the running sequences with nothing left to compute (their turn ends).
@@ -234,7 +234,7 @@ class Scheduler:
             self.backend.decode(decode.batch)
         except KvforkError as exc:
             return Outcome(decode, error=exc)
-        sampled: dict[Sequence, Sampled] = {}
+        sampled: dict[KvSequence, Sampled] = {}
         for row in decode.rows:
             if row.sample_at is not None:
                 seq = row.seq
@@ -244,7 +244,7 @@ class Scheduler:
                 sampled[seq] = Sampled(token, raw, time.perf_counter())
         return Outcome(decode, sampled)
 
-    def postprocess(self, outcomes: list[Outcome], idle: list[Sequence]) -> list[Sequence]:
+    def postprocess(self, outcomes: list[Outcome], idle: list[KvSequence]) -> list[KvSequence]:
         """Advance each sequence by what its decode computed, take its sampled token, end finished turns."""
         finished = list(idle)
         for outcome in outcomes:
@@ -275,7 +275,7 @@ class Scheduler:
             self.table.free_spent()
         return finished
 
-    def _recompute_last(self, seq: Sequence) -> None:
+    def _recompute_last(self, seq: KvSequence) -> None:
         # NOTE: sampling needs the logits after the last token, which are long gone when every token
         # is already in the cache (a bare fork): drop that token's cell and decode it again.
         last = seq.n_in_kv - 1
@@ -284,7 +284,7 @@ class Scheduler:
         seq.n_in_kv = last
         seq.n_shared = min(seq.n_shared, last)
 
-    def _next_stop(self, seq: Sequence) -> int:
+    def _next_stop(self, seq: KvSequence) -> int:
         """Where `seq`'s next chunk must end for the forks waiting on it (len(tokens): nowhere sooner).
 
         NOTE: a fork is tagged from its parent's cells when it is admitted, and a sliding-window layer
@@ -313,11 +313,11 @@ class Scheduler:
                 self.table.detach(seq)  # NOTE: its parent holds for it (see _next_stop): let it go on
 
     @staticmethod
-    def _reached(parent: Sequence, n: int) -> bool:
+    def _reached(parent: KvSequence, n: int) -> bool:
         """Whether `parent` holds its first `n` tokens' cells under an id (a fork of it can be admitted)."""
         return parent.seq_id is not None and parent.n_in_kv >= n  # NOTE: a fork waiting for its id has none
 
-    def _evict_for(self, seq: Sequence) -> bool:
+    def _evict_for(self, seq: KvSequence) -> bool:
         """Evict until `seq` fits; did it? NOTE: one that forks share frees only its id, so such an entry
         goes only when `seq` needs an id and none is free."""
         def fits() -> bool:
@@ -340,12 +340,12 @@ class Scheduler:
             self.release(victim)
         return True
 
-    def _start(self, seq: Sequence) -> None:
+    def _start(self, seq: KvSequence) -> None:
         self.table.allocate(seq)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
-    def _take(self, seq: Sequence, sampled: Sampled) -> None:
+    def _take(self, seq: KvSequence, sampled: Sampled) -> None:
         """Append a sampled token to `seq`'s turn, or end the turn (end of generation, stop string, length)."""
         token = sampled.token
         if seq.t_first_token is None:
@@ -362,7 +362,7 @@ class Scheduler:
         elif len(seq.generated) >= seq.params.max_tokens:
             seq.finish("length")
 
-    def _prepare_sampler(self, seq: Sequence) -> None:
+    def _prepare_sampler(self, seq: KvSequence) -> None:
         old = self._samplers.pop(seq, None)
         if old is not None:
             old.close()
@@ -374,7 +374,7 @@ class Scheduler:
                 sampler.accept(token)
         self._samplers[seq] = sampler
 
-    def _fail(self, rows: list[Row], exc: Exception) -> list[Sequence]:
+    def _fail(self, rows: list[Row], exc: Exception) -> list[KvSequence]:
         """A decode failed: drop what the batch may have left in the cache, fail its sequences."""
         failed = []
         for seq, _, _ in rows:

@@ -6,13 +6,13 @@ import numpy as np
 
 from kvfork.engine.batch import Batch
 from kvfork.errors import InvalidParameter
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import Sequence
 
 __all__ = ["next_token_logits"]
 
 
-def next_token_logits(scheduler: Scheduler, parent: Sequence, tokens: list[int]) -> np.ndarray:
+def next_token_logits(scheduler: Scheduler, parent: KvSequence, tokens: list[int]) -> np.ndarray:
     """Rows of raw logits: row 0 after all of parent's cached tokens, row i after tokens[:i] too.
 
     NOTE: a fork of all but the parent's last cached token re-decodes that token (its logits are
@@ -24,7 +24,7 @@ def next_token_logits(scheduler: Scheduler, parent: Sequence, tokens: list[int])
         raise InvalidParameter("cannot score after an empty sequence")
     n = parent.n_in_kv
     backend = scheduler.backend
-    seq = scheduler.fork(parent, n - 1) if n > 1 else Sequence(tokens=[])
+    seq = scheduler.fork(parent, n - 1) if n > 1 else KvSequence(tokens=[])
     seq.tokens = list(parent.tokens[: n]) + tokens[:-1]
     seq.n_in_kv = n - 1
     try:

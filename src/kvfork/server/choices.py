@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.scheduler import Scheduler
-from kvfork.scheduler.sequence import Sequence
 from kvfork.server.errors import from_kvfork
 from kvfork.server.job import Event, Job, Usage
 from kvfork.server.metrics import ServerMetrics
@@ -28,13 +28,13 @@ class Choices:
         self.sched = sched
         self.metrics = metrics
         self.jobs: set[Job] = set()
-        self._owner: dict[Sequence, tuple[Job, int]] = {}
-        self.on_reply: Callable[[Job, Sequence], None] | None = None  # sees a finished choice before it is freed
+        self._owner: dict[KvSequence, tuple[Job, int]] = {}
+        self.on_reply: Callable[[Job, KvSequence], None] | None = None  # sees a finished choice before it is freed
 
-    def owns(self, seq: Sequence) -> bool:
+    def owns(self, seq: KvSequence) -> bool:
         return seq in self._owner
 
-    def job_of(self, seq: Sequence) -> Job:
+    def job_of(self, seq: KvSequence) -> Job:
         return self._owner[seq][0]
 
     def admit(self, job: Job) -> bool:
@@ -47,7 +47,7 @@ class Choices:
             self.end(job, None)
         return job.cancelled
 
-    def fork(self, job: Job, node: Sequence, n: int | None) -> None:
+    def fork(self, job: Job, node: KvSequence, n: int | None) -> None:
         """Fork one branch per choice from `node` (its first `n` cached tokens) and submit them."""
         if job.cancelled:
             return
@@ -63,7 +63,7 @@ class Choices:
             job.branches[i] = child
             self.metrics.active_branches.inc()
 
-    def emit_all(self, finished: list[Sequence]) -> None:
+    def emit_all(self, finished: list[KvSequence]) -> None:
         """Send every job its new text; end the choices whose turn ended in this step."""
         ended = set(finished)
         for seq, (job, i) in list(self._owner.items()):
@@ -72,7 +72,7 @@ class Choices:
             if seq in self._owner:
                 self._end_choice(seq)
 
-    def _emit(self, job: Job, i: int, seq: Sequence, final: bool) -> None:
+    def _emit(self, job: Job, i: int, seq: KvSequence, final: bool) -> None:
         if not job.first_token and (seq.generated or final):
             job.first_token = True
             self.metrics.ttft.observe(time.perf_counter() - job.t_arrival)
@@ -88,7 +88,7 @@ class Choices:
             job.sink.put(Event("delta", i, text[job.sent[i]:safe]))
             job.sent[i] = safe
 
-    def _end_choice(self, seq: Sequence) -> None:
+    def _end_choice(self, seq: KvSequence) -> None:
         job, i = self._owner.pop(seq)
         self.metrics.active_branches.dec()
         job.completion_tokens += len(seq.generated)

@@ -13,7 +13,7 @@ from kvfork.engine.adapters import Adapter
 from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.reuse.config import ReuseConfig
-from kvfork.scheduler.sequence import Sequence
+from kvfork.scheduler.kv_sequence import KvSequence
 
 __all__ = ["Event", "Sink", "Job", "Usage"]
 
@@ -74,8 +74,8 @@ class Job:
     id: int = field(default_factory=lambda: next(_ids))
     t_arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-    node: Sequence | None = None
-    branches: list[Sequence | None] = field(default_factory=list)
+    node: KvSequence | None = None
+    branches: list[KvSequence | None] = field(default_factory=list)
     sent: list[int] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)
     computed: int = 0

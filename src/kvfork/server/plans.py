@@ -14,8 +14,8 @@ from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import KvforkError
 from kvfork.runtime import warm
 from kvfork.runtime.snapshot import Snapshot
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.prefix_cache import PrefixHit, in_flight
-from kvfork.scheduler.sequence import Sequence
 from kvfork.server.choices import Choices
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job
@@ -43,7 +43,7 @@ class _Waiter:
     """Work that waits for a prefix node to be prefilled."""
 
     jobs: list[Job]
-    then: Callable[[Sequence], None]
+    then: Callable[[KvSequence], None]
     fail: Callable[[Exception], None]
     keep: bool = True  # the node is a prefix others may fork, even in flight (not a reuse-mode prompt: approximate)
 
@@ -65,9 +65,9 @@ class Planner:
         self.metrics = metrics
         self.prefixes = engine.scheduler.prefixes  # NOTE: the one cache Engine.prefill and the Composer use too
         self.prefixes.min_shared = config.min_shared_tokens
-        self.pinned: dict[str, Sequence] = {}  # snapshot id -> its node, locked in the cache
+        self.pinned: dict[str, KvSequence] = {}  # snapshot id -> its node, locked in the cache
         self.snapshots: dict[str, SnapshotInfo] = {}
-        self._waiters: dict[Sequence, _Waiter] = {}  # node being prefilled -> what to do with it
+        self._waiters: dict[KvSequence, _Waiter] = {}  # node being prefilled -> what to do with it
         self.choices = Choices(self.sched, metrics)
         self.reuse = ReusePlacer(self)
         self.choices.on_reply = self.reuse.keep_reply
@@ -86,7 +86,7 @@ class Planner:
 
     def snapshot(self, tokens: list[int], source: dict, done: Callable[[SnapshotInfo | Exception], None]) -> None:
         """Prefill `tokens` (forking what is live) and pin it under a new id; `done` gets the info or error."""
-        def pin(node: Sequence) -> None:
+        def pin(node: KvSequence) -> None:
             info = SnapshotInfo(f"snap-{uuid.uuid4().hex[:16]}", node.n_in_kv, int(time.time()), source)
             self.prefixes.pin(node)
             self.pinned[info.id] = node
@@ -141,16 +141,16 @@ class Planner:
             raise
         self._waiters[node] = waiter
 
-    def prefill_then(self, tokens: list[int], job: Job, then: Callable[[Sequence], None],
+    def prefill_then(self, tokens: list[int], job: Job, then: Callable[[KvSequence], None],
                      hit: PrefixHit | None = None) -> None:
         """A node holding exactly `tokens` (live, or prefilled and billed to `job`), then `then(node)`."""
-        def computed(node: Sequence) -> None:
+        def computed(node: KvSequence) -> None:
             job.computed += node.n_prompt_computed
             then(node)
 
         self._prefill(tokens, _Waiter([job], computed, functools.partial(self.choices.fail, [job])), hit=hit)
 
-    def wait(self, seq: Sequence, job: Job, then: Callable[[Sequence], None], *, keep: bool) -> None:
+    def wait(self, seq: KvSequence, job: Job, then: Callable[[KvSequence], None], *, keep: bool) -> None:
         """Call `then(seq)` once the submitted `seq` is prefilled; its failure fails `job`."""
         self._waiters[seq] = _Waiter([job], then, functools.partial(self.choices.fail, [job]), keep)
 
@@ -186,7 +186,7 @@ class Planner:
                 self.sched.release(seq)
         self.metrics.live_prefixes.set(len(self.prefixes))
 
-    def after_step(self, finished: list[Sequence]) -> None:
+    def after_step(self, finished: list[KvSequence]) -> None:
         """Send new text to every job, end finished choices, hand prefilled nodes to their waiters."""
         self.choices.emit_all(finished)
         done = [seq for seq in finished if seq in self._waiters]
@@ -195,7 +195,7 @@ class Planner:
         if done:
             self._trim_live()  # NOTE: after every waiter forked, so the cap cannot free a node under them
 
-    def _node_done(self, node: Sequence) -> None:
+    def _node_done(self, node: KvSequence) -> None:
         w = self._waiters.pop(node)
         if node.error is not None or node.finish_reason not in ("prefilled", None):
             self.sched.release(node)
@@ -219,7 +219,7 @@ class Planner:
         self._waiters.clear()
         self.choices.fail(list(self.choices.jobs), exc)
 
-    def _fail_seq(self, seq: Sequence, exc: Exception) -> None:
+    def _fail_seq(self, seq: KvSequence, exc: Exception) -> None:
         if self.choices.owns(seq):
             self.choices.fail([self.choices.job_of(seq)], exc)
         elif seq in self._waiters:

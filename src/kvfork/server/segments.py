@@ -21,7 +21,7 @@ from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, KvforkError
 from kvfork.reuse.composer import Part, Segment, Steps, split_head
 from kvfork.reuse.report import ReuseReport
-from kvfork.scheduler.sequence import Sequence
+from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job
 from kvfork.snapshot.ram import RamTier
@@ -126,7 +126,7 @@ class ReusePlacer:
         head, rest = split_head(parts)
         agent = hashlib.sha256(repr(head).encode()).hexdigest()[:16]  # NOTE: kvcomm pools per agent prefix
 
-        def start(node: Sequence) -> None:
+        def start(node: KvSequence) -> None:
             seq = self.planner.sched.fork(node, len(head))
             report = ReuseReport(job.reuse.mode)  # type: ignore[union-attr]
             report.prefix_tokens = len(head)
@@ -135,7 +135,7 @@ class ReusePlacer:
 
         self.planner.prefill_then(head, job, start)
 
-    def _advance(self, job: Job, seq: Sequence, steps: Steps, report: ReuseReport,
+    def _advance(self, job: Job, seq: KvSequence, steps: Steps, report: ReuseReport,
                  fresh: list[tuple[int, int]]) -> None:
         sched = self.planner.sched
         if job.cancelled:
@@ -164,7 +164,7 @@ class ReusePlacer:
             return
         self.planner.wait(pending, job, lambda _: self._advance(job, seq, steps, report, fresh), keep=False)
 
-    def keep_reply(self, job: Job, seq: Sequence) -> None:
+    def keep_reply(self, job: Job, seq: KvSequence) -> None:
         """Keep a reuse-mode choice's reply as a segment (before its branch is freed): an agent that
         gets it as a message next places it at once. Keyed by the tokens of its text and of its
         stripped text (what clients send back); a reply whose text does not tokenize back to its
@@ -188,7 +188,7 @@ class ReusePlacer:
                 return
             self.cache.put(seg, tuple(gen[cached:]))
 
-    def _finish(self, job: Job, seq: Sequence, report: ReuseReport, fresh: list[tuple[int, int]]) -> None:
+    def _finish(self, job: Job, seq: KvSequence, report: ReuseReport, fresh: list[tuple[int, int]]) -> None:
         composer = self.planner.engine.composer
         for offset, length in fresh:
             try:

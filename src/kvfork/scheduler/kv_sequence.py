@@ -1,4 +1,4 @@
-"""Sequence: one branch's tokens, KV progress and generation state, as the scheduler sees it."""
+"""KvSequence: one branch's tokens, KV progress and generation state, as the scheduler sees it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from kvfork.engine.logprobs import TokenLogprob
 from kvfork.engine.sampling import SamplingParams
 from kvfork.scheduler.text import TurnText
 
-__all__ = ["Sequence", "SeqStatus"]
+__all__ = ["KvSequence", "SeqStatus"]
 
 
 class SeqStatus(enum.Enum):
@@ -22,7 +22,7 @@ class SeqStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class KvSequence:
     """The unit the scheduler batches: a token history whose head is (or will be) in the KV cache.
 
     `tokens[:n_in_kv]` are in the cache under `seq_id`; `tokens[n_in_kv:]` are pending (to prefill).
@@ -31,7 +31,7 @@ class Sequence:
     """
 
     tokens: list[int]
-    parent: Sequence | None = None
+    parent: KvSequence | None = None
     n_shared: int = 0
     n_in_kv: int = 0
     seq_id: int | None = None
@@ -43,7 +43,7 @@ class Sequence:
     out: TurnText = field(default_factory=TurnText)  # the turn's text, cut at a stop string
     error: Exception | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when params.logprobs is set
-    children: list[Sequence] = field(default_factory=list, repr=False)  # forks sharing its first cells
+    children: list[KvSequence] = field(default_factory=list, repr=False)  # forks sharing its first cells
     released: bool = False  # its owner let go; freed once its forks hold the cells they share
     one_shot: bool = False  # free as soon as the current turn ends (fan-out branches)
     adapter: Adapter | None = None  # the LoRA decoder of this branch (None: the bare base model)
