@@ -21,7 +21,7 @@ def test_closing_branches_keeps_the_shared_prefix(gemma):
     first = snap.fan_out(["Summarize.", "What broke?"], max_tokens=10)
     again = snap.fan_out(["Summarize.", "What broke?"], max_tokens=10)
     assert [o.tokens for o in first] == [o.tokens for o in again]
-    assert gemma.ctx.seq_pos_max(snap._seq.seq_id) == snap.n_tokens - 1
+    assert gemma.ctx.seq_pos_max(snap.sequence.seq_id) == snap.n_tokens - 1
     snap.close()
 
 

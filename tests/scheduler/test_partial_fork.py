@@ -16,21 +16,24 @@ def test_fork_at_n_continues_like_from_scratch(gemma):
     n = next(i for i, (a, b) in enumerate(zip(base, other, strict=False)) if a != b) - 16  # NOTE: >= 16 new tokens
     sched = gemma.scheduler
     parent = KvSequence(tokens=list(base))
-    with gemma._lock:
-        sched.submit(parent, SamplingParams(max_tokens=0))
-        gemma._run([parent])
-        with pytest.raises(SnapshotMismatch):
-            sched.fork(parent, len(base) + 1)
-        with pytest.raises(SnapshotMismatch):
-            sched.fork(parent, 0)
-        child = sched.fork(parent, n)
-        assert child.tokens == base[:n] and child.n_shared == child.n_in_kv == n
-        child.tokens.extend(other[n:])
-        sched.submit(child, SamplingParams(max_tokens=8))
-        gemma._run([child])
-        assert child.n_prompt_computed == len(other) - n
+    sched.submit(parent, SamplingParams(max_tokens=0))
+    _run(sched)
+    with pytest.raises(SnapshotMismatch):
+        sched.fork(parent, len(base) + 1)
+    with pytest.raises(SnapshotMismatch):
+        sched.fork(parent, 0)
+    child = sched.fork(parent, n)
+    assert child.tokens == base[:n] and child.n_shared == child.n_in_kv == n
+    sched.submit(child, SamplingParams(max_tokens=8), append=other[n:])
+    _run(sched)
+    assert child.n_prompt_computed == len(other) - n
     try:
         assert child.generated == list(gemma.generate(other, max_tokens=8).tokens)
     finally:
-        gemma._release(child)
-        gemma._release(parent)
+        sched.release(child)
+        sched.release(parent)
+
+
+def _run(sched) -> None:
+    while sched.has_work:
+        sched.step()

@@ -135,9 +135,7 @@ def test_one_shot_branches_queue_for_ids_and_take_them_as_others_end(fake_backen
     branches = []
     for i in range(5):
         child = sched.fork(root)
-        child.tokens.append(40 + i)
-        child.one_shot = True
-        sched.submit(child, SamplingParams(max_tokens=3 + i, ignore_eos=True))
+        sched.submit(child, SamplingParams(max_tokens=3 + i, ignore_eos=True), append=[40 + i], one_shot=True)
         branches.append(child)
     _run(sched, branches)
     for i, child in enumerate(branches):

@@ -109,6 +109,6 @@ def test_a_client_that_leaves_during_composition_leaks_no_cells(server):
         quiet = 0 if planner.sched.has_work else quiet + 1
         time.sleep(0.025)
     kept = set(planner.prefixes.entries())
-    stray = [s for s in table._live if s not in kept and s.n_children == 0]
+    stray = [s for s in table.sequences() if s not in kept and s.n_children == 0]
     assert not stray, [(len(s.tokens), s.status, s.released) for s in stray]
 

@@ -92,7 +92,7 @@ class PipelineReuse:
         """
         if branch is None or agent.turns != 1:
             return
-        tokens, start, cached = self.engine.composer.reply(branch._seq)
+        tokens, start, cached = self.engine.composer.reply(branch.sequence)
         if cached < max(1, self.config.min_segment):
             self._replies[agent.name] = [tokens]
             return

@@ -25,7 +25,7 @@ import numpy as np
 
 from kvfork.engine.llama import LlamaContext, LlamaModel
 from kvfork.engine.sampling import SamplingParams
-from kvfork.errors import ContextOverflow, InvalidParameter
+from kvfork.errors import InvalidParameter
 from kvfork.kvcache.cells import combine, covers, select, shift_positions, summary
 from kvfork.kvcache.codec import decode, encode
 from kvfork.kvcache.rope import RopeSpec, rerotate
@@ -117,7 +117,7 @@ class Composer:
             raise InvalidParameter("an empty segment")
         if head:
             seq = self.scheduler.fork(self._head(list(head))[0])
-            seq.tokens.extend(tokens)
+            self.scheduler.extend(seq, tokens)
         else:
             seq = KvSequence(tokens=tokens)
         seq = self._prefilled(seq)
@@ -168,14 +168,14 @@ class Composer:
 
     def _add(self, seq: KvSequence, part: Part, agent: str, config: ReuseConfig, report: ReuseReport) -> Steps:
         if not self._placeable(part, config):
-            seq.tokens.extend(int(t) for t in _tokens(part))
+            self.scheduler.extend(seq, _tokens(part))
             if isinstance(part, Segment):
                 report.segments.append(SegmentOutcome(part.name, part.n_tokens, "computed", 0))
             return
         assert isinstance(part, Segment)
         n = part.n_tokens
         start = min(config.blend_tokens, n - 1) if config.mode == "blend" else 0
-        seq.tokens.extend(part.tokens[:start])
+        self.scheduler.extend(seq, part.tokens[:start])
         yield from self._compute(seq, report)
         at = len(seq.tokens) - start  # the position of the segment's first token
         deviation, outcome = None, SegmentOutcome(part.name, n, "placed", n - start)
@@ -184,7 +184,7 @@ class Composer:
         elif config.mode == "kvcomm":
             est = self.anchors.estimate(part.name, agent, part.summary, config)
             if not est.accepted:
-                seq.tokens.extend(part.tokens)
+                self.scheduler.extend(seq, part.tokens)
                 yield from self._compute(seq, report)
                 real = self.capture(part.name, seq, at, at + n).kv
                 base = rerotate(part.cells(), self.spec, at - part.p0)
@@ -205,25 +205,7 @@ class Composer:
         cells = rerotate(part.cells(start), self.spec, at - part.p0)
         if deviation is not None:
             cells = combine(cells, select(deviation, at + start, at + part.n_tokens), operator.add)
-        table, ctx = self.scheduler.table, self.ctx
-        n0 = len(seq.tokens)
-        seq.tokens.extend(part.tokens[start:])
-        try:
-            if seq.seq_id is None:  # NOTE: a fork not admitted yet (nothing was computed since the head)
-                self.scheduler.allocate_now(seq, "for a composed prompt")
-            if not table.can_allocate(seq) or table.n_free_ids < 1:
-                raise ContextOverflow(f"no room for {part.n_tokens - start:,} more KV cells (or no free sequence"
-                                      f" id) in a context of {ctx.n_ctx:,}; close branches or raise n_ctx")
-            scratch = table.borrow_id()
-            try:
-                ctx.state_seq_set(scratch, encode(cells))
-                ctx.seq_cp(scratch, seq.seq_id, -1, -1)  # type: ignore[arg-type]
-            finally:
-                table.return_id(scratch)
-        except BaseException:
-            del seq.tokens[n0:]
-            raise
-        seq.n_in_kv = len(seq.tokens)
+        self.scheduler.place(seq, part.tokens[start:], encode(cells))
 
     # -- sequences ------------------------------------------------------------------------------
     def _run(self, seq: KvSequence) -> None:
@@ -256,9 +238,7 @@ class Composer:
         hit = prefixes.match(head)
         if hit is not None and hit.n == len(head) == hit.node.n_in_kv:
             return hit.node, 0
-        seq = self.scheduler.fork(*hit) if hit is not None else KvSequence(tokens=[])
-        seq.tokens = list(head)
-        self._prefilled(seq)
+        seq = self._prefilled(self.scheduler.sequence_for(list(head), hit))
         prefixes.insert(seq)
         return seq, seq.n_prompt_computed
 

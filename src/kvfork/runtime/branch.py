@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvfork.prompt import ChatLayout
@@ -65,11 +64,10 @@ class Branch:
     def fork(self, *, adapter: str | Adapter | None | object = _KEEP) -> Branch:
         """Another branch sharing everything this one holds so far; it keeps this branch's adapter
         unless `adapter` names another one (None there: the base model)."""
-        chosen = self._seq.adapter if adapter is _KEEP else adapter
-        return self._engine._fork(self._seq, self._layout, self._replies, chosen)
+        return self._engine.fork(self, adapter=self._seq.adapter if adapter is _KEEP else adapter)
 
     def close(self) -> None:
-        self._engine._release(self._seq)
+        self._engine.release(self)
 
     def __enter__(self) -> Branch:
         return self
@@ -77,22 +75,30 @@ class Branch:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- used by the engine ----------------------------------------------------------------------
-    def _take_turn(self) -> Callable[[], None]:
-        """Turn queued text into pending tokens of the sequence to submit; returns how to undo that.
+    # -- what Engine.generate_branches asks of a branch ------------------------------------------
+    @property
+    def sequence(self) -> KvSequence:
+        """The scheduler's sequence behind this branch (read it; only the scheduler changes it)."""
+        return self._seq
 
-        NOTE: with nothing queued nothing is added: the branch generates from what it holds (e.g. a
-        composed prompt that ends with the assistant header already). The undo puts the tokens and the
-        queue back as they were (a batch whose submission failed).
+    @property
+    def layout(self) -> ChatLayout | None:
+        """The chat layout its turns are framed in (None: plain completion, text appended as is)."""
+        return self._layout
+
+    @property
+    def replies(self) -> int:
+        """Assistant turns so far; decides how the next user turn is framed."""
+        return self._replies
+
+    def turn_tokens(self) -> list[int]:
+        """The tokens the text sent since the last turn adds (framed as the next user turn); [] if none.
+
+        NOTE: with nothing sent the branch generates from what it holds (e.g. a composed prompt that
+        ends with the assistant header already). Nothing changes until `took_turn`.
         """
-        seq, n0, queued = self._seq, len(self._seq.tokens), list(self._outbox)
-
-        def undo() -> None:
-            del seq.tokens[max(n0, seq.n_in_kv):]
-            self._outbox[:] = queued
-
         if not self._outbox:
-            return undo
+            return []
         text = "\n\n".join(self._outbox)
         if self._layout is None:
             new = text
@@ -100,11 +106,10 @@ class Branch:
             new = self._layout.first_turn(text)
         else:
             new = self._layout.next_turn(text)
-        if new:
-            seq.tokens.extend(self._engine.tokenize(new, add_bos=False, special=self._layout is not None))
-        self._outbox.clear()
-        return undo
+        return self._engine.tokenize(new, add_bos=False, special=self._layout is not None) if new else []
 
-    def _took_reply(self, completion: Completion) -> None:
+    def took_turn(self, completion: Completion) -> None:
+        """The turn of `turn_tokens` ran: the sent text is consumed and `completion` is the last reply."""
+        self._outbox.clear()
         self._replies += 1
         self.last = completion

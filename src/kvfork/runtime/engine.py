@@ -6,7 +6,6 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -232,21 +231,19 @@ class Engine:
         close=True frees each branch the moment its turn ends (queued branches take its place).
         """
         with self._lock:
-            submitted: list[tuple[KvSequence, Callable[[], None]]] = []
+            submitted: list[KvSequence] = []
             try:
                 for branch, p in zip(branches, params, strict=True):
-                    submitted.append((branch._seq, branch._take_turn()))
-                    branch._seq.one_shot = close
-                    self.scheduler.submit(branch._seq, p)
+                    self.scheduler.submit(branch.sequence, p, append=branch.turn_tokens(), one_shot=close)
+                    submitted.append(branch.sequence)
             except BaseException:
-                for seq, undo in submitted:
-                    self.scheduler.cancel(seq)
-                    undo()
+                for seq in submitted:
+                    self.scheduler.withdraw(seq)
                 raise
-            self._run([seq for seq, _ in submitted])
-            results = [self._completion(seq) for seq, _ in submitted]
+            self._run(submitted)
+            results = [self._completion(seq) for seq in submitted]
         for branch, completion in zip(branches, results, strict=False):
-            branch._took_reply(completion)
+            branch.took_turn(completion)
         return results
 
     # -- reuse of shared content that is not a prefix (kvfork.reuse) ------------------------------
@@ -266,7 +263,7 @@ class Engine:
     def capture_segment(self, source: Snapshot | Branch, start: int, end: int, name: str) -> Segment:
         """The KV that a snapshot or branch already holds for its tokens [start, end), as a Segment."""
         with self._lock:
-            return self.composer.capture(name, source._seq, start, end)
+            return self.composer.capture(name, source.sequence, start, end)
 
     def compose(self, parts: Seq[Part], *, agent: str, reuse: ReuseConfig | str | None = None) -> Snapshot:
         """A snapshot of the parts' tokens, in order: token lists computed, Segments reused as `reuse` says.
@@ -289,7 +286,7 @@ class Engine:
         """Teacher forcing: raw logits [len(tokens), n_vocab]; row i scores tokens[i] after the source's
         tokens and tokens[:i]. The source is left as it was (a temporary fork does the work)."""
         with self._lock:
-            return next_token_logits(self.scheduler, source._seq, [int(t) for t in tokens])
+            return next_token_logits(self.scheduler, source.sequence, [int(t) for t in tokens])
 
     def close(self) -> None:
         """Free the context and the model; the engine cannot be used afterwards."""
@@ -308,10 +305,12 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- internals shared by Snapshot and Branch -------------------------------------------------
-    def _fork(
-        self, parent: KvSequence, layout: ChatLayout | None, replies: int, adapter: str | Adapter | None
-    ) -> Branch:
+    # -- handles ---------------------------------------------------------------------------------
+    def fork(self, source: Snapshot | Branch, *, adapter: str | Adapter | None = None) -> Branch:
+        """A new branch sharing everything `source` holds (zero-copy), decoded by `adapter` (None: the
+        base model). What Snapshot.fork and Branch.fork do."""
+        parent = source.sequence
+        replies = source.replies if isinstance(source, Branch) else 0
         with self._lock:
             chosen = self.adapters.get(adapter)
             for own in (chosen, parent.adapter):
@@ -322,9 +321,11 @@ class Engine:
                         f" adapter={own.name!r}, or load it with prefill='base' to read base KV it was not"
                         " trained on (naive reuse)"
                     )
-            seq = self.scheduler.fork(parent)
-            seq.adapter = chosen
-            return Branch(self, seq, layout, replies)
+            return Branch(self, self.scheduler.fork(parent, adapter=chosen), source.layout, replies)
+
+    def release(self, source: Snapshot | Branch) -> None:
+        """Free what `source` holds alone (its forks keep what they share). What close() does."""
+        self._release(source.sequence)
 
     def _release(self, seq: KvSequence) -> None:
         with self._lock:

@@ -36,6 +36,15 @@ class Snapshot:
         self.reuse: ReuseReport | None = None  # set by Engine.compose: what was reused, placed, computed
 
     @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def sequence(self) -> KvSequence:
+        """The scheduler's sequence behind this snapshot (read it; only the scheduler changes it)."""
+        return self._seq
+
+    @property
     def tokens(self) -> list[int]:
         return list(self._seq.tokens)
 
@@ -52,7 +61,7 @@ class Snapshot:
 
         adapter: the LoRA decoder (a name given to Engine.load_adapter) that decodes the branch.
         """
-        return self._engine._fork(self._seq, self.layout, 0, adapter)
+        return self._engine.fork(self, adapter=adapter)
 
     def fan_out(
         self,
@@ -94,7 +103,7 @@ class Snapshot:
         return warm.capture(self)
 
     def close(self) -> None:
-        self._engine._release(self._seq)
+        self._engine.release(self)
 
     def __enter__(self) -> Snapshot:
         return self

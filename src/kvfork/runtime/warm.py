@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def capture(snapshot: Snapshot) -> HostSnapshot:
     """Copy a live snapshot's cells out of its engine's context (the snapshot stays live)."""
-    return _capture(snapshot._engine, snapshot._seq, snapshot.layout, snapshot.prefill_s)
+    return _capture(snapshot.engine, snapshot.sequence, snapshot.layout, snapshot.prefill_s)
 
 
 def _capture(engine: Engine, seq: KvSequence, chat: ChatLayout | None, prefill_s: float) -> HostSnapshot:
@@ -91,7 +91,7 @@ def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> K
             log.warning("could not restore snapshot %s: %s", match.key, exc)
             continue
         seconds = time.perf_counter() - t0
-        seq.tokens.extend(tokens[keep:])
+        engine.scheduler.extend(seq, tokens[keep:])
         per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
         store.count(tokens_saved=keep, restore_s=seconds, seconds_saved=per_token * keep - seconds)
         return seq
@@ -103,7 +103,7 @@ def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
 
     Never raises on a context or I/O problem: the store is a cache.
     """
-    _put(store, snapshot._engine, snapshot._seq, snapshot.layout, snapshot.prefill_s)
+    _put(store, snapshot.engine, snapshot.sequence, snapshot.layout, snapshot.prefill_s)
 
 
 def _put(store: SnapshotStore, engine: Engine, seq: KvSequence, chat: ChatLayout | None, seconds: float,

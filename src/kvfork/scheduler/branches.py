@@ -39,6 +39,10 @@ class BranchTable:
     def n_live(self) -> int:
         return len(self._live)
 
+    def sequences(self) -> list[KvSequence]:
+        """The sequences holding an id and a reservation."""
+        return list(self._live)
+
     @property
     def n_free_ids(self) -> int:
         return len(self._free_ids) + len(self._spent)

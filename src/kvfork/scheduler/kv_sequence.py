@@ -48,6 +48,7 @@ class KvSequence:
     one_shot: bool = False  # free as soon as the current turn ends (fan-out branches)
     adapter: Adapter | None = None  # the LoRA decoder of this branch (None: the bare base model)
     # accounting of the current turn
+    n_turn_start: int = 0  # len(tokens) when the turn was submitted (Scheduler.withdraw drops what came after)
     n_prompt_computed: int = 0
     t_submit: float = 0.0
     t_first_token: float | None = None
@@ -91,6 +92,7 @@ class KvSequence:
 
     def start_turn(self, params: SamplingParams) -> None:
         self.params = params
+        self.n_turn_start = len(self.tokens)
         self.generated = []
         self.finish_reason = None
         self.out = TurnText(tuple(params.stop))

@@ -6,6 +6,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 from kvfork.config import EngineConfig
 from kvfork.engine.adapters import Adapter
@@ -43,8 +44,9 @@ class Scheduler:
         self._active: Adapter | None = None  # the adapter set of the last decode
 
     # -- building sequences ----------------------------------------------------------------
-    def fork(self, parent: KvSequence, n: int | None = None) -> KvSequence:
-        """A new sequence sharing `parent`'s first `n` cached tokens (default: all of them).
+    def fork(self, parent: KvSequence, n: int | None = None, *, adapter: Adapter | None = None) -> KvSequence:
+        """A new sequence sharing `parent`'s first `n` cached tokens (default: all of them), decoded by
+        `adapter` (None: the base model).
 
         Cells are tagged at admission. With n < parent.n_in_kv the child starts from the parent's
         first n tokens only; on sliding-window models the caller must check that the window still
@@ -69,6 +71,7 @@ class Scheduler:
             child = KvSequence(tokens=list(parent.tokens), parent=parent, n_shared=n, n_in_kv=n)
         else:
             child = KvSequence(tokens=list(parent.tokens[:n]), parent=parent, n_shared=n, n_in_kv=n)
+        child.adapter = adapter
         parent.children.append(child)
         return child
 
@@ -127,11 +130,15 @@ class Scheduler:
                                   " or raise n_ctx / n_seq_max")
         self.table.allocate(seq)
 
-    def submit(self, seq: KvSequence, params: SamplingParams, *, share: bool = False) -> None:
-        """Queue `seq` to prefill its pending tokens, then generate up to params.max_tokens.
+    def submit(self, seq: KvSequence, params: SamplingParams, *, append: Seq[int] = (), share: bool = False,
+               one_shot: bool = False) -> None:
+        """Queue `seq` to prefill its pending tokens (and `append`, a new turn's), then generate up to
+        params.max_tokens.
 
         share=True (a prompt: max_tokens=0): it enters the prefix cache now, as an unlocked entry, so
         prompts submitted while it is prefilled fork it instead of computing its tokens again.
+        one_shot=True: released as soon as this turn ends (fan-out branches).
+        `withdraw` undoes a submit (a batch of which a later one failed).
         """
         if share and params.max_tokens:
             raise KvforkError("only a prompt (max_tokens=0) can be shared while it is prefilled")
@@ -140,15 +147,60 @@ class Scheduler:
         if seq.status is SeqStatus.CLOSED or seq.released:
             raise SnapshotMismatch("this branch was closed")
         seq.start_turn(params)
+        seq.tokens.extend(int(t) for t in append)
+        seq.one_shot = one_shot
         if seq.n_pending == 0 and params.max_tokens > 0 and seq.n_in_kv > 0:
             self._recompute_last(seq)
-        self.table.check_fits(seq)
+        try:
+            self.table.check_fits(seq)
+        except ContextOverflow:
+            del seq.tokens[max(seq.n_turn_start, seq.n_in_kv):]
+            raise
         if params.max_tokens > 0:
             self._prepare_sampler(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
         if share and seq not in self.prefixes:
             self.prefixes.insert(seq)
+
+    def withdraw(self, seq: KvSequence) -> None:
+        """Undo `submit`: stop the turn and drop the tokens it appended (those not in the cache yet)."""
+        self.cancel(seq)
+        del seq.tokens[max(seq.n_turn_start, seq.n_in_kv):]
+
+    def extend(self, seq: KvSequence, tokens: Seq[int]) -> None:
+        """Append tokens for `seq`'s next submit to compute (or `place` after them). Not while it runs."""
+        if seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING) or seq in self.prefixes:
+            raise KvforkError("cannot add tokens to a sequence that is generating or is a prefix cache entry")
+        seq.tokens.extend(int(t) for t in tokens)
+
+    def place(self, seq: KvSequence, tokens: Seq[int], state: bytes) -> None:
+        """Append `tokens` with their cells given instead of computed: `state` is a sequence-state blob
+        holding exactly their cells, at positions len(seq.tokens)...; seq has nothing pending.
+
+        NOTE: the blob goes to a borrowed scratch id, then seq_cp tags its cells with seq's id. Raises
+        ContextOverflow (seq left as it was) when there is no room or no free id.
+        """
+        if seq.n_pending or seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
+            raise KvforkError("place cells only after a sequence's pending tokens are computed")
+        n0 = len(seq.tokens)
+        seq.tokens.extend(int(t) for t in tokens)
+        try:
+            if seq.seq_id is None:  # NOTE: a fork not admitted yet (nothing computed since it was made)
+                self.allocate_now(seq, "for placed cells")
+            if not self.table.can_allocate(seq) or self.table.n_free_ids < 1:
+                raise ContextOverflow(f"no room for {len(tokens):,} more KV cells (or no free sequence id) in a"
+                                      f" context of {self.backend.n_ctx:,}; close branches or raise n_ctx")
+            scratch = self.table.borrow_id()
+            try:
+                self.backend.state_seq_set(scratch, state)
+                self.backend.seq_cp(scratch, seq.seq_id, -1, -1)  # type: ignore[arg-type]
+            finally:
+                self.table.return_id(scratch)
+        except BaseException:
+            del seq.tokens[n0:]
+            raise
+        seq.n_in_kv = len(seq.tokens)
 
     def release(self, seq: KvSequence) -> None:
         """Forget `seq`: leave the queues and the prefix cache, free its cells (its forks keep theirs)."""

@@ -52,8 +52,7 @@ class Choices:
         if job.cancelled:
             return
         for i, params in enumerate(job.params):
-            child = self.sched.fork(node, n)
-            child.adapter = job.adapter
+            child = self.sched.fork(node, n, adapter=job.adapter)
             try:
                 self.sched.submit(child, params)
             except BaseException:
