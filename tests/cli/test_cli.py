@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kvfork.cli import main
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])

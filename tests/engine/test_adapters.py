@@ -7,15 +7,10 @@ import pytest
 from kvfork import Engine
 from kvfork.errors import InvalidModelFile, InvalidParameter, ModelNotFound
 from kvfork.train.gguf_lora import random_lora_gguf
-from tests.conftest import GEMMA, long_text
+from tests.support.models import GEMMA, load_all
+from tests.support.text import long_text
 
 INSTRUCTIONS = ["Summarize the log in one sentence.", "Which station restarted?", "List two faults."]
-
-
-def load_all(engine: Engine, files, prefill: str) -> None:
-    for name, path in files.items():
-        if name not in engine.adapters.names():
-            engine.load_adapter(name, path, prefill=prefill)
 
 
 def test_branches_with_different_adapters_match_from_scratch(gemma, gemma_ref, adapter_files):

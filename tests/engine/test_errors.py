@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvfork import ContextOverflow, Engine, InvalidModelFile, InvalidParameter, ModelNotFound
-from tests.conftest import GEMMA, long_text
+from tests.support.models import GEMMA
+from tests.support.text import long_text
 
 
 def test_unknown_model_name():

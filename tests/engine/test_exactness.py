@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvfork import Engine
-from tests.conftest import GEMMA, long_text
+from tests.support.models import GEMMA
+from tests.support.text import long_text
 
 INSTRUCTIONS = [
     "Summarize the log in two sentences.",

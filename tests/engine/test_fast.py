@@ -1,7 +1,7 @@
 """Fast mode (the default): llama.cpp's own settings; a fork computes what a from-scratch run computes up
 to floating-point rounding. What that promise means is stated here as tolerances, measured on the real
 models with the settings users get (in a subprocess: the pytest process keeps ggml's tiled matmul off
-for exact mode, see tests/conftest.py)."""
+for exact mode, see tests/support/models.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from kvfork.config import EngineConfig
 from kvfork.errors import InvalidParameter
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 # NOTE: stated tolerances of fast mode (docs/exactness.md). Measured here (gemma3-270m, 8 branches of a
 # ~600-token log decoded together against from-scratch runs, teacher-forced along the scratch tokens):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from kvfork import InvalidParameter, SamplingParams
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 
 def test_greedy_logprobs_are_the_argmax_and_match_scratch(gemma, gemma_ref):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvfork import InvalidParameter, SamplingParams
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 
 @pytest.mark.parametrize(

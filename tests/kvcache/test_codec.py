@@ -10,7 +10,7 @@ import pytest
 from kvfork.errors import SnapshotCorrupt, SnapshotMismatch
 from kvfork.kvcache import GgmlType, apply_rotation, decode, encode, k_rotation_size, v_rotation_size
 from kvfork.kvcache.ggml_types import from_float32, to_float32
-from tests.kvcache.kv_helpers import KV_LAYOUTS, greedy, kv_context, prefill, prompt, reencoded
+from tests.support.kv import KV_LAYOUTS, greedy, kv_context, prefill, prompt, reencoded
 
 # model -> (layers per cache part, K/V row width): gemma3 writes its 3 global layers, then its 15 sliding-window ones
 SHAPES = {"gemma": ((3, 15), 256), "qwen": ((24,), 128)}

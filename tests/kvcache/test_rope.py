@@ -19,7 +19,7 @@ from kvfork.kvcache import (
     rerotate,
     rotate_keys,
 )
-from tests.kvcache.kv_helpers import forced, greedy_steps, kv_context, prefill, prompt
+from tests.support.kv import forced, greedy_steps, kv_context, prefill, prompt
 
 DELTA = 100
 

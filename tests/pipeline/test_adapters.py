@@ -7,8 +7,8 @@ import pytest
 from kvfork import Agent, Pipeline
 from kvfork.errors import PipelineError
 from kvfork.pipeline.loader import load_pipeline
-from tests.conftest import long_text
-from tests.engine.test_adapters import load_all
+from tests.support.models import load_all
+from tests.support.text import long_text
 
 
 def test_agents_with_their_own_adapters_match_the_unshared_run(gemma, gemma_ref, adapter_files):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvfork import Agent, Pipeline, PipelineResult
 from kvfork.pipeline import chain, debate, map_reduce, review_board, split_document
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 DOC = long_text(12)
 FEW = {"max_tokens": 8}

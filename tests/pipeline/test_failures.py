@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvfork import Agent, Pipeline
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 DOC = long_text(10)
 

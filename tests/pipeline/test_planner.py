@@ -7,7 +7,7 @@ import argparse
 from kvfork import Agent, Pipeline
 from kvfork.pipeline import common_prefix, shareable_fraction
 from kvfork.pipeline.cli import add_pipeline_commands
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 DOC = long_text(12)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvfork import Agent, InvalidParameter, Pipeline, PipelineError, load_pipeline
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 DOC = long_text(16)
 SAMPLING = {"max_tokens": 20, "ignore_eos": True}  # NOTE: replies long enough (> 16 tokens) to be segments

@@ -13,7 +13,8 @@ import pytest
 from kvfork import Engine
 from kvfork.errors import ContextOverflow, InvalidParameter
 from kvfork.reuse import ReuseConfig
-from tests.conftest import GEMMA, long_text
+from tests.support.models import GEMMA
+from tests.support.text import long_text
 
 DOC = long_text(14)  # ~280 tokens
 SYSTEMS = ["You are a plant engineer.", "You are a cautious safety inspector who writes short notes."]

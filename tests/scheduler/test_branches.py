@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kvfork import Engine
-from tests.conftest import GEMMA, long_text
+from tests.support.models import GEMMA
+from tests.support.text import long_text
 
 
 def test_forks_share_cells_instead_of_copying(gemma_path):

@@ -1,6 +1,6 @@
 """A released sequence pins nothing its forks do not use: the fork sharing most of it takes its cells over.
 
-No model: the fake backend (tests/conftest.py) keeps llama.cpp's cell rule (a cell is free once no
+No model: the fake backend (tests/support/fakes.py) keeps llama.cpp's cell rule (a cell is free once no
 sequence id holds it; seq_cp adds an id to cells, seq_rm removes one), which is all BranchTable relies on.
 """
 

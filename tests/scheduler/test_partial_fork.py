@@ -7,7 +7,7 @@ import pytest
 from kvfork import SnapshotMismatch
 from kvfork.engine.sampling import SamplingParams
 from kvfork.scheduler.kv_sequence import KvSequence
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 
 def test_fork_at_n_continues_like_from_scratch(gemma):

@@ -12,9 +12,9 @@ from kvfork import Engine
 from kvfork.config import ServerConfig
 from kvfork.errors import InvalidParameter
 from kvfork.server.cli import load_adapters
-from tests.conftest import long_text
-from tests.engine.test_adapters import load_all
-from tests.server.conftest import API_KEY, ENGINE, chat_prompt, serving
+from tests.support.models import load_all
+from tests.support.serving import API_KEY, ENGINE, chat_prompt, serving
+from tests.support.text import long_text
 
 DOC = long_text(30)
 AGENTS = [("gemma+planner", "Plan the repair."), ("gemma+coder", "Write one shell command."),

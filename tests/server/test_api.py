@@ -8,7 +8,7 @@ import pytest
 
 from kvfork.scheduler.prefix_cache import MIN_SUFFIX
 from kvfork.server.protocol import ChatRequest
-from tests.server.conftest import chat_prompt
+from tests.support.serving import chat_prompt
 
 MSGS = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name three colors."}]
 

@@ -13,7 +13,7 @@ from kvfork.server.errors import APIError
 from kvfork.server.job import Job, Sink
 from kvfork.server.loop import EngineLoop
 from kvfork.server.metrics import ServerMetrics
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 AUTH = {"Authorization": "Bearer test-key"}
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import httpx
 
 from kvfork.server.routes import chat_pieces
-from tests.conftest import long_text
-from tests.server.conftest import API_KEY, chat_prompt
+from tests.support.serving import API_KEY, chat_prompt
+from tests.support.text import long_text
 
 DOC = "Plant log:\n" + long_text(24)  # ~500 tokens: over the 64-token segment threshold
 
@@ -92,8 +92,8 @@ def test_a_reply_is_placed_the_first_time_a_downstream_agent_sends_it(server, re
 
 
 def test_a_client_that_leaves_during_composition_leaks_no_cells(server):
-    planner = server.app.state.kv.loop.planner
-    table = planner.sched.table
+    dispatcher = server.app.state.kv.loop.dispatcher
+    table = dispatcher.sched.table
     body = {"model": "gemma", "stream": True, "max_tokens": 8, "reuse": "shift",
             "messages": _messages("You are a night-shift operator.", "What failed?")}
     body["messages"][1]["content"] = "Another plant log:\n" + long_text(85)  # new content: computed, not placed
@@ -101,14 +101,14 @@ def test_a_client_that_leaves_during_composition_leaks_no_cells(server):
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
         assert r.status_code == 200  # the headers come at once; leave while the prompt is being composed
         deadline = time.time() + 30
-        while not planner.composing and time.time() < deadline:
+        while not dispatcher.composing and time.time() < deadline:
             time.sleep(0.001)
-        assert planner.composing
+        assert dispatcher.composing
     deadline, quiet = time.time() + 60, 0
     while quiet < 20 and time.time() < deadline:  # idle for half a second in a row (read from this thread)
-        quiet = 0 if planner.sched.has_work else quiet + 1
+        quiet = 0 if dispatcher.sched.has_work else quiet + 1
         time.sleep(0.025)
-    kept = set(planner.prefixes.entries())
+    kept = set(dispatcher.prefixes.entries())
     stray = [s for s in table.sequences() if s not in kept and s.n_children == 0]
     assert not stray, [(len(s.tokens), s.status, s.released) for s in stray]
 

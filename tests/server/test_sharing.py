@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 from kvfork.scheduler.prefix_cache import common_prefix
-from tests.conftest import long_text
-from tests.server.conftest import chat_prompt
+from tests.support.serving import chat_prompt
+from tests.support.text import long_text
 
 DOC = long_text(30)
 TASKS = ["Summarize the log.", "Which valve was inspected?", "List the times.", "What did the night crew do?"]

@@ -6,8 +6,8 @@ import httpx
 
 from kvfork import Engine, SnapshotStore
 from kvfork.config import ServerConfig
-from tests.conftest import long_text
-from tests.server.conftest import ENGINE, chat_prompt, serving
+from tests.support.serving import ENGINE, chat_prompt, serving
+from tests.support.text import long_text
 
 
 def test_a_stored_snapshot_warms_the_next_server(gemma_path, ref, tmp_path):

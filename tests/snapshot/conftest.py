@@ -9,7 +9,7 @@ import pytest
 
 from kvfork import Engine
 from kvfork.models import CATALOG, cache_dir
-from tests.snapshot.snap_helpers import ENGINE_KW, MODEL, text
+from tests.support.snap import ENGINE_KW, MODEL, text
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 
 from kvfork import Engine
 from kvfork.snapshot.store import SnapshotStore
-from tests.snapshot.snap_helpers import ENGINE_KW, MODEL
+from tests.support.snap import ENGINE_KW, MODEL
 
 ASK = "\n\nIn short,"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvfork import Engine, SnapshotMismatch
-from tests.snapshot.snap_helpers import ENGINE_KW, MODEL
+from tests.support.snap import ENGINE_KW, MODEL
 
 ASK = ["\n\nIn short,", "\n\nThe main point is"]
 

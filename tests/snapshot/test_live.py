@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 
 def test_same_document_again_is_a_fork_not_a_prefill(gemma):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from kvfork.snapshot.store import SnapshotStore
-from tests.snapshot.snap_helpers import fake_layout, fake_snapshot
+from tests.support.snap import fake_layout, fake_snapshot
 
 LAYOUT = fake_layout()
 DOC = list(range(1000, 1300))  # 300 tokens
@@ -106,7 +106,7 @@ _WRITER = textwrap.dedent(
     """
     import os, sys, time
     sys.path.insert(0, {here!r})
-    from tests.snapshot.snap_helpers import fake_snapshot
+    from tests.support.snap import fake_snapshot
     import kvfork.snapshot.fileformat as ff
     from kvfork.snapshot.store import SnapshotStore
     mode = sys.argv[1]

@@ -1,7 +1,7 @@
 """Backend: what the scheduler needs of a model and its KV cache, as a protocol (llama.cpp's context is one).
 
 The scheduler and the branch table speak only this interface, so they can run on a fake backend in
-unit tests (tests/conftest.py) as well as on `engine.llama.LlamaContext`.
+unit tests (tests/support/fakes.py) as well as on `engine.llama.LlamaContext`.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class Engine:
     def on(cls, path: Path, model: LlamaModel, ctx: LlamaContext, config: EngineConfig, *,
            store: SnapshotStore | None = None) -> Engine:
         """An engine over a model and context made elsewhere: the seam where another backend plugs in
-        (the unit tests run engines, pipelines and the server's planner on a fake one, without weights).
+        (the unit tests run engines, pipelines and the server's dispatcher on a fake one, without weights).
 
         `path` names the model (its file: snapshot layouts hash it); the engine owns both and closes them.
         """

@@ -3,7 +3,7 @@
 Every rule about which cells a new prompt may share lives here: the minimum length worth a fork, the
 sliding-window limit on cutting a prefix short, exact mode's back-off from tiny suffixes, locked
 (pinned) entries and least-recently-used eviction. The scheduler owns it; Engine.prefill, the
-Composer and the server's planner all match against this one cache.
+Composer and the server's dispatcher all match against this one cache.
 """
 
 from __future__ import annotations

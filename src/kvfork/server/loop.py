@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from kvfork.config import ServerConfig
 from kvfork.errors import KvforkError
+from kvfork.server.dispatch import Dispatcher
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job
 from kvfork.server.metrics import ServerMetrics
-from kvfork.server.plans import Planner
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
@@ -32,7 +32,7 @@ class EngineLoop:
 
     Thread-safe API: `submit`, `cancel` and `call` may be used from any thread (HTTP handlers);
     everything else runs in the loop thread, which is the only one touching the engine afterwards.
-    Each iteration takes new commands, plans new jobs (prefix sharing, see Planner),
+    Each iteration takes new commands, plans new jobs (prefix sharing, see Dispatcher),
     makes room in the cache if the next waiting sequence does not fit, runs one decode and sends
     every job its new text.
     """
@@ -41,7 +41,7 @@ class EngineLoop:
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self.planner = Planner(engine, config, metrics)
+        self.dispatcher = Dispatcher(engine, config, metrics)
         self._inbox: queue.SimpleQueue[Job | Command | None] = queue.SimpleQueue()
         self._accepted = 0  # jobs accepted and not finished, under _count_lock (the queue cap)
         self._count_lock = threading.Lock()
@@ -76,7 +76,7 @@ class EngineLoop:
     def cancel(self, job: Job) -> None:
         """The client went away: free the job's branches at once (in the loop thread)."""
         # NOTE: a prefill the job waits on goes on: it is a live prefix for others afterwards.
-        self._inbox.put(lambda: self.planner.choices.cancel(job))
+        self._inbox.put(lambda: self.dispatcher.choices.cancel(job))
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run `fn` in the loop thread; the future resolves with its result (or error)."""
@@ -106,16 +106,16 @@ class EngineLoop:
                 # NOTE: the engine lock serializes the loop against any direct Engine use in this process.
                 with self.engine._lock:
                     if jobs:
-                        self.planner.plan(jobs)
-                    self.planner.reuse.retry()
+                        self.dispatcher.plan(jobs)
+                    self.dispatcher.reuse.retry()
                     if sched.has_work:
-                        self.planner.make_room()
-                        self.planner.after_step(sched.step())
+                        self.dispatcher.make_room()
+                        self.dispatcher.after_step(sched.step())
                         self.metrics.kv_cells.labels("reserved").set(sched.table.cells_reserved())
             except Exception as exc:  # noqa: BLE001 - one bad step must not stop the server
                 log.exception("engine step failed")
-                self.planner.fail_all(exc if isinstance(exc, KvforkError) else KvforkError(str(exc)))
-        self.planner.fail_all(APIError(503, "the server is shutting down", code="shutting_down"))
+                self.dispatcher.fail_all(exc if isinstance(exc, KvforkError) else KvforkError(str(exc)))
+        self.dispatcher.fail_all(APIError(503, "the server is shutting down", code="shutting_down"))
 
     def _drain(self, block: bool) -> list[Job]:
         """Run waiting commands; collect new jobs, waiting up to coalesce_s after the first one arrived."""

@@ -46,7 +46,7 @@ def chat_pieces(st: ServerState, messages: list[tuple[str, str]]) -> list[tuple[
 def snapshot_source(st: ServerState, snapshot_id: str | None) -> dict | None:
     if snapshot_id is None:
         return None
-    info = st.loop.planner.snapshots.get(snapshot_id)
+    info = st.loop.dispatcher.snapshots.get(snapshot_id)
     if info is None:
         raise APIError(404, f"no snapshot '{snapshot_id}' on this server (GET /v1/snapshots lists them)",
                        param="snapshot_id", code="snapshot_not_found")

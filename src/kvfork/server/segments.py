@@ -27,7 +27,7 @@ from kvfork.server.job import Job
 from kvfork.snapshot.ram import RamTier
 
 if TYPE_CHECKING:
-    from kvfork.server.plans import Planner
+    from kvfork.server.dispatch import Dispatcher
 
 __all__ = ["SegmentCache", "ReusePlacer"]
 
@@ -71,9 +71,9 @@ class SegmentCache:
 class ReusePlacer:
     """Builds reuse-mode prompts in the loop thread: head node, then Composer.steps driven by waiters."""
 
-    def __init__(self, planner: Planner) -> None:
-        self.planner = planner
-        self.cache = SegmentCache(planner.config.reuse_cache_mb << 20)
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.cache = SegmentCache(dispatcher.config.reuse_cache_mb << 20)
         self.deferred: deque[Job] = deque()  # jobs waiting for room in the cache
 
     def place(self, job: Job) -> None:
@@ -91,27 +91,27 @@ class ReusePlacer:
                 self.deferred.popleft()
                 continue
             if not self._room_for(job):
-                if not self.planner.sched.has_work:
+                if not self.dispatcher.sched.has_work:
                     self.deferred.popleft()
-                    self.planner.choices.fail([job], APIError(
+                    self.dispatcher.choices.fail([job], APIError(
                         503, "no room in the KV cache for this request now; retry", code="cache_full"))
                     continue
                 return
             self.deferred.popleft()
-            self.planner._guard([job], functools.partial(self._place, job))
+            self.dispatcher._guard([job], functools.partial(self._place, job))
 
     def _room_for(self, job: Job) -> bool:
         """Whether the prompt's own cells and its choices' tokens fit next to what is reserved, after
         evicting idle live prefixes. NOTE: a placed segment is this prompt's own copy: nothing shares it."""
-        table = self.planner.sched.table
+        table = self.dispatcher.sched.table
         need = len(job.tokens) + sum(p.max_tokens for p in job.params)
-        return self.planner.sched.evict_until(lambda: table.cells_reserved() + need <= table.n_cells)
+        return self.dispatcher.sched.evict_until(lambda: table.cells_reserved() + need <= table.n_cells)
 
     def _place(self, job: Job) -> None:
         assert job.pieces is not None and job.reuse is not None
         parts: list[Part] = []
         fresh: list[tuple[int, int]] = []  # (offset, length) of contents computed now, to keep as segments
-        offset, least = 0, self.planner.config.reuse_min_tokens
+        offset, least = 0, self.dispatcher.config.reuse_min_tokens
         for slot, (tokens, content) in enumerate(job.pieces):
             hit = self.cache.get(tuple(tokens)) if content and len(tokens) >= least else None
             if hit is not None:
@@ -127,17 +127,17 @@ class ReusePlacer:
         agent = hashlib.sha256(repr(head).encode()).hexdigest()[:16]  # NOTE: kvcomm pools per agent prefix
 
         def start(node: KvSequence) -> None:
-            seq = self.planner.sched.fork(node, len(head))
+            seq = self.dispatcher.sched.fork(node, len(head))
             report = ReuseReport(job.reuse.mode)  # type: ignore[union-attr]
             report.prefix_tokens = len(head)
-            steps = self.planner.engine.composer.steps(seq, rest, agent, job.reuse, report)  # type: ignore[arg-type]
+            steps = self.dispatcher.engine.composer.steps(seq, rest, agent, job.reuse, report)  # type: ignore[arg-type]
             self._advance(job, seq, steps, report, fresh)
 
-        self.planner.prefill_then(head, job, start)
+        self.dispatcher.prefill_then(head, job, start)
 
     def _advance(self, job: Job, seq: KvSequence, steps: Steps, report: ReuseReport,
                  fresh: list[tuple[int, int]]) -> None:
-        sched = self.planner.sched
+        sched = self.dispatcher.sched
         if job.cancelled:
             steps.close()
             sched.release(seq)
@@ -149,20 +149,20 @@ class ReusePlacer:
             return
         except ContextOverflow:  # NOTE: others took the room meanwhile: retryable, not the request's fault
             sched.release(seq)
-            self.planner.choices.fail([job], APIError(503, "no room in the KV cache for this request now; retry",
+            self.dispatcher.choices.fail([job], APIError(503, "no room in the KV cache for this request now; retry",
                                                       code="cache_full"))
             return
         except (KvforkError, APIError) as exc:
             sched.release(seq)
-            self.planner.choices.fail([job], exc)
+            self.dispatcher.choices.fail([job], exc)
             return
         try:
             sched.submit(pending, SamplingParams(max_tokens=0))
         except KvforkError as exc:
             sched.release(seq)
-            self.planner.choices.fail([job], exc)
+            self.dispatcher.choices.fail([job], exc)
             return
-        self.planner.wait(pending, job, lambda _: self._advance(job, seq, steps, report, fresh), keep=False)
+        self.dispatcher.wait(pending, job, lambda _: self._advance(job, seq, steps, report, fresh), keep=False)
 
     def keep_reply(self, job: Job, seq: KvSequence) -> None:
         """Keep a reuse-mode choice's reply as a segment (before its branch is freed): an agent that
@@ -171,38 +171,38 @@ class ReusePlacer:
         tokens is not kept."""
         if job.reuse is None or job.reuse.mode == "exact" or seq.seq_id is None:
             return
-        gen, start, cached = self.planner.engine.composer.reply(seq)
-        if len(gen) < self.planner.config.reuse_min_tokens or cached < 1:
+        gen, start, cached = self.dispatcher.engine.composer.reply(seq)
+        if len(gen) < self.dispatcher.config.reuse_min_tokens or cached < 1:
             return
         seen: set[tuple[int, ...]] = set()
         for text in (seq.text, seq.text.strip()):
-            toks = tuple(self.planner.engine.tokenize(text, special=True))
+            toks = tuple(self.dispatcher.engine.tokenize(text, special=True))
             off = len(gen) - len(toks)
             if toks in seen or off < 0 or off >= cached or tuple(gen[off:]) != toks:
                 continue
             seen.add(toks)
             try:
-                seg = self.planner.engine.composer.capture("reply", seq, start + off, start + cached)
+                seg = self.dispatcher.engine.composer.capture("reply", seq, start + off, start + cached)
             except KvforkError as exc:  # NOTE: reuse is an optimization: a failed capture fails nothing
                 log.warning("could not keep a reply segment: %s", exc)
                 return
             self.cache.put(seg, tuple(gen[cached:]))
 
     def _finish(self, job: Job, seq: KvSequence, report: ReuseReport, fresh: list[tuple[int, int]]) -> None:
-        composer = self.planner.engine.composer
+        composer = self.dispatcher.engine.composer
         for offset, length in fresh:
             try:
                 self.cache.put(composer.capture("message", seq, offset, offset + length))
             except KvforkError as exc:  # NOTE: reuse is an optimization: a failed capture fails nothing
                 log.warning("could not keep a message segment: %s", exc)
-        metrics = self.planner.metrics
+        metrics = self.dispatcher.metrics
         for outcome in report.segments:
             metrics.reuse_segments.labels(outcome.action).inc()
         job.computed += report.computed_tokens
         job.placed += report.reused_tokens
         try:
-            self.planner.choices.fork(job, seq, None)
+            self.dispatcher.choices.fork(job, seq, None)
         except (KvforkError, APIError) as exc:
-            self.planner.choices.fail([job], exc)
+            self.dispatcher.choices.fail([job], exc)
         finally:
-            self.planner.sched.release(seq)  # NOTE: the choices' branches pin its cells until they end
+            self.dispatcher.sched.release(seq)  # NOTE: the choices' branches pin its cells until they end

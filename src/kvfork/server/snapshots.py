@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from kvfork.server.dispatch import SnapshotInfo
 from kvfork.server.errors import APIError
-from kvfork.server.plans import SnapshotInfo
 from kvfork.server.protocol import SnapshotRequest
 from kvfork.server.routes import as_pairs, chat_tokens
 from kvfork.server.state import state_of
@@ -49,7 +49,7 @@ async def create(body: SnapshotRequest, request: Request) -> JSONResponse:
         raise APIError(400, f"a snapshot needs 1 to {st.engine.ctx.n_ctx - 1} tokens; this one has {len(tokens)}",
                        param="prompt", code="context_length_exceeded")
     future: Future[SnapshotInfo | Exception] = Future()
-    st.loop.call(lambda: st.loop.planner.snapshot(tokens, source, future.set_result))
+    st.loop.call(lambda: st.loop.dispatcher.snapshot(tokens, source, future.set_result))
     result = await asyncio.wrap_future(future)
     if isinstance(result, Exception):
         raise result
@@ -59,14 +59,14 @@ async def create(body: SnapshotRequest, request: Request) -> JSONResponse:
 @router.get("/v1/snapshots")
 async def listing(request: Request) -> JSONResponse:
     st = state_of(request)
-    infos = await asyncio.wrap_future(st.loop.call(lambda: list(st.loop.planner.snapshots.values())))
+    infos = await asyncio.wrap_future(st.loop.call(lambda: list(st.loop.dispatcher.snapshots.values())))
     return JSONResponse({"object": "list", "data": [_body(i) for i in infos]})
 
 
 @router.delete("/v1/snapshots/{snapshot_id}")
 async def delete(snapshot_id: str, request: Request) -> JSONResponse:
     st = state_of(request)
-    found = await asyncio.wrap_future(st.loop.call(lambda: st.loop.planner.drop_snapshot(snapshot_id)))
+    found = await asyncio.wrap_future(st.loop.call(lambda: st.loop.dispatcher.drop_snapshot(snapshot_id)))
     if not found:
         raise APIError(404, f"no snapshot '{snapshot_id}'", param="snapshot_id", code="snapshot_not_found")
     return JSONResponse({"id": snapshot_id, "object": "snapshot.deleted", "deleted": True})

@@ -11,7 +11,7 @@ from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
 from kvfork.engine.llama import LlamaContext, LlamaModel
 from kvfork.kvcache import KvTensor, SeqState
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 # (kv_type, flash_attn): kvfork's default cache, f16, and f16 without flash attention (V transposed)
 KV_LAYOUTS = [("q8_0", "on"), ("f16", "on"), ("f16", "off")]

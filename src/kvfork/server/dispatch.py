@@ -1,4 +1,4 @@
-"""Planner: where each request's prompt comes from (live prefix, shared prefill, fresh) and its choices' fate."""
+"""Dispatcher: where each request's prompt comes from (live prefix, shared prefill, fresh) and its choices' fate."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from kvfork.server.segments import ReusePlacer
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
 
-__all__ = ["Planner", "SnapshotInfo"]
+__all__ = ["Dispatcher", "SnapshotInfo"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class _Waiter:
     keep: bool = True  # the node is a prefix others may fork, even in flight (not a reuse-mode prompt: approximate)
 
 
-class Planner:
+class Dispatcher:
     """The loop thread's bookkeeping: prefix nodes being prefilled, live prefixes, each choice's branch.
 
     A request's prompt becomes a node sequence (prefilled with max_tokens=0, forked from the best prefix

@@ -1,4 +1,4 @@
-"""The planner without HTTP or weights (the fake engine): a request arriving while another's prefill is under way
+"""The dispatcher without HTTP or weights (the fake engine): a request arriving while another's prefill is under way
 still shares it, and every reply is what a from-scratch run of its prompt gives."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from kvfork import Engine
 from kvfork.config import ServerConfig
 from kvfork.engine.sampling import SamplingParams
 from kvfork.scheduler.prefix_cache import MIN_SUFFIX
+from kvfork.server.dispatch import Dispatcher
 from kvfork.server.job import Event, Job
 from kvfork.server.metrics import ServerMetrics
-from kvfork.server.plans import Planner
-from tests.conftest import long_text
+from tests.support.text import long_text
 
 
 class ListSink:
@@ -37,23 +37,23 @@ def _job(engine: Engine, question: str, max_tokens: int = 6) -> Job:
     return Job(tokens=tokens, params=[SamplingParams(max_tokens=max_tokens)], sink=ListSink())  # type: ignore[arg-type]
 
 
-def _run(planner: Planner, jobs: list[Job]) -> None:
+def _run(dispatcher: Dispatcher, jobs: list[Job]) -> None:
     while not all(j.done for j in jobs):
-        planner.make_room()
-        planner.after_step(planner.sched.step())
+        dispatcher.make_room()
+        dispatcher.after_step(dispatcher.sched.step())
 
 
 @pytest.mark.parametrize("late_steps", [1, 10])  # cut back in flight; forked part of it once done
 def test_a_late_request_joins_the_prefill_in_flight(small_batches, fake_engine, late_steps):
     engine = small_batches
-    planner = Planner(engine, ServerConfig(live_prefixes=0), ServerMetrics())
+    dispatcher = Dispatcher(engine, ServerConfig(live_prefixes=0), ServerMetrics())
     first = _job(engine, "Question one? " + "List each event in order. " * 8)  # ~500 bytes, ~270 shared
     second = _job(engine, "What about the valve?")
-    planner.plan([first])
+    dispatcher.plan([first])
     for _ in range(late_steps):
-        planner.after_step(planner.sched.step())
-    planner.plan([second])
-    _run(planner, [first, second])
+        dispatcher.after_step(dispatcher.sched.step())
+    dispatcher.plan([second])
+    _run(dispatcher, [first, second])
     assert first.sink.events[-1].kind == second.sink.events[-1].kind == "done"
     shared = next(i for i, (a, b) in enumerate(zip(first.tokens, second.tokens, strict=False)) if a != b)
     # the shared part is computed once: the second job computes its own part, and in exact mode at most
@@ -71,10 +71,10 @@ def test_a_late_request_joins_the_prefill_in_flight(small_batches, fake_engine, 
 @pytest.mark.parametrize("exact", [False, True])
 def test_agents_sent_at_once_prefill_their_common_prefix_once(fake_engine, exact):
     engine = fake_engine(n_ctx=4096, n_seq_max=32, n_batch=64, n_ubatch=64, exact=exact)
-    planner = Planner(engine, ServerConfig(), ServerMetrics())
+    dispatcher = Dispatcher(engine, ServerConfig(), ServerMetrics())
     jobs = [_job(engine, f"Agent {i}: what does the report say about item {i}?") for i in range(8)]
-    planner.plan(jobs)
-    _run(planner, jobs)
+    dispatcher.plan(jobs)
+    _run(dispatcher, jobs)
     shared = min(next(i for i, (a, b) in enumerate(zip(jobs[0].tokens, j.tokens, strict=False)) if a != b)
                  for j in jobs[1:])
     assert jobs[0].computed == len(jobs[0].tokens)
