@@ -27,8 +27,8 @@ from workload import stats
 
 from kvfork import Engine
 from kvfork.config import default_threads
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.store import SnapshotStore
+from kvfork.store.host import HostSnapshot
+from kvfork.store.store import SnapshotStore
 
 ASK = "Summarize the incident in one sentence."
 

@@ -22,8 +22,8 @@ from kvfork.reuse import ReuseConfig, ReuseReport, Segment
 from kvfork.runtime import Engine
 from kvfork.runtime.branch import Branch
 from kvfork.runtime.snapshot import Snapshot
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.store import SnapshotStore
+from kvfork.store.host import HostSnapshot
+from kvfork.store.store import SnapshotStore
 
 __version__ = "0.1.0"
 

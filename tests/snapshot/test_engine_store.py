@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvfork import Engine
-from kvfork.snapshot.store import SnapshotStore
+from kvfork.store.store import SnapshotStore
 from tests.support.snap import ENGINE_KW, MODEL
 
 ASK = "\n\nIn short,"
@@ -63,7 +63,7 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     from kvfork import Engine
-    from kvfork.snapshot.store import SnapshotStore
+    from kvfork.store.store import SnapshotStore
     store = SnapshotStore(sys.argv[1])
     with Engine({model!r}, store=store, **{kw!r}) as eng, eng.prefill(sys.argv[2], chat=False) as snap:
         tokens = snap.fan_out([{ask!r}], max_tokens=12, temperature=0)[0].tokens

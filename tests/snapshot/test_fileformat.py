@@ -10,7 +10,7 @@ import pytest
 
 from kvfork import Engine
 from kvfork.errors import SnapshotCorrupt, SnapshotMismatch
-from kvfork.snapshot.fileformat import MAGIC, read_header, read_snapshot, write_snapshot
+from kvfork.store.fileformat import MAGIC, read_header, read_snapshot, write_snapshot
 from tests.support.snap import fake_layout, fake_snapshot
 
 TOKENS = list(range(2, 202))

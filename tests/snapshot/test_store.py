@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from kvfork.snapshot.store import SnapshotStore
+from kvfork.store.store import SnapshotStore
 from tests.support.snap import fake_layout, fake_snapshot
 
 LAYOUT = fake_layout()
@@ -107,8 +107,8 @@ _WRITER = textwrap.dedent(
     import os, sys, time
     sys.path.insert(0, {here!r})
     from tests.support.snap import fake_snapshot
-    import kvfork.snapshot.fileformat as ff
-    from kvfork.snapshot.store import SnapshotStore
+    import kvfork.store.fileformat as ff
+    from kvfork.store.store import SnapshotStore
     mode = sys.argv[1]
     if mode == "hang":
         ff.os.fsync = lambda fd: (print("writing", flush=True), time.sleep(60))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.layout import StateLayout
+from kvfork.store.host import HostSnapshot
+from kvfork.store.layout import StateLayout
 
 MODEL = "gemma3-270m"
 # NOTE: one thread: on a shared 2-core machine llama.cpp's spinning thread barrier slows decode 50x

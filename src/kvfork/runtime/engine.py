@@ -29,9 +29,9 @@ from kvfork.runtime.snapshot import Snapshot
 from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.scoring import next_token_logits
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.layout import StateLayout
-from kvfork.snapshot.store import SnapshotStore
+from kvfork.store.host import HostSnapshot
+from kvfork.store.layout import StateLayout
+from kvfork.store.store import SnapshotStore
 
 __all__ = ["Engine"]
 

@@ -11,7 +11,7 @@ from kvfork.result import Completion
 from kvfork.runtime import warm
 from kvfork.runtime.branch import Branch
 from kvfork.scheduler.kv_sequence import KvSequence
-from kvfork.snapshot.host import HostSnapshot
+from kvfork.store.host import HostSnapshot
 
 if TYPE_CHECKING:
     from kvfork.engine.adapters import Adapter

@@ -14,8 +14,8 @@ from typing import Any
 
 from kvfork.config import EXACT_HELP
 from kvfork.errors import KvforkError
-from kvfork.snapshot.fileformat import read_header, read_snapshot, write_snapshot
-from kvfork.snapshot.store import SnapshotStore
+from kvfork.store.fileformat import read_header, read_snapshot, write_snapshot
+from kvfork.store.store import SnapshotStore
 
 __all__ = ["add_snapshot_commands"]
 

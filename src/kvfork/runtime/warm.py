@@ -15,8 +15,8 @@ from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
 from kvfork.prompt import ChatLayout
 from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.prefix_cache import can_trim
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.store import SnapshotStore
+from kvfork.store.host import HostSnapshot
+from kvfork.store.store import SnapshotStore
 
 if TYPE_CHECKING:
     from kvfork.runtime.engine import Engine

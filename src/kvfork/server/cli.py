@@ -76,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from kvfork.runtime import Engine
     from kvfork.server.app import create_app
-    from kvfork.snapshot.store import SnapshotStore
+    from kvfork.store.store import SnapshotStore
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
                           max_queued=args.max_queued, max_n=args.max_n, max_tokens=args.max_tokens,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from kvfork.snapshot.store import SnapshotStore
+    from kvfork.store.store import SnapshotStore
 
 __all__ = ["ServerMetrics"]
 

@@ -24,7 +24,7 @@ from kvfork.reuse.report import ReuseReport
 from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.server.errors import APIError
 from kvfork.server.job import Job
-from kvfork.snapshot.ram import RamTier
+from kvfork.store.ram import RamTier
 
 if TYPE_CHECKING:
     from kvfork.server.dispatch import Dispatcher

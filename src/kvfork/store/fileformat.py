@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kvfork.errors import SnapshotCorrupt, SnapshotMismatch
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.layout import StateLayout
+from kvfork.store.host import HostSnapshot
+from kvfork.store.layout import StateLayout
 
 __all__ = [
     "MAGIC", "FORMAT_VERSION", "TMP_SUFFIX", "FileHeader", "write_snapshot", "read_header", "read_snapshot"

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kvfork.scheduler.prefix_cache import common_prefix
-from kvfork.snapshot.keys import block_hashes
+from kvfork.store.keys import block_hashes
 
 __all__ = ["PrefixIndex", "PrefixMatch"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from kvfork.errors import SnapshotMismatch
 from kvfork.prompt import ChatLayout
-from kvfork.snapshot.layout import StateLayout
+from kvfork.store.layout import StateLayout
 
 __all__ = ["HostSnapshot"]
 

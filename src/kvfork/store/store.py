@@ -14,13 +14,13 @@ import numpy as np
 from kvfork.config import StoreConfig
 from kvfork.errors import InvalidParameter, SnapshotMismatch
 from kvfork.scheduler.prefix_cache import can_trim
-from kvfork.snapshot.disk import DiskTier
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.index import PrefixIndex, PrefixMatch
-from kvfork.snapshot.keys import as_array, entry_key
-from kvfork.snapshot.layout import StateLayout
-from kvfork.snapshot.ram import RamTier
-from kvfork.snapshot.stats import StoreStats
+from kvfork.store.disk import DiskTier
+from kvfork.store.host import HostSnapshot
+from kvfork.store.index import PrefixIndex, PrefixMatch
+from kvfork.store.keys import as_array, entry_key
+from kvfork.store.layout import StateLayout
+from kvfork.store.ram import RamTier
+from kvfork.store.stats import StoreStats
 
 __all__ = ["SnapshotStore", "StoreStats", "EntryInfo"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvfork.errors import SnapshotMismatch
-from kvfork.snapshot.fingerprint import model_fingerprint
+from kvfork.store.fingerprint import model_fingerprint
 
 __all__ = ["StateLayout"]
 

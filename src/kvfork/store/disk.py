@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvfork.errors import SnapshotMismatch
-from kvfork.snapshot.fileformat import TMP_SUFFIX, FileHeader, read_header, read_snapshot, write_snapshot
-from kvfork.snapshot.host import HostSnapshot
-from kvfork.snapshot.layout import StateLayout
+from kvfork.store.fileformat import TMP_SUFFIX, FileHeader, read_header, read_snapshot, write_snapshot
+from kvfork.store.host import HostSnapshot
+from kvfork.store.layout import StateLayout
 
 __all__ = ["DiskTier", "DiskEntry", "SUFFIX"]
 
