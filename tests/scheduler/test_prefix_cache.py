@@ -123,6 +123,24 @@ def test_locked_entries_are_matched_but_never_evicted():
         cache.insert(pinned)
 
 
+def test_namespaces_keep_approximate_prompts_apart_from_exact_prefixes():
+    cache = PrefixCache(0, exact=False)
+    exact, composed, other = _entry([4] * 30), _entry([4] * 40), _entry([4] * 50)
+    cache.insert(exact)
+    cache.insert(composed, namespace=("reuse", "shift"))
+    cache.insert(other, namespace=("reuse", "blend"))
+    cache.check_integrity()
+    prompt = [4] * 60
+    assert cache.match(prompt) == (exact, 30)  # never an approximate prompt's cells
+    assert cache.match(prompt, namespace=("reuse", "shift")) == (composed, 40)
+    assert cache.match(prompt, namespace=("reuse", "blend")) == (other, 50)
+    assert cache.match(prompt, namespace=("reuse", "kvcomm")) is None
+    assert len(cache) == 3 and cache.evict() is exact  # one LRU over every namespace
+    cache.remove(composed)
+    cache.check_integrity()
+    assert cache.match(prompt, namespace=("reuse", "shift")) is None
+
+
 def test_an_entry_must_be_idle_in_the_cache_and_keep_its_tokens():
     cache = PrefixCache(0, exact=False)
     with pytest.raises(KvforkError, match="idle"):

@@ -67,6 +67,23 @@ def test_kvcomm_and_blend_requests_and_exact_requests_stay_exact_afterwards(serv
     assert exact.choices[0].message.content == ref.generate(chat_prompt(ref, msgs), max_tokens=8).text
 
 
+def test_a_composed_prompt_sent_again_with_the_same_settings_is_forked_whole(server):
+    client = server.client()
+    msgs = _messages("You are a water engineer on call.", "Which station reported a leak?")
+    _ask(client, _messages("You are an auditor.", "Summarize."), "shift")  # the document becomes a segment
+    first = _ask(client, msgs, "shift")
+    placed = first.usage.prompt_tokens_details.placed_tokens
+    assert placed > 0
+    again = _ask(client, msgs, "shift")
+    details = again.usage.prompt_tokens_details
+    # nothing composed again: the kept prompt is forked (its last token recomputed to sample from)
+    assert details.cached_tokens == again.usage.prompt_tokens - 1 and details.placed_tokens == placed
+    assert again.choices[0].message.content == first.choices[0].message.content
+    # another mode's namespace does not see it
+    other = _ask(client, msgs, "blend")
+    assert other.usage.prompt_tokens_details.cached_tokens < other.usage.prompt_tokens - 1
+
+
 def test_an_unknown_reuse_mode_is_a_400(server):
     r = httpx.post(f"{server.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                    json={"model": "gemma", "messages": [{"role": "user", "content": "hi"}], "reuse": "approx"})

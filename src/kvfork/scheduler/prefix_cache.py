@@ -1,15 +1,16 @@
 """PrefixCache: the prefilled prefixes in the KV cache, as a radix tree over token ids; what may be shared.
 
 Every rule about which cells a new prompt may share lives here: the minimum length worth a fork, the
-sliding-window limit on cutting a prefix short, exact mode's back-off from tiny suffixes, locked
-(pinned) entries and least-recently-used eviction. The scheduler owns it; Engine.prefill, the
+sliding-window limit on cutting a prefix short, exact mode's back-off from tiny suffixes and chunks,
+prompts in flight (forked before they are computed), namespaces (approximate prompts apart from exact
+prefixes), locked (pinned) entries and least-recently-used eviction. The scheduler owns it; Engine.prefill, the
 Composer and the server's dispatcher all match against this one cache.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from collections.abc import Sequence as Seq
 from typing import NamedTuple, Protocol
 
@@ -18,8 +19,10 @@ import numpy as np
 from kvfork.errors import KvforkError
 from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 
-__all__ = ["MIN_SHARED", "MIN_SUFFIX", "LowerTier", "PrefixCache", "PrefixHit", "can_trim", "common_prefix",
+__all__ = ["EXACT", "MIN_SHARED", "MIN_SUFFIX", "LowerTier", "PrefixCache", "PrefixHit", "can_trim", "common_prefix",
            "in_flight"]
+
+EXACT = "exact"  # the namespace of prefixes whose cells are what a from-scratch prefill computes
 
 # NOTE: a shorter common prefix is not worth a fork of its own (the server's nodes, Engine.prefill).
 MIN_SHARED = 16
@@ -122,7 +125,7 @@ class PrefixCache:
         self.n_swa = n_swa
         self.min_shared = min_shared
         self.min_suffix = MIN_SUFFIX if exact else 0
-        self._root = _Node((), None)
+        self._roots: dict[Hashable, _Node] = {}  # one tree per namespace (see `insert`)
         self._where: dict[KvSequence, _Node] = {}
         self._locks: dict[KvSequence, int] = {}
         self._lru: OrderedDict[KvSequence, None] = OrderedDict()  # unlocked entries, least recent first
@@ -138,14 +141,15 @@ class PrefixCache:
         return list(self._where)
 
     # -- match ----------------------------------------------------------------------------------
-    def match(self, tokens: Seq[int]) -> PrefixHit | None:
-        """The entry to fork for `tokens`, and where (an entry in flight: the fork waits for its chunks).
+    def match(self, tokens: Seq[int], *, namespace: Hashable = EXACT) -> PrefixHit | None:
+        """The entry of `namespace` to fork for `tokens`, and where (an entry in flight: the fork waits
+        for its chunks).
 
         A hit covers a whole entry, or at least `min_shared` tokens of a longer one (where the sliding
         window allows the cut); in exact mode it backs off to leave MIN_SUFFIX tokens rather than 2..15.
         """
         best: PrefixHit | None = None
-        for hit in self._walk(tokens):
+        for hit in self._walk(tokens, self._roots.get(namespace)):
             if hit is None:
                 continue
             n = self._back_off(hit.node, hit.n, len(tokens))
@@ -158,7 +162,7 @@ class PrefixCache:
             self._lru.move_to_end(best.node)
         return best
 
-    def _walk(self, tokens: Seq[int]) -> Iterator[PrefixHit | None]:
+    def _walk(self, tokens: Seq[int], root: _Node | None) -> Iterator[PrefixHit | None]:
         """Every entry that shares tokens with the prompt, with how many: those ending on its path share
         their whole length, those in a branch off the path share the branching node's depth, those below
         the point where it leaves the tree (inside an edge) share up to that point.
@@ -166,7 +170,9 @@ class PrefixCache:
         NOTE: all of them, not just the deepest: on a sliding-window model a deep entry may not be cut
         where a shallower one can be.
         """
-        node, depth = self._root, 0
+        if root is None:
+            return
+        node, depth = root, 0
         while True:
             for seq in node.entries:
                 yield self._candidate(seq, depth)
@@ -223,15 +229,21 @@ class PrefixCache:
         return m
 
     # -- insert, lock, remove, evict ------------------------------------------------------------
-    def insert(self, seq: KvSequence, *, locked: bool = False) -> None:
+    def insert(self, seq: KvSequence, *, locked: bool = False, namespace: Hashable = EXACT) -> None:
         """Index `seq`'s cached tokens (all its tokens if it is a prompt in flight); locked=True keeps it
-        until `unlock` or its release."""
+        until `unlock` or its release.
+
+        `namespace`: only `match`es of the same namespace see it. EXACT holds cells computed as a
+        from-scratch prefill computes them; an approximate (reuse-mode) prompt goes under a namespace
+        of its own reuse settings, so only requests made with the same settings fork it.
+        """
         if seq in self._where:
             raise KvforkError("this sequence is already in the prefix cache")
         idle = seq.status is SeqStatus.IDLE and seq.seq_id is not None and seq.n_in_kv > 0
         if not (idle or in_flight(seq)) or seq.released:
             raise KvforkError("only an idle sequence with cells in the cache, or a prompt in flight, can be a prefix")
-        tokens, node, depth = tuple(_indexed(seq)), self._root, 0
+        root = self._roots.setdefault(namespace, _Node((), None))
+        tokens, node, depth = tuple(_indexed(seq)), root, 0
         while depth < len(tokens):
             child = node.children.get(tokens[depth])
             if child is None:
@@ -317,10 +329,10 @@ class PrefixCache:
                 at = at.parent
             if path != _indexed(seq) or seq.released or (seq.seq_id is None and not in_flight(seq)):
                 raise KvforkError("a prefix cache entry no longer holds the tokens it was indexed by")
-        stack = [self._root]
+        stack = list(self._roots.values())
         while stack:
             node = stack.pop()
-            if node is not self._root and not node.entries and len(node.children) < 2:
+            if node.parent is not None and not node.entries and len(node.children) < 2:
                 raise KvforkError("a prefix cache node without entries has fewer than two children")
             stack.extend(node.children.values())
         if set(self._lru) | set(self._locks) != set(self._where) or set(self._lru) & set(self._locks):
@@ -340,7 +352,7 @@ class PrefixCache:
 
     def _prune(self, node: _Node) -> None:
         """Drop empty leaves and merge a node without entries into its only child (path compression)."""
-        while node is not self._root and not node.entries and len(node.children) <= 1:
+        while node.parent is not None and not node.entries and len(node.children) <= 1:
             parent = node.parent
             assert parent is not None
             if node.children:

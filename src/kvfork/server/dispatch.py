@@ -106,7 +106,7 @@ class Dispatcher:
         self.snapshots.pop(snapshot_id, None)
         if node is not None:
             self.prefixes.unlock(node)  # NOTE: still a useful prefix; the cache frees it when room is needed
-            self._trim_live()
+            self.trim_live()
         return node is not None
 
     def _guard(self, jobs: list[Job], fn: Callable[[], None]) -> None:
@@ -154,7 +154,7 @@ class Dispatcher:
         """Call `then(seq)` once the submitted `seq` is prefilled; its failure fails `job`."""
         self._waiters[seq] = _Waiter([job], then, functools.partial(self.choices.fail, [job]), keep)
 
-    def _trim_live(self) -> None:
+    def trim_live(self) -> None:
         """Keep at most `live_prefixes` idle prefixes of the cache's own (prompts in flight are not idle)."""
         self.sched.evict_until(lambda: len(self.prefixes) <= self.config.live_prefixes, frees_cells=False)
         self.metrics.live_prefixes.set(len(self.prefixes))
@@ -193,7 +193,7 @@ class Dispatcher:
         for seq in done:
             self._node_done(seq)
         if done:
-            self._trim_live()  # NOTE: after every waiter forked, so the cap cannot free a node under them
+            self.trim_live()  # NOTE: after every waiter forked, so the cap cannot free a node under them
 
     def _node_done(self, node: KvSequence) -> None:
         w = self._waiters.pop(node)

@@ -4,7 +4,8 @@ A chat request under a reuse mode other than "exact" arrives as pieces: template
 message's content. Contents at least `reuse_min_tokens` long are looked up in a SegmentCache (by
 their tokens); a hit is placed as kvfork.reuse says (shift, kvcomm, blend), a miss is computed and
 kept as a segment for later requests. The head (everything before the first placed content) comes
-from the usual live prefixes. The composed prompt is approximate: it is never kept as a live prefix.
+from the usual live prefixes. The composed prompt is approximate: it is kept only under its reuse
+settings' prefix-cache namespace.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,15 +71,27 @@ class SegmentCache:
 
 
 class ReusePlacer:
-    """Builds reuse-mode prompts in the loop thread: head node, then Composer.steps driven by waiters."""
+    """Builds reuse-mode prompts in the loop thread: head node, then Composer.steps driven by waiters.
+
+    A composed prompt is kept in the prefix cache under its reuse settings' namespace (never EXACT: its
+    placed cells are approximate): the same prompt sent again with the same settings forks it whole.
+    """
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self.cache = SegmentCache(dispatcher.config.reuse_cache_mb << 20)
         self.deferred: deque[Job] = deque()  # jobs waiting for room in the cache
+        self._placed: weakref.WeakKeyDictionary[KvSequence, int] = weakref.WeakKeyDictionary()  # kept prompts
 
     def place(self, job: Job) -> None:
-        """Start composing `job`'s prompt now if its cells can be reserved, else once they can (retry)."""
+        """Start composing `job`'s prompt now if its cells can be reserved, else once they can (retry);
+        fork a prompt composed before with the same settings and tokens at once."""
+        assert job.reuse is not None
+        hit = self.dispatcher.prefixes.match(job.tokens, namespace=("reuse", job.reuse))
+        if hit is not None and hit.n == len(job.tokens) and hit.node in self._placed:
+            job.placed += self._placed[hit.node]
+            self.dispatcher.choices.fork(job, hit.node, hit.n)
+            return
         if not self._room_for(job):
             self.deferred.append(job)
             return
@@ -204,5 +218,11 @@ class ReusePlacer:
             self.dispatcher.choices.fork(job, seq, None)
         except (KvforkError, APIError) as exc:
             self.dispatcher.choices.fail([job], exc)
-        finally:
-            self.dispatcher.sched.release(seq)  # NOTE: the choices' branches pin its cells until they end
+            self.dispatcher.sched.release(seq)
+            return
+        if seq.n_pending or seq.seq_id is None:  # NOTE: not a whole prompt in the cache: nothing to keep
+            self.dispatcher.sched.release(seq)
+            return
+        self.dispatcher.prefixes.insert(seq, namespace=("reuse", job.reuse))
+        self._placed[seq] = report.reused_tokens
+        self.dispatcher.trim_live()
