@@ -92,7 +92,8 @@ class Engine:
         self.store = store  # the prefix cache's lower tier; every prefilled snapshot is also stored
         if store is not None:
             self.scheduler.prefixes.lower = warm.StoreTier(self, store)
-        self._lock = threading.RLock()
+        # NOTE: serializes every use of the context; the server's loop holds it around each step.
+        self.lock = threading.RLock()
         self._composer: Composer | None = None
 
     # -- text and prompts ------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class Engine:
         cache-conditioned decoder, which reads the base model's prefill); other adapters compute their
         own prompts ("adapter"). See `Adapter` for the exact rule.
         """
-        with self._lock:
+        with self.lock:
             return self.adapters.load(name, path, scale=scale, prefill=prefill)
 
     def sampling(self, **fields: Any) -> SamplingParams:
@@ -155,7 +156,7 @@ class Engine:
                 f" raise n_ctx (the model was trained for {self.model.n_ctx_train:,}) or shorten the document"
             )
         t0 = time.perf_counter()
-        with self._lock:
+        with self.lock:
             seq = self.scheduler.sequence_for(tokens)  # NOTE: a fork of a prefix in the context, or a restore
             try:
                 if seq.n_pending or seq.seq_id is None:
@@ -214,7 +215,7 @@ class Engine:
         params = self.sampling(**sampling)
         seq = KvSequence(tokens=tokens, adapter=self.adapters.get(adapter))
         try:
-            with self._lock:
+            with self.lock:
                 self.scheduler.submit(seq, params)
                 self._run([seq])
             return self._completion(seq)
@@ -230,7 +231,7 @@ class Engine:
         leaves every branch as it was (its sent text queued again).
         close=True frees each branch the moment its turn ends (queued branches take its place).
         """
-        with self._lock:
+        with self.lock:
             submitted: list[KvSequence] = []
             try:
                 for branch, p in zip(branches, params, strict=True):
@@ -250,19 +251,19 @@ class Engine:
     @property
     def composer(self) -> Composer:
         """The engine's segment reuse (and its kvcomm anchor pool), made on first use."""
-        with self._lock:
+        with self.lock:
             if self._composer is None:
                 self._composer = Composer(self.scheduler, self.ctx, self.model, self._run)
             return self._composer
 
     def segment(self, name: str, tokens: Seq[int], *, head: Seq[int] = ()) -> Segment:
         """Compute `tokens` once after `head` and keep their KV as a Segment to place into other prompts."""
-        with self._lock:
+        with self.lock:
             return self.composer.segment(name, tokens, head)[0]
 
     def capture_segment(self, source: Snapshot | Branch, start: int, end: int, name: str) -> Segment:
         """The KV that a snapshot or branch already holds for its tokens [start, end), as a Segment."""
-        with self._lock:
+        with self.lock:
             return self.composer.capture(name, source.sequence, start, end)
 
     def compose(self, parts: Seq[Part], *, agent: str, reuse: ReuseConfig | str | None = None) -> Snapshot:
@@ -274,7 +275,7 @@ class Engine:
         """
         config = ReuseConfig.of(reuse)
         t0 = time.perf_counter()
-        with self._lock:
+        with self.lock:
             seq, report = self.composer.compose(parts, agent, config)
         # NOTE: not put in the prefix cache: its placed cells are approximate, and a later exact
         # prefill of the same tokens must not fork them.
@@ -285,12 +286,12 @@ class Engine:
     def next_token_logits(self, source: Snapshot | Branch, tokens: Seq[int]) -> np.ndarray:
         """Teacher forcing: raw logits [len(tokens), n_vocab]; row i scores tokens[i] after the source's
         tokens and tokens[:i]. The source is left as it was (a temporary fork does the work)."""
-        with self._lock:
+        with self.lock:
             return next_token_logits(self.scheduler, source.sequence, [int(t) for t in tokens])
 
     def close(self) -> None:
         """Free the context and the model; the engine cannot be used afterwards."""
-        with self._lock:
+        with self.lock:
             if self.store is not None:
                 self.scheduler.prefixes.demote_all()  # NOTE: the next engine on this store starts warm
             if self._composer is not None:
@@ -311,7 +312,7 @@ class Engine:
         base model). What Snapshot.fork and Branch.fork do."""
         parent = source.sequence
         replies = source.replies if isinstance(source, Branch) else 0
-        with self._lock:
+        with self.lock:
             chosen = self.adapters.get(adapter)
             for own in (chosen, parent.adapter):
                 if own is not None and own.prefill == "adapter" and chosen is not parent.adapter:
@@ -328,7 +329,7 @@ class Engine:
         self._release(source.sequence)
 
     def _release(self, seq: KvSequence) -> None:
-        with self._lock:
+        with self.lock:
             if not seq.released:
                 self.scheduler.release(seq)
 

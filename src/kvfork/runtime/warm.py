@@ -33,7 +33,7 @@ def capture(snapshot: Snapshot) -> HostSnapshot:
 
 
 def _capture(engine: Engine, seq: KvSequence, chat: ChatLayout | None, prefill_s: float) -> HostSnapshot:
-    with engine._lock:
+    with engine.lock:
         if seq.released or seq.seq_id is None:
             raise SnapshotMismatch("cannot copy out a snapshot that was closed")
         tokens = tuple(seq.tokens[: seq.n_in_kv])
@@ -55,7 +55,7 @@ def adopt(engine: Engine, host: HostSnapshot, keep: int | None = None) -> KvSequ
             f"cannot cut a {host.n_tokens:,}-token state back to {keep:,} tokens: the model's sliding"
             f" window ({host.layout.n_swa} tokens) no longer holds the positions needed; prefill instead"
         )
-    with engine._lock:
+    with engine.lock:
         seq = engine.scheduler.adopt(list(host.tokens), host.state, keep)
         n_swa = host.layout.n_swa
         cut = keep is not None and keep < host.n_tokens

@@ -80,9 +80,9 @@ class Dispatcher:
             if self.choices.admit(job):
                 continue  # cancelled before it started
             if job.reuse is not None and job.reuse.mode != "exact" and job.pieces is not None:
-                self._guard([job], functools.partial(self.reuse.place, job))
+                self.guard([job], functools.partial(self.reuse.place, job))
             else:
-                self._guard([job], functools.partial(self._place, job))
+                self.guard([job], functools.partial(self._place, job))
 
     def snapshot(self, tokens: list[int], source: dict, done: Callable[[SnapshotInfo | Exception], None]) -> None:
         """Prefill `tokens` (forking what is live) and pin it under a new id; `done` gets the info or error."""
@@ -109,7 +109,8 @@ class Dispatcher:
             self.trim_live()
         return node is not None
 
-    def _guard(self, jobs: list[Job], fn: Callable[[], None]) -> None:
+    def guard(self, jobs: list[Job], fn: Callable[[], None]) -> None:
+        """Run `fn`; a KvforkError or APIError it raises fails `jobs` (the others go on)."""
         try:
             fn()
         except (KvforkError, APIError) as exc:

@@ -104,7 +104,7 @@ class EngineLoop:
                 if self._stopping:
                     break
                 # NOTE: the engine lock serializes the loop against any direct Engine use in this process.
-                with self.engine._lock:
+                with self.engine.lock:
                     if jobs:
                         self.dispatcher.plan(jobs)
                     self.dispatcher.reuse.retry()
@@ -138,6 +138,6 @@ class EngineLoop:
                     # would not stop where they part). Counted from arrival: no extra wait for jobs that queued.
                     deadline = item.t_arrival + self.config.coalesce_s
             else:
-                with self.engine._lock:
+                with self.engine.lock:
                     item()
             wait = 0.0 if deadline is None else deadline - time.perf_counter()

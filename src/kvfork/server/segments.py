@@ -112,7 +112,7 @@ class ReusePlacer:
                     continue
                 return
             self.deferred.popleft()
-            self.dispatcher._guard([job], functools.partial(self._place, job))
+            self.dispatcher.guard([job], functools.partial(self._place, job))
 
     def _room_for(self, job: Job) -> bool:
         """Whether the prompt's own cells and its choices' tokens fit next to what is reserved, after
