@@ -128,3 +128,31 @@ def test_logprobs_refused_where_not_served(server):
         client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=4, logprobs=True, stream=True)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=4, top_logprobs=2)
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [TOOL]), ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+    ("logit_bias", {"5": 10}), ("frobnicate", 1),
+])
+def test_fields_it_does_not_implement_are_refused_by_name(server, field, value):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=2, extra_body={field: value})
+    assert e.value.body["param"] == field and f"'{field}'" in e.value.body["message"]  # type: ignore[index]
+    assert e.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+
+
+def test_default_values_and_documented_ignores_are_accepted(server):
+    client = server.client()
+    out = client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=2, user="agent-7", tools=[],
+                                         tool_choice="none", response_format={"type": "text"}, store=False)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    named = [{**MSGS[0], "name": "planner"}, MSGS[1]]  # a participant name: no place for it in the template
+    assert client.chat.completions.create(model="gemma", messages=named, max_tokens=2).choices
+    call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    calls = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with pytest.raises(openai.BadRequestError, match="tool_calls"):
+        client.chat.completions.create(model="gemma", messages=calls, max_tokens=2)

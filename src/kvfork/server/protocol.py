@@ -35,12 +35,35 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
     def as_pair(self) -> tuple[str, str]:
+        """(role, text). A message field kvfork does not implement (tool_calls, ...) is refused with a 400;
+        `name` is accepted and ignored (the catalog models' chat templates have no place for it)."""
+        for key, value in (self.model_extra or {}).items():
+            if key != "name" and value not in (None, [], ""):
+                raise APIError(400, f"unsupported message field '{key}': kvfork does not implement it yet",
+                               param=f"messages.{key}", code="unsupported_parameter")
         # NOTE: "developer" is OpenAI's newer name for the system role; chat templates know "system".
         return ("system" if self.role == "developer" else self.role, self.text())
 
 
+# NOTE: OpenAI fields kvfork accepts and ignores, because ignoring them changes nothing a client gets back.
+_IGNORED = {
+    "user": "an end-user id for OpenAI's abuse monitoring",
+    "metadata": "tags for OpenAI's stored completions (nothing is stored)",
+    "store": "only false: completions are not stored",
+    "service_tier": "only 'auto' or 'default': there is one tier",
+}
+# NOTE: values of unimplemented fields that ask for what kvfork does anyway (a client library's defaults).
+_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "store": (None, False),
+    "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]),
+}
+
+
 class _Generation(BaseModel):
-    """Fields both endpoints share; unknown fields are accepted and ignored, as OpenAI clients send extras."""
+    """Fields both endpoints share. A field kvfork does not implement is refused by `refuse_unsupported`
+    (named, with a 400), except the few listed in _IGNORED whose effect is nil here."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -63,6 +86,19 @@ class _Generation(BaseModel):
         if isinstance(v, list) and (len(v) > 4 or not all(v)):
             raise ValueError("at most 4 non-empty stop strings")
         return v or None
+
+    def refuse_unsupported(self) -> None:
+        """Raise APIError(400) naming the first field this server does not implement (no silent drops)."""
+        for key, value in (self.model_extra or {}).items():
+            if value in _DEFAULTS.get(key, ()):
+                continue
+            if key in _IGNORED and key not in _DEFAULTS:
+                continue
+            what = {"tools": "function calling", "tool_choice": "function calling",
+                    "parallel_tool_calls": "function calling", "functions": "function calling",
+                    "function_call": "function calling", "response_format": "structured output"}.get(key)
+            reason = f"{what} is not implemented by kvfork yet" if what else "kvfork does not implement it"
+            raise APIError(400, f"unsupported parameter '{key}': {reason}", param=key, code="unsupported_parameter")
 
     def wanted_tokens(self) -> int | None:
         return self.max_tokens

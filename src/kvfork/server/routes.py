@@ -61,6 +61,7 @@ async def models(request: Request) -> JSONResponse:
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    body.refuse_unsupported()
     st = state_of(request)
     adapter = st.check_model(body.model)
     source = snapshot_source(st, body.snapshot_id)
@@ -82,6 +83,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
+    body.refuse_unsupported()
     st = state_of(request)
     adapter = st.check_model(body.model)
     source = snapshot_source(st, body.snapshot_id)
