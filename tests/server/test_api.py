@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -134,7 +136,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [TOOL]), ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+    ("tools", [TOOL]), ("tool_choice", "required"), ("functions", [TOOL["function"]]),
     ("logit_bias", {"5": 10}), ("frobnicate", 1),
 ])
 def test_fields_it_does_not_implement_are_refused_by_name(server, field, value):
@@ -156,3 +158,23 @@ def test_default_values_and_documented_ignores_are_accepted(server):
     calls = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [call]}]
     with pytest.raises(openai.BadRequestError, match="tool_calls"):
         client.chat.completions.create(model="gemma", messages=calls, max_tokens=2)
+
+
+def test_response_format_json_object_and_json_schema(server):
+    client = server.client()
+    ask = [{"role": "user", "content": "Give the pump's status as JSON with fields ok (boolean) and valve (integer)."}]
+    out = client.chat.completions.create(model="gemma", messages=ask, max_tokens=48, temperature=0,
+                                         response_format={"type": "json_object"})
+    assert out.choices[0].finish_reason == "stop" and isinstance(json.loads(out.choices[0].message.content), dict)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "valve": {"type": "integer"}},
+              "required": ["ok", "valve"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "status", "schema": schema, "strict": True}}
+    stream = client.chat.completions.create(model="gemma", messages=ask, max_tokens=48, temperature=0,
+                                            response_format=fmt, stream=True)  # type: ignore[arg-type]
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    value = json.loads(text)
+    assert isinstance(value["ok"], bool) and isinstance(value["valve"], int) and set(value) == {"ok", "valve"}
+    for bad in ({"type": "json_schema", "json_schema": {"schema": {"type": "frob"}}}, {"type": "yaml"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="gemma", messages=ask, max_tokens=4, response_format=bad)
+        assert e.value.body["param"] == "response_format"  # type: ignore[index]

@@ -21,11 +21,13 @@ class FakeCell:
 
 
 class FakeSampler:
-    """Greedy (argmax) or seeded softmax sampling over the fake's logits; penalties are refused."""
+    """Greedy (argmax) or seeded softmax sampling over the fake's logits; penalties and grammars are refused."""
 
     def __init__(self, backend: FakeBackend, params: SamplingParams, seed: int) -> None:
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             raise NotImplementedError("the fake backend has no penalties")
+        if params.json_schema is not None:
+            raise NotImplementedError("the fake backend has no grammar sampler")
         self.backend, self.params = backend, params
         self.rng = np.random.default_rng(seed)
 

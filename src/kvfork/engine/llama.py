@@ -6,6 +6,7 @@ Everything above this module speaks kvfork's own types (Batch, SamplingParams, t
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
@@ -21,7 +23,7 @@ from kvfork.engine.buildcheck import cpu_flags, missing_features
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
 
-__all__ = ["LlamaModel", "LlamaContext", "LoraAdapter", "Sampler", "set_verbose"]
+__all__ = ["LlamaModel", "LlamaContext", "LoraAdapter", "Sampler", "json_grammar", "set_verbose"]
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _KV_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
@@ -223,6 +225,15 @@ class LoraAdapter:
             self.ptr = None
 
 
+@functools.lru_cache(maxsize=64)
+def json_grammar(schema: str) -> bytes:
+    """The GBNF grammar of a JSON Schema (llama-cpp-python's converter); InvalidParameter if it has none."""
+    try:
+        return json_schema_to_gbnf(schema).encode()
+    except Exception as exc:  # noqa: BLE001 - the converter asserts on what it does not support
+        raise InvalidParameter(f"unsupported json_schema: {exc}") from None
+
+
 class Sampler:
     """One branch's llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, seeded dist),
     sampling from one context's logits (made by `LlamaContext.sampler`)."""
@@ -232,6 +243,13 @@ class Sampler:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
         p = params
+        if p.json_schema is not None:
+            # NOTE: first in the chain: every later sampler only sees tokens the grammar allows.
+            grammar = llama_cpp.llama_sampler_init_grammar(ctx.model.vocab, json_grammar(p.json_schema), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise InvalidParameter("llama.cpp could not build a grammar for this json_schema")
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             add(chain, llama_cpp.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty,
                                                               p.frequency_penalty, p.presence_penalty))

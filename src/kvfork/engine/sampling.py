@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -33,8 +34,20 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and its k likeliest alternatives
+    # constrained decoding: the reply is JSON matching this JSON Schema (a dict, or its JSON text;
+    # {"type": "object"} for any JSON object), enforced by llama.cpp's grammar sampler
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except ValueError as exc:
+                raise InvalidParameter(f"json_schema is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise InvalidParameter("json_schema must be a JSON Schema object (a dict)")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):

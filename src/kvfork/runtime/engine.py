@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kvfork.config import EngineConfig
 from kvfork.engine.adapters import Adapter, Adapters
-from kvfork.engine.llama import LlamaContext, LlamaModel
+from kvfork.engine.llama import LlamaContext, LlamaModel, json_grammar
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, InvalidParameter
 from kvfork.models import DEFAULT_MODEL, resolve_model
@@ -134,7 +134,15 @@ class Engine:
 
     def sampling(self, **fields: Any) -> SamplingParams:
         """SamplingParams from keywords; unknown names or bad values raise InvalidParameter."""
-        return SamplingParams().with_overrides(**fields)
+        return self.check_sampling(SamplingParams().with_overrides(**fields))
+
+    @staticmethod
+    def check_sampling(params: SamplingParams) -> SamplingParams:
+        """`params`, if this engine can apply them all: a json_schema its grammar converter cannot
+        express raises InvalidParameter now, not after the prompt is prefilled."""
+        if params.json_schema is not None:
+            json_grammar(params.json_schema)
+        return params
 
     # -- prefill, fork, generate -----------------------------------------------------------------
     def prefill(self, document: str, *, system: str | None = None, chat: bool = True) -> Snapshot:

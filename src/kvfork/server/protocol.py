@@ -55,7 +55,7 @@ _IGNORED = {
 # NOTE: values of unimplemented fields that ask for what kvfork does anyway (a client library's defaults).
 _DEFAULTS: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
-    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "functions": (None, []), "function_call": (None, "none"),
     "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "store": (None, False),
     "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]),
 }
@@ -96,7 +96,7 @@ class _Generation(BaseModel):
                 continue
             what = {"tools": "function calling", "tool_choice": "function calling",
                     "parallel_tool_calls": "function calling", "functions": "function calling",
-                    "function_call": "function calling", "response_format": "structured output"}.get(key)
+                    "function_call": "function calling"}.get(key)
             reason = f"{what} is not implemented by kvfork yet" if what else "kvfork does not implement it"
             raise APIError(400, f"unsupported parameter '{key}': {reason}", param=key, code="unsupported_parameter")
 
@@ -107,13 +107,17 @@ class _Generation(BaseModel):
         """None: no logprobs; k: each token's log-probability with its k likeliest alternatives."""
         return None
 
+    def wanted_schema(self) -> dict | None:
+        """The JSON Schema the reply must match (constrained decoding), or None."""
+        return None
+
     def sampling(self, max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams for one choice (temperature 0 is greedy)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            ignore_eos=self.ignore_eos, logprobs=self.wanted_logprobs(),
+            ignore_eos=self.ignore_eos, logprobs=self.wanted_logprobs(), json_schema=self.wanted_schema(),
         )
 
 
@@ -140,6 +144,22 @@ class ChatRequest(_Generation):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+
+    def wanted_schema(self) -> dict | None:
+        """json_object: any JSON object; json_schema: its `schema` (`strict` or not: always enforced)."""
+        fmt = self.response_format
+        kind = None if fmt is None else fmt.get("type")
+        if fmt is None or kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        spec = fmt.get("json_schema")
+        if kind == "json_schema" and isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict):
+            return spec.get("schema") or {"type": "object"}
+        raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type':"
+                            " 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}",
+                       param="response_format", code="invalid_value")
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvfork.engine.adapters import Adapter
+from kvfork.errors import KvforkError
 from kvfork.reuse.config import ReuseConfig
 from kvfork.server.errors import APIError
 from kvfork.server.job import Event, Job, Sink
@@ -36,7 +37,10 @@ def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: lis
                        param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     # NOTE: OpenAI's default is 16 tokens for completions and "as many as fit" for chat.
     max_tokens = wanted or (min(16, room) if kind == "text" else min(cfg.max_tokens, room))
-    base = body.sampling(max_tokens)
+    try:
+        base = st.engine.check_sampling(body.sampling(max_tokens))
+    except KvforkError as exc:  # NOTE: a schema the grammar converter cannot express: before any prefill
+        raise APIError(400, str(exc), param="response_format", code="invalid_value") from None
     # NOTE: n choices with one seed would be n identical samples; each choice gets seed + index.
     params = [base if base.seed is None else base.with_overrides(seed=(base.seed + i) % 2**32)
               for i in range(body.n)]
