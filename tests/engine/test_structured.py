@@ -37,9 +37,10 @@ def test_a_branch_constrained_by_a_schema_replies_with_valid_json(gemma):
 
 
 def test_branches_with_different_schemas_decode_together(gemma):
-    schemas = [REPORT, FLAG, {"type": "object"}]
+    note = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 24}}, "required": ["note"]}
+    schemas = [REPORT, FLAG, note]
     with gemma.prefill(long_text(10)) as snapshot:
-        outs = snapshot.fan_out(["Report as JSON.", "Is it resolved? JSON.", "Anything as a JSON object."],
+        outs = snapshot.fan_out(["Report as JSON.", "Is it resolved? JSON.", "A short note as JSON."],
                                 params=[SamplingParams(max_tokens=96, json_schema=s) for s in schemas])
     for out, schema in zip(outs, schemas, strict=True):
         assert out.finish_reason == "stop", out.text
