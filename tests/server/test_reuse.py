@@ -76,8 +76,8 @@ def test_a_composed_prompt_sent_again_with_the_same_settings_is_forked_whole(ser
     assert placed > 0
     again = _ask(client, msgs, "shift")
     details = again.usage.prompt_tokens_details
-    # nothing composed again: the kept prompt is forked (its last token recomputed to sample from)
-    assert details.cached_tokens == again.usage.prompt_tokens - 1 and details.placed_tokens == placed
+    # nothing composed again: the kept prompt is forked whole (billed as cached, as every full-prefix fork)
+    assert details.cached_tokens == again.usage.prompt_tokens and details.placed_tokens == placed
     assert again.choices[0].message.content == first.choices[0].message.content
     # another mode's namespace does not see it
     other = _ask(client, msgs, "blend")

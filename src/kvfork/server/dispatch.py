@@ -17,7 +17,7 @@ from kvfork.runtime.snapshot import Snapshot
 from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.prefix_cache import PrefixHit, in_flight
 from kvfork.server.choices import Choices
-from kvfork.server.errors import APIError
+from kvfork.server.errors import APIError, cache_full
 from kvfork.server.job import Job
 from kvfork.server.metrics import ServerMetrics
 from kvfork.server.segments import ReusePlacer
@@ -180,8 +180,7 @@ class Dispatcher:
         # another (not just the first), so the step never finds nothing to run.
         while waiting and not self.sched.running and not any(table.can_allocate(s) for s in waiting):
             seq = waiting[0]
-            self._fail_seq(seq, APIError(503, "no room in the KV cache for this request now (snapshots or other"
-                                              " requests hold it); retry", code="cache_full"))
+            self._fail_seq(seq, cache_full())
             if waiting and waiting[0] is seq:  # NOTE: nobody owned it: drop it all the same
                 self.sched.cancel(seq)
                 self.sched.release(seq)

@@ -12,12 +12,18 @@ from starlette.exceptions import HTTPException
 
 from kvfork.errors import ContextOverflow, InvalidParameter, KvforkError
 
-__all__ = ["APIError", "install_error_handlers", "from_kvfork"]
+__all__ = ["APIError", "cache_full", "install_error_handlers", "from_kvfork"]
 
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def cache_full() -> APIError:
+    """503: the KV cache has no room for this request now (others hold it); a retry may succeed."""
+    return APIError(503, "no room in the KV cache for this request now (snapshots or other requests hold it);"
+                         " retry", code="cache_full")
 
 
 class APIError(Exception):

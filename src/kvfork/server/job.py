@@ -64,7 +64,7 @@ class Sink:
 class Job:
     """One request: its prompt tokens and one SamplingParams per choice (n choices share one prefill).
 
-    Fields after `sink` belong to the loop thread: the prompt's node sequence, the choices' branches,
+    Fields after `sink` belong to the loop thread: the choices' branches,
     how much text each choice has sent, and the prompt tokens this request had to compute.
     """
 
@@ -74,7 +74,6 @@ class Job:
     id: int = field(default_factory=lambda: next(_ids))
     t_arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-    node: KvSequence | None = None
     branches: list[KvSequence | None] = field(default_factory=list)
     sent: list[int] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)

@@ -24,7 +24,7 @@ from kvfork.errors import ContextOverflow, KvforkError
 from kvfork.reuse.composer import Part, Segment, Steps, split_head
 from kvfork.reuse.report import ReuseReport
 from kvfork.scheduler.kv_sequence import KvSequence
-from kvfork.server.errors import APIError
+from kvfork.server.errors import APIError, cache_full
 from kvfork.server.job import Job
 from kvfork.store.ram import RamTier
 
@@ -107,8 +107,7 @@ class ReusePlacer:
             if not self._room_for(job):
                 if not self.dispatcher.sched.has_work:
                     self.deferred.popleft()
-                    self.dispatcher.choices.fail([job], APIError(
-                        503, "no room in the KV cache for this request now; retry", code="cache_full"))
+                    self.dispatcher.choices.fail([job], cache_full())
                     continue
                 return
             self.deferred.popleft()
@@ -163,8 +162,7 @@ class ReusePlacer:
             return
         except ContextOverflow:  # NOTE: others took the room meanwhile: retryable, not the request's fault
             sched.release(seq)
-            self.dispatcher.choices.fail([job], APIError(503, "no room in the KV cache for this request now; retry",
-                                                      code="cache_full"))
+            self.dispatcher.choices.fail([job], cache_full())
             return
         except (KvforkError, APIError) as exc:
             sched.release(seq)

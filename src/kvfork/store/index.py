@@ -58,9 +58,6 @@ class PrefixIndex:
                 if not bucket:
                     del self._blocks[h]
 
-    def tokens(self, key: str) -> np.ndarray:
-        return self._entries[key][0]
-
     def matches(
         self, root: bytes, tokens: np.ndarray, usable: Callable[[int, int], bool] = lambda n, k: True
     ) -> Iterator[PrefixMatch]:
