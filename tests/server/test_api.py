@@ -136,7 +136,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [TOOL]), ("tool_choice", "required"), ("functions", [TOOL["function"]]),
+    ("functions", [TOOL["function"]]), ("function_call", "auto"),
     ("logit_bias", {"5": 10}), ("frobnicate", 1),
 ])
 def test_fields_it_does_not_implement_are_refused_by_name(server, field, value):
@@ -145,6 +145,15 @@ def test_fields_it_does_not_implement_are_refused_by_name(server, field, value):
         client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=2, extra_body={field: value})
     assert e.value.body["param"] == field and f"'{field}'" in e.value.body["message"]  # type: ignore[index]
     assert e.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+
+
+def test_tools_on_a_model_whose_template_has_no_place_for_them_are_refused(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=2, tools=[TOOL])
+    assert e.value.body["param"] == "tools" and e.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="tool_choice needs tools"):
+        client.chat.completions.create(model="gemma", messages=MSGS, max_tokens=2, tool_choice="required")
 
 
 def test_default_values_and_documented_ignores_are_accepted(server):
@@ -156,7 +165,7 @@ def test_default_values_and_documented_ignores_are_accepted(server):
     assert client.chat.completions.create(model="gemma", messages=named, max_tokens=2).choices
     call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     calls = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [call]}]
-    with pytest.raises(openai.BadRequestError, match="tool_calls"):
+    with pytest.raises(openai.BadRequestError, match="no place for tools"):
         client.chat.completions.create(model="gemma", messages=calls, max_tokens=2)
 
 

@@ -175,6 +175,7 @@ class FakeModel:
     BOS, END = 256, 258
     SPECIAL = {"<|im_start|>": 257, "<|im_end|>": 258}
     n_vocab, n_ctx_train, n_swa, description = 259, 32768, 0, "fake byte-level model"
+    chat_template, knows_tools = "chatml-like", False
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         out = [self.BOS] if add_special else []

@@ -37,8 +37,11 @@ class SamplingParams:
     # constrained decoding: the reply is JSON matching this JSON Schema (a dict, or its JSON text;
     # {"type": "object"} for any JSON object), enforced by llama.cpp's grammar sampler
     json_schema: str | None = None
+    grammar: str | None = None  # a GBNF grammar (rule "root") the reply must match; not with json_schema
 
     def __post_init__(self) -> None:
+        if self.grammar is not None and (self.json_schema is not None or not isinstance(self.grammar, str)):
+            raise InvalidParameter("grammar must be a GBNF string, and not given together with json_schema")
         if self.json_schema is not None and not isinstance(self.json_schema, str):
             object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
         if self.json_schema is not None:

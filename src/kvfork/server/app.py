@@ -15,6 +15,7 @@ from kvfork.server.guard import Guard
 from kvfork.server.loop import EngineLoop
 from kvfork.server.metrics import ServerMetrics
 from kvfork.server.state import ServerState
+from kvfork.server.tools import format_for
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
@@ -42,7 +43,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             loop.stop()
 
     app = FastAPI(title="kvfork", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.kv = ServerState(engine=engine, config=config, metrics=metrics, loop=loop, model_id=model_id)
+    # NOTE: the model's tool-call markers must reach the text the parser reads (llama.cpp hides specials).
+    fmt = format_for(engine.model.chat_template) if engine.model.knows_tools else None
+    if fmt is not None:
+        engine.model.show_special([fmt.open, fmt.close])
+    app.state.kv = ServerState(engine=engine, config=config, metrics=metrics, loop=loop, model_id=model_id,
+                               tool_format=fmt)
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(snapshots.router)

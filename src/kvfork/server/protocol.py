@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,8 +19,35 @@ class StreamOptions(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @property
+    def with_tools(self) -> bool:
+        return self.role == "tool" or bool(self.tool_calls)
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' convention: call arguments as objects)."""
+        role, text = self.as_pair()
+        out: dict[str, Any] = {"role": role, "content": text}
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                try:
+                    args = json.loads(fn["arguments"]) if isinstance(fn["arguments"], str) else fn["arguments"]  # type: ignore[index]
+                    calls.append({"id": call.get("id"), "type": "function",
+                                  "function": {"name": fn["name"], "arguments": args}})  # type: ignore[index]
+                except (TypeError, KeyError, ValueError):
+                    raise APIError(400, "an assistant's tool_calls must be [{'id', 'type': 'function', 'function':"
+                                        " {'name', 'arguments': JSON text}}]", param="messages",
+                                   code="invalid_value") from None
+            out["tool_calls"] = calls
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
@@ -38,7 +66,7 @@ class ChatMessage(BaseModel):
         """(role, text). A message field kvfork does not implement (tool_calls, ...) is refused with a 400;
         `name` is accepted and ignored (the catalog models' chat templates have no place for it)."""
         for key, value in (self.model_extra or {}).items():
-            if key != "name" and value not in (None, [], ""):
+            if key != "name" and value not in (None, [], ""):  # NOTE: tool_calls are read by template_dict
                 raise APIError(400, f"unsupported message field '{key}': kvfork does not implement it yet",
                                param=f"messages.{key}", code="unsupported_parameter")
         # NOTE: "developer" is OpenAI's newer name for the system role; chat templates know "system".
@@ -54,7 +82,6 @@ _IGNORED = {
 }
 # NOTE: values of unimplemented fields that ask for what kvfork does anyway (a client library's defaults).
 _DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"),
     "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "store": (None, False),
     "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]),
@@ -94,10 +121,9 @@ class _Generation(BaseModel):
                 continue
             if key in _IGNORED and key not in _DEFAULTS:
                 continue
-            what = {"tools": "function calling", "tool_choice": "function calling",
-                    "parallel_tool_calls": "function calling", "functions": "function calling",
-                    "function_call": "function calling"}.get(key)
-            reason = f"{what} is not implemented by kvfork yet" if what else "kvfork does not implement it"
+            what = {"functions": "the deprecated functions API (use tools)",
+                    "function_call": "the deprecated functions API (use tool_choice)"}.get(key)
+            reason = f"{what} is not implemented by kvfork" if what else "kvfork does not implement it"
             raise APIError(400, f"unsupported parameter '{key}': {reason}", param=key, code="unsupported_parameter")
 
     def wanted_tokens(self) -> int | None:
@@ -145,6 +171,9 @@ class ChatRequest(_Generation):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def wanted_schema(self) -> dict | None:
         """json_object: any JSON object; json_schema: its `schema` (`strict` or not: always enforced)."""

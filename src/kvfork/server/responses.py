@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from kvfork.engine.logprobs import TokenLogprob
 from kvfork.server.job import Usage
+from kvfork.server.tools import ToolCall
 
 __all__ = ["Kind", "usage_body", "logprobs_body", "completion_body", "chunk_body", "usage_chunk", "sse", "models_body"]
 
@@ -46,13 +47,18 @@ def logprobs_body(kind: Kind, logprobs: tuple[TokenLogprob, ...], piece: Callabl
             "top_logprobs": [{text(t): v for t, v in lp.top} for lp in logprobs], "text_offset": offsets}
 
 
-def completion_body(kind: Kind, rid: str, model: str, texts: list[str], finish: list[str | None],
-                    usage: Usage, logprobs: list[Any] | None = None) -> dict[str, Any]:
-    """A whole (non-streamed) completion with one choice per text (and its logprobs body, if any)."""
+def completion_body(kind: Kind, rid: str, model: str, texts: list[str | None], finish: list[str | None],
+                    usage: Usage, logprobs: list[Any] | None = None,
+                    calls: list[list[ToolCall]] | None = None) -> dict[str, Any]:
+    """A whole (non-streamed) completion with one choice per text (and its logprobs body and tool calls,
+    if any)."""
     lps = logprobs or [None] * len(texts)
+    tool_calls = calls or [[] for _ in texts]
     if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
-                    "finish_reason": f} for i, (t, f, lp) in enumerate(zip(texts, finish, lps, strict=True))]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t,
+                                            **({"tool_calls": [c.body() for c in tc]} if tc else {})},
+                    "logprobs": lp, "finish_reason": f}
+                   for i, (t, f, lp, tc) in enumerate(zip(texts, finish, lps, tool_calls, strict=True))]
         obj = "chat.completion"
     else:
         choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": f}
@@ -63,8 +69,10 @@ def completion_body(kind: Kind, rid: str, model: str, texts: list[str], finish: 
 
 
 def chunk_body(kind: Kind, rid: str, model: str, index: int, *, text: str | None = None,
-               finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-    """One stream chunk for one choice: a text delta, the assistant role (chat's first chunk), or the end."""
+               finish_reason: str | None = None, role: bool = False,
+               tool_calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    """One stream chunk for one choice: a text delta, tool calls, the assistant role (chat's first
+    chunk), or the end."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if role:
@@ -72,6 +80,8 @@ def chunk_body(kind: Kind, rid: str, model: str, index: int, *, text: str | None
             delta["content"] = ""
         if text is not None:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = [c.body(i) for i, c in enumerate(tool_calls)]
         choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kvfork.engine.adapters import Adapter
 from kvfork.prompt import slot, split_slots
 from kvfork.reuse.config import ReuseConfig
 from kvfork.server.errors import APIError
@@ -14,6 +15,7 @@ from kvfork.server.protocol import ChatMessage, ChatRequest, CompletionRequest
 from kvfork.server.responses import models_body
 from kvfork.server.serving import serve
 from kvfork.server.state import ServerState, state_of
+from kvfork.server.tools import Tools
 
 __all__ = ["router", "as_pairs", "chat_tokens", "snapshot_source"]
 
@@ -87,6 +89,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
     st = state_of(request)
     adapter = st.check_model(body.model)
     source = snapshot_source(st, body.snapshot_id)
+    tools = Tools.check(body.tools, body.tool_choice, body.parallel_tool_calls, st.tool_format)
+    if tools is not None or any(m.with_tools for m in body.messages):
+        return await _with_tools(request, st, body, source, tools, adapter)
     messages = as_pairs(body.messages)
     if source is not None:
         if "messages" not in source:
@@ -101,6 +106,35 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
                            adapter=adapter)
     tokens = await run_in_threadpool(chat_tokens, st, messages)
     return await serve(request, st, body, tokens, "chat", adapter=adapter)
+
+
+async def _with_tools(request: Request, st: ServerState, body: ChatRequest, source: dict | None,
+                     tools: Tools | None, adapter: Adapter | None) -> JSONResponse | StreamingResponse:
+    """A chat request with tools or tool messages: the model's Jinja template lays them out."""
+    if body.reuse not in (None, "exact") or st.config.reuse != "exact":
+        raise APIError(400, "reuse modes do not take tools or tool messages yet", param="reuse",
+                       code="unsupported_parameter")
+    if not st.engine.model.knows_tools:
+        raise APIError(400, "this model's chat template has no place for tools or tool calls", param="tools",
+                       code="unsupported_parameter")
+    if source is not None and "messages" not in source:
+        raise APIError(400, "this snapshot was made from a prompt; continue it with /v1/completions",
+                       param="snapshot_id", code="invalid_value")
+    messages = [{"role": r, "content": c} for r, c in (source or {}).get("messages", [])]
+    calls: set[str] = set()
+    for m in body.messages:
+        entry = m.template_dict()
+        calls |= {c["id"] for c in entry.get("tool_calls", []) if c.get("id")}
+        if m.role == "tool" and m.tool_call_id not in calls:
+            raise APIError(400, f"a tool message answers {m.tool_call_id!r}, which no earlier assistant message"
+                                " called", param="messages", code="invalid_value")
+        messages.append(entry)
+
+    def tokens() -> list[int]:
+        text = st.engine.model.render_chat(messages, tools=tools.offered if tools else None)
+        return st.engine.tokenize(text, add_bos=True, special=True)
+
+    return await serve(request, st, body, await run_in_threadpool(tokens), "chat", adapter=adapter, tools=tools)
 
 
 @router.get("/health")

@@ -18,10 +18,12 @@ from kvfork.server.job import Event, Job, Sink
 from kvfork.server.protocol import ChatRequest, CompletionRequest
 from kvfork.server.responses import Kind, chunk_body, completion_body, logprobs_body, sse, usage_chunk
 from kvfork.server.state import ServerState
+from kvfork.server.tools import ToolCall, Tools
 
 __all__ = ["serve"]
 
-def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: list[int], kind: Kind) -> Job:
+def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: list[int], kind: Kind,
+             tools: Tools | None = None) -> Job:
     """Check n, max_tokens and the context length; one SamplingParams per choice."""
     cfg, n_ctx = st.config, st.engine.ctx.n_ctx
     if body.n > cfg.max_n:
@@ -38,7 +40,14 @@ def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: lis
     # NOTE: OpenAI's default is 16 tokens for completions and "as many as fit" for chat.
     max_tokens = wanted or (min(16, room) if kind == "text" else min(cfg.max_tokens, room))
     try:
-        base = st.engine.check_sampling(body.sampling(max_tokens))
+        base = body.sampling(max_tokens)
+        grammar = tools.grammar() if tools is not None else None
+        if grammar is not None:
+            if base.json_schema is not None:
+                raise APIError(400, "response_format and a required tool call cannot both constrain a reply",
+                               param="response_format", code="invalid_value")
+            base = base.with_overrides(grammar=grammar)
+        base = st.engine.check_sampling(base)
     except KvforkError as exc:  # NOTE: a schema the grammar converter cannot express: before any prefill
         raise APIError(400, str(exc), param="response_format", code="invalid_value") from None
     # NOTE: n choices with one seed would be n identical samples; each choice gets seed + index.
@@ -49,10 +58,10 @@ def make_job(st: ServerState, body: CompletionRequest | ChatRequest, tokens: lis
 
 async def serve(request: Request, st: ServerState, body: CompletionRequest | ChatRequest, tokens: list[int],
                 kind: Kind, reuse: tuple[list[tuple[list[int], bool]], ReuseConfig] | None = None,
-                adapter: Adapter | None = None) -> JSONResponse | StreamingResponse:
+                adapter: Adapter | None = None, tools: Tools | None = None) -> JSONResponse | StreamingResponse:
     """Submit the request's job and answer as a stream of chunks or one body (`reuse`: pieces and mode;
-    `adapter`: the LoRA decoder of its choices)."""
-    job = make_job(st, body, tokens, kind)
+    `adapter`: the LoRA decoder of its choices; `tools`: replies are parsed for tool calls)."""
+    job = make_job(st, body, tokens, kind, tools)
     job.adapter = adapter
     if reuse is not None:
         job.pieces, job.reuse = reuse
@@ -63,7 +72,7 @@ async def serve(request: Request, st: ServerState, body: CompletionRequest | Cha
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_stream(st, job, kind, rid, body.model, include_usage),
+        return StreamingResponse(_stream(st, job, kind, rid, body.model, include_usage, tools),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     texts: list[str] = [""] * job.n
     finish: list[str | None] = [None] * job.n
@@ -84,7 +93,15 @@ async def serve(request: Request, st: ServerState, body: CompletionRequest | Cha
             elif event.kind == "error":
                 raise event.error or APIError(500, "the request failed")
             elif event.kind == "done" and event.usage is not None:
-                return JSONResponse(completion_body(kind, rid, body.model, texts, finish, event.usage, logprobs))
+                calls: list[list[ToolCall]] = [[] for _ in texts]
+                if tools is not None:
+                    for i, text in enumerate(texts):
+                        content, calls[i] = tools.split(text)
+                        texts[i] = content  # type: ignore[call-overload]
+                        if calls[i]:
+                            finish[i] = "tool_calls"
+                return JSONResponse(completion_body(kind, rid, body.model, texts, finish, event.usage, logprobs,
+                                                    calls))
     except BaseException:
         st.loop.cancel(job)
         raise
@@ -114,18 +131,29 @@ async def _next(job: Job, gone: asyncio.Future[None]) -> Event | None:
 
 
 async def _stream(st: ServerState, job: Job, kind: Kind, rid: str, model: str,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+                  include_usage: bool, tools: Tools | None = None) -> AsyncIterator[bytes]:
     ended = False
+    held = [""] * job.n  # NOTE: with tools, a choice's text is held until it ends: a call is parsed whole
     try:
         if kind == "chat":
             for i in range(job.n):
                 yield sse(chunk_body(kind, rid, model, i, role=True))
         while True:
             event = await job.sink.get()
-            if event.kind == "delta":
+            if event.kind == "delta" and tools is not None:
+                held[event.index] += event.text
+            elif event.kind == "delta":
                 yield sse(chunk_body(kind, rid, model, event.index, text=event.text))
             elif event.kind == "finish":
-                yield sse(chunk_body(kind, rid, model, event.index, finish_reason=event.finish_reason))
+                reason = event.finish_reason
+                if tools is not None:
+                    content, calls = tools.split(held[event.index])
+                    if content:
+                        yield sse(chunk_body(kind, rid, model, event.index, text=content))
+                    if calls:
+                        yield sse(chunk_body(kind, rid, model, event.index, tool_calls=calls))
+                        reason = "tool_calls"
+                yield sse(chunk_body(kind, rid, model, event.index, finish_reason=reason))
             elif event.kind == "error":
                 ended = True
                 error = event.error if isinstance(event.error, APIError) else APIError(500, str(event.error))

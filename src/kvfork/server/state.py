@@ -13,6 +13,7 @@ from kvfork.engine.adapters import Adapter
 from kvfork.server.errors import APIError
 from kvfork.server.loop import EngineLoop
 from kvfork.server.metrics import ServerMetrics
+from kvfork.server.tools import ToolFormat
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
@@ -29,6 +30,7 @@ class ServerState:
     metrics: ServerMetrics
     loop: EngineLoop
     model_id: str
+    tool_format: ToolFormat | None = None  # how the model writes tool calls (None: no tools on this server)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, name: str) -> Adapter | None:
