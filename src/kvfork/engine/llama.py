@@ -314,7 +314,10 @@ class Sampler:
             self._view = np.frombuffer(self._cells, dtype=np.dtype([("id", np.int32), ("logit", np.float32),
                                                                      ("p", np.float32)]))
             self._one = (llama_cpp.llama_token_data * 1)()
-        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+        # NOTE: without penalties, accepting a token changes nothing in the chain (greedy, top-k/p, temp and
+        # dist keep no history), so a grammar's first pick can take llama.cpp's own fast path (see sample).
+        self._history = bool(p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty)
+        if self._history:
             add(chain, llama_cpp.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty,
                                                               p.frequency_penalty, p.presence_penalty))
         if p.greedy:
@@ -339,14 +342,19 @@ class Sampler:
         """Pick a token from the logits at batch index `index` of the last decode, and accept it."""
         if self.grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.ptr, self.ctx.ptr, index))
-        token = self._pick(index, with_grammar=False)
+        fast = not self._history
+        # NOTE: llama_sampler_sample accepts its pick into the chain: harmless without penalties (see __init__)
+        token = int(llama_cpp.llama_sampler_sample(self.ptr, self.ctx.ptr, index)) if fast else \
+            self._pick(index, with_grammar=False)
         self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
         one = llama_cpp.llama_token_data_array(self._one, 1, -1, False)
         llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(one))
-        if not np.isfinite(self._one[0].logit):  # NOTE: the grammar rejects it: pick among what it allows
+        rejected = not np.isfinite(self._one[0].logit)
+        if rejected:  # NOTE: pick among what the grammar allows
             token = self._pick(index, with_grammar=True)
         llama_cpp.llama_sampler_accept(self.grammar, token)
-        llama_cpp.llama_sampler_accept(self.ptr, token)
+        if rejected or not fast:
+            llama_cpp.llama_sampler_accept(self.ptr, token)
         return token
 
     def _pick(self, index: int, *, with_grammar: bool) -> int:
