@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     with kvfork_server(args.model, args.threads, 8192) as server:
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0, timeout=600)
+        client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=600)
         for r in range(args.repeats):
             doc = document(f"tools-{r}-{time.time_ns()}", args.doc_chars)
 
