@@ -153,11 +153,11 @@ class Scheduler:
             self._recompute_last(seq)
         try:
             self.table.check_fits(seq)
-        except ContextOverflow:
+            if params.max_tokens > 0:
+                self._prepare_sampler(seq)
+        except BaseException:  # NOTE: leave the sequence as it was (the turn's tokens not added)
             del seq.tokens[max(seq.n_turn_start, seq.n_in_kv):]
             raise
-        if params.max_tokens > 0:
-            self._prepare_sampler(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
         if share and seq not in self.prefixes:
