@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from kvfork.config import ServerConfig
-from kvfork.server import routes, snapshots
+from kvfork.server import responses_api, routes, snapshots
 from kvfork.server.errors import install_error_handlers
 from kvfork.server.guard import Guard
 from kvfork.server.loop import EngineLoop
@@ -52,5 +52,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(snapshots.router)
+    app.include_router(responses_api.router)
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app
