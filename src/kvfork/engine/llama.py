@@ -157,15 +157,17 @@ class LlamaModel:
         """The raw bytes of one token (a piece may be part of a UTF-8 character)."""
         piece = self._pieces.get(token)
         if piece is None:
-            buf = ctypes.create_string_buffer(64)
-            special = token in self._shown
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-            piece = buf.raw[: max(n, 0)]
-            self._pieces[token] = piece
+            piece = self._pieces[token] = self._piece(token, special=token in self._shown)
         return piece
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        """llama.cpp's text of one token; special=True renders control tokens too."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)]
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
@@ -212,11 +214,7 @@ class LlamaModel:
 
     def _special(self, token: int) -> str:
         """A special token's text (BOS, EOS) as templates write it; "" when the vocabulary has none."""
-        if token < 0:
-            return ""
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+        return "" if token < 0 else self._piece(token, special=True).decode("utf-8", errors="replace")
 
     def _builtin_template(self, messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
         if self.chat_template is None:

@@ -96,8 +96,7 @@ class BranchTable:
                 self.backend.seq_cp(parent.seq_id, seq.seq_id, -1, seq.n_shared)
                 self.fork_seconds += time.perf_counter() - t0
                 self.n_forks += 1
-                if parent.released and parent not in self._spent and self._all_admitted(parent):
-                    self._spent.append(parent)  # it waited for this fork only: freed with the spent ones
+                self._spend_if_unpinned(parent)
         self._live.add(seq)
 
     def detach(self, seq: KvSequence) -> None:
@@ -109,9 +108,14 @@ class BranchTable:
         assert seq.seq_id is None and parent is not None, "only a waiting fork can be detached"
         parent.children.remove(seq)
         seq.parent, seq.n_shared, seq.n_in_kv = None, 0, 0
-        if parent.released and parent.status is not SeqStatus.CLOSED and self._all_admitted(parent):
-            if parent not in self._spent:
-                self._spent.append(parent)
+        self._spend_if_unpinned(parent)
+
+    def _spend_if_unpinned(self, parent: KvSequence) -> None:
+        """A released parent that waited only for its forks' ids (now all admitted or gone) is spent:
+        freed with the spent ones (see release)."""
+        if parent.released and parent.status is not SeqStatus.CLOSED and parent not in self._spent \
+                and self._all_admitted(parent):
+            self._spent.append(parent)
 
     def borrow_id(self) -> int:
         """A sequence id for a moment's scratch work (restoring cells before tagging them to a sequence).

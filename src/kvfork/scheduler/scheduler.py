@@ -254,8 +254,7 @@ class Scheduler:
         prefilling = [s for s in self.running if s not in decoding]
         for seq in decoding + prefilling:
             adapter, run_end = seq.next_run()
-            take = min(run_end, self._next_stop(seq)) - seq.n_in_kv
-            take = min(take, budget)
+            take = min(min(run_end, self._next_stop(seq)) - seq.n_in_kv, budget)
             if take <= 0:
                 continue
             budget -= take
@@ -353,15 +352,16 @@ class Scheduler:
         # NOTE: first fit, in arrival order: a sequence that does not fit now must not hold back the
         # ones behind it that do (a fork that needs a few cells to decode, whose parent holds many).
         for seq in list(self.waiting):
-            parent = seq.parent
-            if seq.seq_id is None and parent is not None and not self._reached(parent, seq.n_shared):
+            parent = seq.parent if seq.seq_id is None else None  # a fork still to be tagged from its parent
+            if parent is not None and not self._reached(parent, seq.n_shared):
                 if in_flight(parent) and not parent.released:
                     continue
                 self.table.detach(seq)  # NOTE: the prompt it waited on stopped short: compute it all
+                parent = None
             if self.table.can_allocate(seq) or self._evict_for(seq):
                 self.waiting.remove(seq)
                 self._start(seq)
-            elif seq.parent is not None and seq.seq_id is None and self.prefixes.n_swa > 0 and in_flight(seq.parent):
+            elif parent is not None and self.prefixes.n_swa > 0 and in_flight(parent):
                 self.table.detach(seq)  # NOTE: its parent holds for it (see _next_stop): let it go on
 
     @staticmethod

@@ -63,34 +63,45 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
     def as_pair(self) -> tuple[str, str]:
-        """(role, text). A message field kvfork does not implement (tool_calls, ...) is refused with a 400;
-        `name` is accepted and ignored (the catalog models' chat templates have no place for it)."""
+        """(role, text). A message field kvfork does not implement (`refusal`, `audio`, ...) is refused with a
+        400; `name` is accepted and ignored (the catalog models' chat templates have no place for it)."""
         for key, value in (self.model_extra or {}).items():
-            if key != "name" and value not in (None, [], ""):  # NOTE: tool_calls are read by template_dict
+            if key != "name" and value not in (None, [], ""):
                 raise APIError(400, f"unsupported message field '{key}': kvfork does not implement it yet",
                                param=f"messages.{key}", code="unsupported_parameter")
         # NOTE: "developer" is OpenAI's newer name for the system role; chat templates know "system".
         return ("system" if self.role == "developer" else self.role, self.text())
 
 
-# NOTE: OpenAI fields kvfork accepts and ignores, because ignoring them changes nothing a client gets back.
-_IGNORED = {
-    "user": "an end-user id for OpenAI's abuse monitoring",
-    "metadata": "tags for OpenAI's stored completions (nothing is stored)",
-    "store": "only false: completions are not stored",
-    "service_tier": "only 'auto' or 'default': there is one tier",
-}
-# NOTE: values of unimplemented fields that ask for what kvfork does anyway (a client library's defaults).
+# NOTE: OpenAI fields kvfork accepts and ignores, because ignoring them changes nothing a client gets back:
+# `user` (an end-user id for OpenAI's abuse monitoring) and `metadata` (tags for stored completions).
+IGNORED = frozenset({"user", "metadata"})
+# NOTE: values of unimplemented fields that ask for what kvfork does anyway (a client library's defaults):
+# nothing is stored, there is one service tier.
 _DEFAULTS: dict[str, tuple[Any, ...]] = {
     "functions": (None, []), "function_call": (None, "none"),
     "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "store": (None, False),
     "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]),
 }
+_WHY = {"functions": "the deprecated functions API (use tools) is not implemented by kvfork",
+        "function_call": "the deprecated functions API (use tool_choice) is not implemented by kvfork"}
+
+
+def refuse_unsupported(extra: dict[str, Any] | None, ignored: frozenset[str] = IGNORED, *,
+                       empty_ok: bool = False) -> None:
+    """Raise APIError(400) naming the first of a request's unknown fields (`model_extra`) that kvfork
+    does not implement; `ignored` fields, the defaults in _DEFAULTS and, with empty_ok, empty values
+    (None, [], {}: they ask for nothing) pass (no silent drops)."""
+    for key, value in (extra or {}).items():
+        if key in ignored or value in _DEFAULTS.get(key, ()) or (empty_ok and value in (None, [], {})):
+            continue
+        reason = _WHY.get(key, "kvfork does not implement it")
+        raise APIError(400, f"unsupported parameter '{key}': {reason}", param=key, code="unsupported_parameter")
 
 
 class _Generation(BaseModel):
     """Fields both endpoints share. A field kvfork does not implement is refused by `refuse_unsupported`
-    (named, with a 400), except the few listed in _IGNORED whose effect is nil here."""
+    (named, with a 400), except the few in IGNORED whose effect is nil here."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -116,15 +127,7 @@ class _Generation(BaseModel):
 
     def refuse_unsupported(self) -> None:
         """Raise APIError(400) naming the first field this server does not implement (no silent drops)."""
-        for key, value in (self.model_extra or {}).items():
-            if value in _DEFAULTS.get(key, ()):
-                continue
-            if key in _IGNORED and key not in _DEFAULTS:
-                continue
-            what = {"functions": "the deprecated functions API (use tools)",
-                    "function_call": "the deprecated functions API (use tool_choice)"}.get(key)
-            reason = f"{what} is not implemented by kvfork" if what else "kvfork does not implement it"
-            raise APIError(400, f"unsupported parameter '{key}': {reason}", param=key, code="unsupported_parameter")
+        refuse_unsupported(self.model_extra)
 
     def wanted_tokens(self) -> int | None:
         return self.max_tokens

@@ -18,15 +18,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvfork.server.errors import APIError
-from kvfork.server.protocol import ChatRequest
+from kvfork.server.protocol import IGNORED, ChatRequest, refuse_unsupported
 from kvfork.server.routes import chat_completions
 
 __all__ = ["router", "ResponsesRequest"]
 
 router = APIRouter()
 
-# NOTE: fields accepted and ignored: the server keeps nothing, and the rest only label the request.
-_IGNORED = {"store", "metadata", "user", "truncation", "service_tier"}
+# NOTE: accepted and ignored besides the chat endpoint's: responses are never kept (`store` defaults to
+# true here), `truncation` only matters for conversations the server would keep, one service tier.
+_IGNORED = IGNORED | {"store", "truncation", "service_tier"}
 
 
 class ResponsesRequest(BaseModel):
@@ -46,10 +47,7 @@ class ResponsesRequest(BaseModel):
 
     def as_chat(self) -> ChatRequest:
         """The same request as a chat completion (400s for what it cannot say)."""
-        for key, value in (self.model_extra or {}).items():
-            if key not in _IGNORED and value not in (None, [], {}):
-                raise APIError(400, f"unsupported parameter '{key}': kvfork does not implement it",
-                               param=key, code="unsupported_parameter")
+        refuse_unsupported(self.model_extra, _IGNORED, empty_ok=True)
         if self.previous_response_id is not None:
             raise APIError(400, "responses are not kept on this server: send the whole conversation as input",
                            param="previous_response_id", code="unsupported_parameter")
