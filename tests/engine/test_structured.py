@@ -56,3 +56,13 @@ def test_schemas_it_cannot_enforce_are_refused_before_anything_runs(gemma):
         SamplingParams(json_schema="{not json")
     with pytest.raises(InvalidParameter, match="object"):
         SamplingParams(json_schema="[1, 2]")
+
+
+def test_a_pattern_with_escaped_regex_characters_is_enforced(gemma):
+    # NOTE: llama-cpp-python's converter turned the escaped dot into a GBNF literal llama.cpp could not parse
+    email = {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.(com|org)$"}},
+             "required": ["email"]}
+    out = gemma.generate(gemma.prompt_tokens("Contacts: ana at example dot org.", "Her email as JSON."),
+                         max_tokens=48, json_schema=email)
+    assert out.finish_reason == "stop", out.text
+    jsonschema.validate(json.loads(out.text), email)

@@ -16,6 +16,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp import llama_grammar
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from kvfork.config import EngineConfig
@@ -275,6 +276,12 @@ class LoraAdapter:
         if self.ptr:
             llama_cpp.llama_adapter_lora_free(self.ptr)
             self.ptr = None
+
+
+# NOTE: llama-cpp-python's converter is a port of llama.cpp's that missed '^', '$' and '.' among the characters a
+# regex escapes but a GBNF literal must not: a `pattern` such as "a\\.b" became the literal "a\.b", which llama.cpp's
+# grammar parser rejects. llama.cpp's own converter (common/json-schema-to-grammar.cpp) lists all of them.
+llama_grammar.ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS |= set("^$.")
 
 
 @functools.lru_cache(maxsize=64)
