@@ -94,14 +94,14 @@ def kvfork_server(model: str, threads: int, n_ctx: int, *, extra: list[str] | No
 
 
 def llama_server(model_path: Path, threads: int, slots: int, ctx_per_slot: int, *,
-                 log: Path | None = None) -> Server:
+                 extra: list[str] | None = None, log: Path | None = None) -> Server:
     """llama.cpp's server with its defaults (f16 cache, flash attention auto, prompt cache + cache-ram on)."""
     if not LLAMA_SERVER.exists():
         raise FileNotFoundError(f"{LLAMA_SERVER} is missing: run `python bench/build_llama_server.py`")
     port = free_port()
     argv = [str(LLAMA_SERVER), "-m", str(model_path), "--port", str(port), "--host", "127.0.0.1",
             "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot),
-            "--alias", "model", "--no-webui"]
+            "--alias", "model", "--no-webui", *(extra or [])]
     return Server(f"llama-server -np {slots}", argv, port, ready_path="/health", log=log)
 
 
