@@ -15,8 +15,8 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp import llama_grammar
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from kvfork.config import EngineConfig
