@@ -1,129 +1,22 @@
-"""Function calling: the tool-call formats models write (a table), OpenAI tool checks, parsing, grammars.
+"""Function calling on the server: a chat request's OpenAI `tools` and `tool_choice`, checked (400s).
 
-A model's chat template decides how tool definitions, assistant calls and tool results are laid out
-(rendered by LlamaModel.render_chat); the model then writes its calls in its own format. `FORMATS`
-lists the formats kvfork parses; a model is matched to one by its template (add a row for a new one).
+How a model writes its calls (ToolCall, ToolFormat, FORMATS, format_for) lives in kvfork.toolcalls,
+which the pipeline's agents read too; the names stay importable from here.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from kvfork.engine.llama import json_grammar
 from kvfork.errors import InvalidParameter
 from kvfork.server.errors import APIError
+from kvfork.toolcalls import FORMATS, ToolCall, ToolFormat, format_for
 
 __all__ = ["FORMATS", "ToolCall", "ToolFormat", "Tools", "format_for"]
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-    def body(self, index: int | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "type": "function",
-                               "function": {"name": self.name, "arguments": self.arguments}}
-        return out if index is None else {"index": index, **out}
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """Calls written as `open` + {"name": ..., "arguments": {...}} + `close`, one after another
-    (Hermes' format, which Qwen2.5's template asks for)."""
-
-    name: str
-    open: str
-    close: str
-    detect: str  # what the chat template contains when its model writes this format
-
-    def split(self, text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
-        """The reply's text outside the calls (None if empty) and its calls of the functions `names`.
-
-        Calls between the markers; or, as llama.cpp's Hermes parser also accepts (small Qwen2.5 models
-        write them so), a reply that is only such JSON objects, bare or in a ```json fence. A malformed
-        call, or one of an undefined function, stays text.
-        """
-        calls: list[ToolCall] = []
-        rest: list[str] = []
-        at = 0
-        pattern = re.compile(re.escape(self.open) + r"(.*?)" + re.escape(self.close), re.S)
-        for m in pattern.finditer(text):
-            call = _call(m.group(1), names)
-            if call is None:
-                continue
-            rest.append(text[at:m.start()])
-            at = m.end()
-            calls.append(call)
-        rest.append(text[at:])
-        content = "".join(rest).strip()
-        if not calls:
-            bare = _bare_calls(content, names)
-            if bare:
-                return None, bare
-        return content or None, calls
-
-    def grammar(self, tools: list[dict], parallel: bool) -> str:
-        """GBNF for replies that are only calls (tool_choice required or named): each names one of
-        `tools` with arguments matching its parameters schema; one call unless `parallel`."""
-        alternatives = [{"type": "object", "required": ["name", "arguments"],
-                         "properties": {"name": {"const": t["function"]["name"]},
-                                        "arguments": t["function"].get("parameters") or {"type": "object"}}}
-                        for t in tools]
-        body = json_grammar(json.dumps({"anyOf": alternatives}, sort_keys=True)).decode()
-        body = re.sub(r"^root ::=", "call ::=", body, flags=re.M)
-        one = f'{json.dumps(self.open)} "\\n" call "\\n" {json.dumps(self.close)}'
-        root = f"root ::= {one} ( \"\\n\" {one} )*" if parallel else f"root ::= {one}"
-        return f"{root}\n{body}"
-
-
-def _call(text: str, names: set[str]) -> ToolCall | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return _as_call(value, names)
-
-
-def _as_call(value: Any, names: set[str]) -> ToolCall | None:
-    if not isinstance(value, dict) or value.get("name") not in names:
-        return None
-    args = value.get("arguments", {})
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", value["name"], json.dumps(args, ensure_ascii=False))
-
-
-def _bare_calls(text: str, names: set[str]) -> list[ToolCall]:
-    """The calls of a reply made only of call objects (whitespace between them, an optional ```json fence)."""
-    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
-    decoder, at, calls = json.JSONDecoder(), 0, []
-    while at < len(body):
-        try:
-            value, end = decoder.raw_decode(body, at)
-        except ValueError:
-            return []
-        call = _as_call(value, names)
-        if call is None:
-            return []
-        calls.append(call)
-        at = end
-        while at < len(body) and body[at].isspace():
-            at += 1
-    return calls
-
-
-FORMATS = [ToolFormat("hermes", "<tool_call>", "</tool_call>", detect="<tool_call>")]
-
-
-def format_for(template: str | None) -> ToolFormat | None:
-    """The format a model writes its calls in, from its chat template; None if kvfork knows none."""
-    return next((f for f in FORMATS if template and f.detect in template), None)
 
 
 @dataclass(frozen=True)
