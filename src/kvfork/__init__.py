@@ -14,9 +14,11 @@ from kvfork.errors import (
     PipelineError,
     SnapshotCorrupt,
     SnapshotMismatch,
+    ToolError,
+    ToolRoundsExceeded,
 )
 from kvfork.models import CATALOG, DEFAULT_MODEL, pull, resolve_model
-from kvfork.pipeline import Agent, AgentResult, Pipeline, PipelineResult, load_pipeline
+from kvfork.pipeline import Agent, AgentResult, Pipeline, PipelineResult, Tool, load_pipeline
 from kvfork.result import Completion
 from kvfork.reuse import ReuseConfig, ReuseReport, Segment
 from kvfork.runtime import Engine
@@ -52,8 +54,11 @@ __all__ = [
     "SnapshotMismatch",
     "SnapshotCorrupt",
     "PipelineError",
+    "ToolError",
+    "ToolRoundsExceeded",
     "Pipeline",
     "Agent",
+    "Tool",
     "AgentResult",
     "PipelineResult",
     "load_pipeline",

@@ -13,6 +13,8 @@ __all__ = [
     "SnapshotCorrupt",
     "EngineError",
     "PipelineError",
+    "ToolError",
+    "ToolRoundsExceeded",
 ]
 
 
@@ -54,3 +56,12 @@ class EngineError(KvforkError):
 
 class PipelineError(KvforkError, ValueError):
     """A pipeline definition is invalid (a cycle, a missing input, a duplicate name, a bad file)."""
+
+
+class ToolError(PipelineError):
+    """An agent's tools cannot be used: a duplicate name, not a callable, a parameter schema kvfork cannot
+    constrain, or a model whose chat template has no tool-call format kvfork knows."""
+
+
+class ToolRoundsExceeded(KvforkError):
+    """An agent still called tools after its `max_tool_rounds` rounds (a per-agent failure, not a hang)."""

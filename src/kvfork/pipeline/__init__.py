@@ -5,9 +5,10 @@ from kvfork.pipeline.definition import LAYOUTS, Pipeline
 from kvfork.pipeline.graph import Graph
 from kvfork.pipeline.loader import PipelineFile, load_pipeline
 from kvfork.pipeline.planner import Plan, SnapshotPlan, common_prefix, plan, shareable_fraction
-from kvfork.pipeline.result import AgentResult, PipelineResult
+from kvfork.pipeline.result import AgentResult, PipelineResult, ToolRound, ToolUse
 from kvfork.pipeline.runner import Runner
 from kvfork.pipeline.shapes import chain, debate, map_reduce, review_board, split_document
+from kvfork.pipeline.tools import Tool
 
 __all__ = [
     "Agent",
@@ -23,6 +24,9 @@ __all__ = [
     "shareable_fraction",
     "AgentResult",
     "PipelineResult",
+    "Tool",
+    "ToolRound",
+    "ToolUse",
     "Runner",
     "review_board",
     "chain",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from kvfork.pipeline.definition import Pipeline
 from kvfork.pipeline.result import AgentResult, PipelineResult
+from kvfork.result import Completion
 
 if TYPE_CHECKING:
     from kvfork.pipeline.runner import _AgentRun
@@ -42,9 +43,10 @@ def settle(
     agents: dict[str, AgentResult] = {}
     unshared = 0
     for run in runs:
-        prompt = sum(c.prompt_tokens for c in run.completions)
-        reused = sum(c.reused_tokens for c in run.completions)
-        computed = sum(c.computed_tokens for c in run.completions)
+        generations = _generations(run)
+        prompt = sum(c.prompt_tokens for c in generations)
+        reused = sum(c.reused_tokens for c in generations)
+        computed = sum(c.computed_tokens for c in generations)
         shared = placed = 0
         if run.use is not None and run.completions:
             if run.use.shared:
@@ -65,8 +67,9 @@ def settle(
             shared_tokens=shared,
             saved_s=shared / rate if rate > 0 else 0.0,
             error=run.error,
+            tool_rounds=run.tool_rounds,
         )
-    turn_computed = sum(c.computed_tokens for run in runs for c in run.completions)
+    turn_computed = sum(c.computed_tokens for run in runs for c in _generations(run))
     return PipelineResult(
         name=pipeline.name,
         agents=agents,
@@ -77,3 +80,8 @@ def settle(
         unshared_tokens=unshared,
         prefill_rate=rate,
     )
+
+
+def _generations(run: _AgentRun) -> list[Completion]:
+    """Every generation of an agent: its turns' final replies and its tool rounds' replies."""
+    return [*run.completions, *(r.reply for r in run.tool_rounds)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from kvfork.engine.sampling import SamplingParams
-from kvfork.errors import PipelineError
+from kvfork.errors import PipelineError, ToolError
 from kvfork.pipeline.agent import Agent
 from kvfork.pipeline.graph import Graph
 
@@ -60,6 +60,8 @@ class Pipeline:
                 raise PipelineError(f"document {doc_name!r} must be text, got {type(text).__name__}")
         if not self.chat and any(a.role for a in self.agents):
             raise PipelineError("agents with a role need chat=True (a role is a system prompt)")
+        if not self.chat and any(a.uses_tools for a in self.agents):
+            raise ToolError("agents with tools need chat=True (the chat template lays the tools out)")
         if not self.chat and any(a.document(self.documents) is None for a in self.agents):
             raise PipelineError("with chat=False every agent must read a document (plain text has no empty prompt)")
         self.graph  # noqa: B018 -- NOTE: validate the DAG now, before anything can run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,18 +97,25 @@ def plan(engine: Engine, pipeline: Pipeline) -> Plan:
     """Tokenize every agent's first-turn prompt exactly as the runner will, and measure the sharing."""
     outputs = placeholder_outputs(pipeline)
     prompts: dict[str, list[int]] = {}
-    groups: dict[tuple[str | None, str | None], list[str]] = {}
-    sizes: dict[tuple[str | None, str | None], int] = {}
+    groups: dict[tuple[str | None, str | None, str | None], list[str]] = {}
+    sizes: dict[tuple[str | None, str | None, str | None], int] = {}
     for agent in pipeline.agents:
         doc_name = agent.document(pipeline.documents)
         system = pipeline.system_of(agent)
         document = pipeline.documents[doc_name] if doc_name is not None else ""
         turn = first_turn(pipeline, agent, outputs)
-        prompts[agent.name] = engine.prompt_tokens(document, turn, system=system, chat=pipeline.chat)
-        key = (doc_name, system)
+        # NOTE: an agent with tools has them in its prompt (the template lays them out): its own snapshot.
+        tools = [t.definition() for t in agent.tool_list] if agent.uses_tools and pipeline.chat else None
+        if tools:
+            layout = engine.layout(document, system, tools=tools)
+            prompts[agent.name] = engine.tokenize(layout.prefix, add_bos=True, special=True) + engine.tokenize(
+                layout.first_turn(turn), special=True)
+        else:
+            prompts[agent.name] = engine.prompt_tokens(document, turn, system=system, chat=pipeline.chat)
+        key = (doc_name, system, json.dumps(tools) if tools else None)
         groups.setdefault(key, []).append(agent.name)
         if key not in sizes:
-            sizes[key] = _prefix_length(engine, document, system, pipeline.chat)
+            sizes[key] = _prefix_length(engine, document, system, pipeline.chat, tools)
     role_ahead = tuple(
         a.name for a in pipeline.agents
         if pipeline.layout == "exact" and a.role is not None and a.role != pipeline.system
@@ -125,11 +133,11 @@ def plan(engine: Engine, pipeline: Pipeline) -> Plan:
     )
 
 
-def _prefix_length(engine: Engine, document: str, system: str | None, chat: bool) -> int:
+def _prefix_length(engine: Engine, document: str, system: str | None, chat: bool, tools: list[dict] | None) -> int:
     # NOTE: the same tokenization Engine.prefill uses for the snapshot.
     if not chat:
         return len(engine.tokenize(document, add_bos=True))
-    return len(engine.tokenize(engine.layout(document, system).prefix, add_bos=True, special=True))
+    return len(engine.tokenize(engine.layout(document, system, tools=tools).prefix, add_bos=True, special=True))
 
 
 def _short(text: str, n: int = 40) -> str:

@@ -1,4 +1,5 @@
-"""AgentResult and PipelineResult: what each agent said, what failed or was skipped, what sharing saved."""
+"""AgentResult and PipelineResult: what each agent said, what failed or was skipped, what sharing saved;
+ToolRound and ToolUse: the tool calls of agents with tools."""
 
 from __future__ import annotations
 
@@ -9,9 +10,47 @@ from typing import Literal
 from kvfork.result import Completion
 from kvfork.reuse.report import ReuseReport
 
-__all__ = ["AgentResult", "PipelineResult"]
+__all__ = ["AgentResult", "PipelineResult", "ToolRound", "ToolUse"]
 
 Status = Literal["ok", "failed", "skipped"]
+ToolProblem = Literal["unknown_tool", "malformed", "bad_arguments", "raised"]
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """One call an agent made and what was sent back.
+
+    error: None when the function ran and returned; "unknown_tool" (no tool of that name), "malformed"
+    (the call could not be read: `arguments` holds its raw text), "bad_arguments" (they do not fit the
+    function's parameters) or "raised" (the function raised: `result` says what). The agent reads
+    `result` and goes on in every case.
+    """
+
+    id: str
+    name: str
+    arguments: str  # JSON text of the arguments object
+    result: str
+    error: ToolProblem | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ToolRound:
+    """One reply with tool calls, the calls run, and what went back to the agent's branch.
+
+    The next generation (the next round's `reply`, or the turn's final completion) computes
+    appended_tokens + recomputed_tokens and reuses the rest of its branch's KV.
+    """
+
+    reply: Completion  # the generation that made the calls (its prompt: reused vs computed tokens)
+    calls: tuple[ToolUse, ...]
+    appended_text: str  # the reply's turn end, the tool results as the chat template lays them out, the next header
+    appended_tokens: int
+    recomputed_tokens: int = 0  # branch tokens computed again: the template re-rendered earlier text differently
 
 
 @dataclass(frozen=True)
@@ -34,6 +73,7 @@ class AgentResult:
     shared_tokens: int = 0
     saved_s: float = 0.0
     error: str | None = None  # why it failed or was skipped
+    tool_rounds: tuple[ToolRound, ...] = ()  # agents with tools: every reply that called tools, in order
 
     @property
     def ok(self) -> bool:
@@ -55,7 +95,23 @@ class AgentResult:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(c.completion_tokens for c in self.completions)
+        """Generated tokens of every turn and every tool round."""
+        return sum(c.completion_tokens for c in self.completions) + sum(
+            r.reply.completion_tokens for r in self.tool_rounds)
+
+    @property
+    def tool_calls(self) -> tuple[ToolUse, ...]:
+        """Every tool call of every round, in order."""
+        return tuple(u for r in self.tool_rounds for u in r.calls)
+
+    @property
+    def tool_problems(self) -> dict[str, int]:
+        """How many calls went wrong, by kind (see ToolUse.error); empty when none did."""
+        out: dict[str, int] = {}
+        for use in self.tool_calls:
+            if use.error is not None:
+                out[use.error] = out.get(use.error, 0) + 1
+        return out
 
 
 @dataclass(frozen=True)

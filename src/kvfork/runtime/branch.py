@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvfork.prompt import ChatLayout
@@ -31,6 +32,7 @@ class Branch:
         self._layout = layout  # None: plain completion, text is appended as is
         self._replies = replies  # assistant turns so far; decides how the next user turn is framed
         self._outbox: list[str] = []
+        self._framed: list[int] = []  # tokens sent as they are (send_tokens), after the outbox's text
         self.last: Completion | None = None
 
     @property
@@ -47,6 +49,12 @@ class Branch:
         if not isinstance(text, str):
             raise TypeError(f"send() takes a str, got {type(text).__name__}")
         self._outbox.append(text)
+        return self
+
+    def send_tokens(self, tokens: Sequence[int]) -> Branch:
+        """Add tokens to the next turn exactly as given, after any text sent: text already framed by the
+        caller (e.g. tool results as the chat template lays them out). Returns self for chaining."""
+        self._framed.extend(int(t) for t in tokens)
         return self
 
     def generate(self, **sampling: Any) -> Completion:
@@ -92,13 +100,14 @@ class Branch:
         return self._replies
 
     def turn_tokens(self) -> list[int]:
-        """The tokens the text sent since the last turn adds (framed as the next user turn); [] if none.
+        """The tokens the text sent since the last turn adds (framed as the next user turn), then those sent
+        with send_tokens; [] if none.
 
         NOTE: with nothing sent the branch generates from what it holds (e.g. a composed prompt that
         ends with the assistant header already). Nothing changes until `took_turn`.
         """
         if not self._outbox:
-            return []
+            return list(self._framed)
         text = "\n\n".join(self._outbox)
         if self._layout is None:
             new = text
@@ -106,10 +115,12 @@ class Branch:
             new = self._layout.first_turn(text)
         else:
             new = self._layout.next_turn(text)
-        return self._engine.tokenize(new, add_bos=False, special=self._layout is not None) if new else []
+        return (self._engine.tokenize(new, add_bos=False, special=self._layout is not None) if new else []) \
+            + self._framed
 
     def took_turn(self, completion: Completion) -> None:
         """The turn of `turn_tokens` ran: the sent text is consumed and `completion` is the last reply."""
         self._outbox.clear()
+        self._framed.clear()
         self._replies += 1
         self.last = completion

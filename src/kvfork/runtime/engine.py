@@ -103,8 +103,12 @@ class Engine:
     def detokenize(self, tokens: Seq[int]) -> str:
         return self.model.detokenize(list(tokens))
 
-    def layout(self, document: str, system: str | None = None) -> ChatLayout:
-        """The chat layout (shared prefix, per-agent turns) of this model's template."""
+    def layout(self, document: str, system: str | None = None, *, tools: list[dict] | None = None) -> ChatLayout:
+        """The chat layout (shared prefix, per-agent turns) of this model's template; `tools` (OpenAI-shaped
+        definitions) are laid out by the template too (render_chat)."""
+        if tools:
+            return ChatLayout.build(lambda msgs, add: self.model.render_chat(
+                [{"role": r, "content": c} for r, c in msgs], tools=tools, add_generation_prompt=add), document, system)
         return ChatLayout.build(
             lambda msgs, add: self.model.apply_chat_template(msgs, add_generation_prompt=add), document, system
         )
@@ -145,17 +149,19 @@ class Engine:
         return params
 
     # -- prefill, fork, generate -----------------------------------------------------------------
-    def prefill(self, document: str, *, system: str | None = None, chat: bool = True) -> Snapshot:
+    def prefill(self, document: str, *, system: str | None = None, chat: bool = True,
+                tools: list[dict] | None = None) -> Snapshot:
         """Prefill the shared context once; returns a live Snapshot to fork branches from.
 
         chat=True lays the model's chat template out as [system, user: document + instruction] and
         stops the prefix right before the instruction; chat=False prefills the text as is.
+        `tools`: OpenAI-shaped tool definitions the template lays out too (chat only).
         """
         if not isinstance(document, str):
             raise TypeError(f"document must be a str, got {type(document).__name__}")
         if not chat and not document:
             raise InvalidParameter("empty prompt: nothing to prefill")
-        layout = self.layout(document, system) if chat else None
+        layout = self.layout(document, system, tools=tools) if chat else None
         text = layout.prefix if layout else document
         tokens = self.tokenize(text, add_bos=True, special=chat)
         if len(tokens) >= self.ctx.n_ctx:
