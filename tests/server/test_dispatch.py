@@ -84,3 +84,36 @@ def test_agents_sent_at_once_prefill_their_common_prefix_once(fake_engine, exact
     for job in jobs:
         assert job.sink.events[-1].kind == "done"
         assert job.sink.text() == ref.generate(job.tokens, max_tokens=6).text  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_next_turn_of_a_conversation_forks_the_finished_reply(fake_engine, exact):
+    engine = fake_engine(n_ctx=4096, n_seq_max=16, exact=exact)
+    dispatcher = Dispatcher(engine, ServerConfig(), ServerMetrics())
+    first = _job(engine, "What happened first?", max_tokens=12)
+    _plan_and_run(dispatcher, first)
+    (reply,) = [e for e in first.sink.events if e.kind == "finish"]
+    ref = fake_engine(n_ctx=2048)
+    said = ref.generate(first.tokens, max_tokens=12)  # type: ignore[attr-defined]
+    assert first.sink.text() == said.text
+    # NOTE: the client sends the reply back; the fake's bytes are not UTF-8, so its tokens stand for the text
+    history = first.tokens + list(said.tokens)
+    second = Job(tokens=history + engine.tokenize("\n\nAnd what happened to the valve after that?", add_bos=False),
+                 params=[SamplingParams(max_tokens=6)], sink=ListSink())  # type: ignore[arg-type]
+    _plan_and_run(dispatcher, second)
+    assert reply.finish_reason == "length"
+    # the prompt and the reply were kept: only the new message is computed, and the reply's last token
+    # (sampled, never decoded)
+    new = len(second.tokens) - len(history)
+    assert new >= MIN_SUFFIX  # NOTE: exact mode would back off from a shorter one (see MIN_SUFFIX)
+    assert second.computed == new + 1
+    assert second.sink.text() == ref.generate(second.tokens, max_tokens=6).text  # type: ignore[attr-defined]
+    # the kept conversation is the cache's own: the cap on live prefixes frees it
+    dispatcher.config = ServerConfig(live_prefixes=0)
+    dispatcher.trim_live()
+    assert engine.scheduler.table.n_live == 0
+
+
+def _plan_and_run(dispatcher: Dispatcher, job: Job) -> None:
+    dispatcher.plan([job])
+    _run(dispatcher, [job])

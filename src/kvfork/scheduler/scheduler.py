@@ -212,6 +212,20 @@ class Scheduler:
         # NOTE: exact mode defers frees while turns run (see BranchTable.release); fast mode frees at once.
         self.table.release(seq, defer=self.exact and bool(self.running))
 
+    def keep(self, seq: KvSequence) -> None:
+        """A finished turn's sequence becomes one of the prefix cache's own entries instead of being released.
+
+        A later prompt that continues its conversation (the reply sent back with the next message, as
+        agent loops do) forks it there and computes only what is new. Its sampler is closed; the cache
+        evicts it (least recently used) when room or its entry cap is needed.
+        """
+        if seq.status is not SeqStatus.IDLE:
+            raise KvforkError("only a sequence whose turn has ended can be kept")
+        sampler = self._samplers.pop(seq, None)
+        if sampler is not None:
+            sampler.close()
+        self.prefixes.insert(seq)
+
     def cancel(self, seq: KvSequence) -> None:
         """Stop `seq`'s turn now; it keeps what is already in the cache and can take another turn."""
         if in_flight(seq):

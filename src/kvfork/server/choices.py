@@ -94,7 +94,10 @@ class Choices:
         error = seq.error
         if error is None and self.on_reply is not None:
             self.on_reply(job, seq)
-        self.sched.release(seq)
+        if error is None and self._keeps(job, seq):
+            self.sched.keep(seq)
+        else:
+            self.sched.release(seq)
         if error is not None:
             self.fail([job], error)
             return
@@ -103,6 +106,16 @@ class Choices:
                            logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None))
         if job.finished:
             self.end(job, None)
+
+    @staticmethod
+    def _keeps(job: Job, seq: KvSequence) -> bool:
+        """Whether a finished choice's cells stay in the prefix cache for the conversation's next request.
+
+        NOTE: only cells computed as a from-scratch prefill of the same tokens computes them: not a
+        reuse-mode prompt's (approximate) and not a LoRA decoder's reply (the base model computes prompts).
+        """
+        return (job.adapter is None and (job.reuse is None or job.reuse.mode == "exact")
+                and seq.seq_id is not None and seq.n_in_kv > 0)
 
     def cancel(self, job: Job) -> None:
         """The client left: stop and free its branches now."""

@@ -188,11 +188,11 @@ class Dispatcher:
 
     def after_step(self, finished: list[KvSequence]) -> None:
         """Send new text to every job, end finished choices, hand prefilled nodes to their waiters."""
-        self.choices.emit_all(finished)
+        self.choices.emit_all(finished)  # NOTE: finished choices stay in the prefix cache (Choices._keeps)
         done = [seq for seq in finished if seq in self._waiters]
         for seq in done:
             self._node_done(seq)
-        if done:
+        if finished:
             self.trim_live()  # NOTE: after every waiter forked, so the cap cannot free a node under them
 
     def _node_done(self, node: KvSequence) -> None:
