@@ -24,3 +24,12 @@ def ref(gemma_path):
     """From-scratch reference runs, in their own context."""
     with Engine(gemma_path, **ENGINE) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def qwen_server(qwen_path):
+    """A server on the catalog's default model, whose chat template knows tools (function calling, Responses)."""
+    engine = Engine(qwen_path, n_ctx=4096, n_seq_max=16, progress=False)
+    with serving(engine, ServerConfig(api_key=API_KEY, model_name="qwen", max_tokens=96), model="qwen") as running:
+        yield running
+    engine.close()

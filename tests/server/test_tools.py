@@ -9,10 +9,6 @@ import json
 import openai
 import pytest
 
-from kvfork import Engine
-from kvfork.config import ServerConfig
-from tests.support.serving import API_KEY, serving
-
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather of a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -21,14 +17,6 @@ ADD = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                    "required": ["a", "b"]}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
-
-
-@pytest.fixture(scope="module")
-def qwen_server(qwen_path):
-    engine = Engine(qwen_path, n_ctx=4096, n_seq_max=16, progress=False)
-    with serving(engine, ServerConfig(api_key=API_KEY, model_name="qwen", max_tokens=96), model="qwen") as running:
-        yield running
-    engine.close()
 
 
 def _ask(client, messages, **kw):
@@ -94,35 +82,3 @@ def test_a_tool_message_without_a_matching_call_is_a_400(qwen_server):
     with pytest.raises(openai.BadRequestError, match="no earlier assistant"):
         _ask(qwen_server.client(), stray, tools=[WEATHER])
 
-
-FLAT = {"type": "function", "name": "get_weather", "description": "The current weather of a city.",
-        "parameters": WEATHER["function"]["parameters"]}
-
-
-def test_the_responses_api_calls_a_tool_and_takes_its_output_back(qwen_server):
-    client = qwen_server.client()
-    first = client.responses.create(model="qwen", input="What is the weather in Paris right now?", tools=[FLAT],
-                                    temperature=0, max_output_tokens=64)
-    (call,) = [item for item in first.output if item.type == "function_call"]
-    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
-    assert first.status == "completed" and first.usage.input_tokens > 0
-    follow = [{"role": "user", "content": "What is the weather in Paris right now?"},
-              {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
-              {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 degrees Celsius."}]
-    second = client.responses.create(model="qwen", input=follow, tools=[FLAT], tool_choice="none", temperature=0,
-                                     max_output_tokens=64, instructions="Answer in one sentence.")
-    assert "21" in second.output_text
-
-
-def test_the_responses_api_structured_output_and_refusals(qwen_server):
-    client = qwen_server.client()
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
-    out = client.responses.create(model="qwen", input="Name a city in France as JSON.", temperature=0,
-                                  max_output_tokens=48,
-                                  text={"format": {"type": "json_schema", "name": "city", "schema": schema}})
-    assert set(json.loads(out.output_text)) == {"city"}
-    for kw, param in (({"previous_response_id": "resp_x"}, "previous_response_id"), ({"stream": True}, "stream"),
-                      ({"reasoning": {"effort": "high"}}, "reasoning")):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.responses.create(model="qwen", input="hi", **kw)
-        assert e.value.body["param"] == param  # type: ignore[index]

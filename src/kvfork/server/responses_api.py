@@ -3,7 +3,8 @@ chat completion (the same prefix sharing, tools and structured output) and resha
 
 `input` items (messages, `function_call`, `function_call_output`), `instructions`, `tools` (function
 tools), `tool_choice`, `parallel_tool_calls`, `text.format`, `max_output_tokens`, `temperature`,
-`top_p`. Responses are not kept: `previous_response_id` is a 400, and so is `stream` (not served yet).
+`top_p`, `stream` (typed events, see responses_stream.py). Responses are not kept: `previous_response_id`
+is a 400.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvfork.server.errors import APIError
 from kvfork.server.protocol import IGNORED, ChatRequest, refuse_unsupported
+from kvfork.server.responses_stream import response_events
 from kvfork.server.routes import chat_completions
 
 __all__ = ["router", "ResponsesRequest"]
@@ -28,6 +31,8 @@ router = APIRouter()
 # NOTE: accepted and ignored besides the chat endpoint's: responses are never kept (`store` defaults to
 # true here), `truncation` only matters for conversations the server would keep, one service tier.
 _IGNORED = IGNORED | {"store", "truncation", "service_tier"}
+# chat completion fields a 400 may name -> the Responses API's
+_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
 
 
 class ResponsesRequest(BaseModel):
@@ -51,11 +56,10 @@ class ResponsesRequest(BaseModel):
         if self.previous_response_id is not None:
             raise APIError(400, "responses are not kept on this server: send the whole conversation as input",
                            param="previous_response_id", code="unsupported_parameter")
-        if self.stream:
-            raise APIError(400, "stream is not served on /v1/responses yet; use /v1/chat/completions to stream",
-                           param="stream", code="unsupported_parameter")
         fields: dict[str, Any] = {"model": self.model, "messages": _messages(self), "temperature": self.temperature,
                                   "top_p": self.top_p, "max_tokens": self.max_output_tokens}
+        if self.stream:  # NOTE: the usage chunk carries what response.completed reports
+            fields.update(stream=True, stream_options={"include_usage": True})
         if self.tools:
             fields["tools"] = [_chat_tool(i, t) for i, t in enumerate(self.tools)]
         if self.tool_choice is not None:
@@ -131,35 +135,52 @@ def _output(chat: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     """The response's output items from the chat completion's one choice, and why it is incomplete."""
     choice = chat["choices"][0]
     message, items = choice["message"], []
+    incomplete = "max_output_tokens" if choice["finish_reason"] == "length" else None
     if message.get("content"):
-        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "completed",
-                      "role": "assistant",
+        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}",
+                      "status": "incomplete" if incomplete else "completed", "role": "assistant",
                       "content": [{"type": "output_text", "text": message["content"], "annotations": []}]})
     for call in message.get("tool_calls") or []:
         items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                       "status": "completed"})
-    return items, "max_output_tokens" if choice["finish_reason"] == "length" else None
+    return items, incomplete
 
 
-@router.post("/v1/responses")
-async def responses(body: ResponsesRequest, request: Request) -> JSONResponse:
-    chat = await chat_completions(body.as_chat(), request)
-    assert isinstance(chat, JSONResponse)
-    result = json.loads(bytes(chat.body))
-    items, incomplete = _output(result)
-    usage, details = result["usage"], result["usage"].get("prompt_tokens_details", {})
-    return JSONResponse({
-        "id": f"resp_{uuid.uuid4().hex[:24]}", "object": "response", "created_at": int(time.time()),
-        "model": body.model, "status": "incomplete" if incomplete else "completed",
-        "incomplete_details": {"reason": incomplete} if incomplete else None, "error": None,
-        "instructions": body.instructions, "output": items,
+def _response(body: ResponsesRequest, rid: str, created: int, output: list[dict[str, Any]], *, status: str,
+              incomplete: str | None = None, usage: dict[str, Any] | None = None,
+              error: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The response object (`usage`: the chat completion's, reshaped)."""
+    return {
+        "id": rid, "object": "response", "created_at": created, "model": body.model, "status": status,
+        "incomplete_details": {"reason": incomplete} if incomplete else None, "error": error,
+        "instructions": body.instructions, "output": output,
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
         "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
         "text": body.text or {"format": {"type": "text"}},
-        "usage": {"input_tokens": usage["prompt_tokens"],
-                  "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0)},
-                  "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": usage["total_tokens"]},
-    })
+        "usage": None if usage is None else {
+            "input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)},
+            "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"]},
+    }
+
+
+@router.post("/v1/responses", response_model=None)
+async def responses(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
+    """One response object, or (`stream`) its typed events reshaped from the chat completion's stream."""
+    # NOTE: every 400 (fields, tools, limits, the context) is raised here, before a stream starts
+    try:
+        chat = await chat_completions(body.as_chat(), request)
+    except APIError as exc:
+        exc.param = _PARAMS.get(exc.param or "", exc.param)  # the field's name in this API
+        raise
+    shape = partial(_response, body, f"resp_{uuid.uuid4().hex[:24]}", int(time.time()))
+    if isinstance(chat, StreamingResponse):
+        return StreamingResponse(response_events(chat.body_iterator, shape), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    result = json.loads(bytes(chat.body))
+    items, incomplete = _output(result)
+    return JSONResponse(shape(items, status="incomplete" if incomplete else "completed", incomplete=incomplete,
+                              usage=result["usage"]))
