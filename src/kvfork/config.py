@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from kvfork.errors import InvalidParameter
 
-__all__ = ["EXACT_HELP", "EngineConfig", "ServerConfig", "StoreConfig", "default_threads"]
+__all__ = ["EXACT_HELP", "EngineConfig", "ServerConfig", "StoreConfig", "check_url", "default_threads"]
 
 # NOTE: one wording for every command that builds an engine (run, demo, pipeline, snapshot, serve)
 EXACT_HELP = (
@@ -121,11 +121,16 @@ _EXACT: dict[str, object] = {"kv_type": "q8_0", "flash_attn": "on", "repack": Fa
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Budgets and policies of a SnapshotStore (host RAM tier, optional disk folder tier).
+    """Budgets and policies of a SnapshotStore (host RAM tier, optional disk folder tier, optional shared tier).
 
     NOTE: block_size trades lookup cost against match granularity: a stored entry is found through
     its full blocks, so entries shorter than one block are never matched, and hashing a 32k-token
     request costs 1,000 sha256 calls at 32 (under a millisecond).
+
+    url: the shared tier every replica reads (store/shared.py), an fsspec URL such as
+    file:///mnt/nfs/kvfork or s3://bucket/kvfork; storage_options go to fsspec as is (for an S3
+    endpoint of your own: {"client_kwargs": {"endpoint_url": "http://host:9000"}}; or set
+    AWS_ENDPOINT_URL / FSSPEC_S3_* in the environment). It has no budget: replicas never evict it.
     """
 
     ram_bytes: int = 1 << 30
@@ -134,10 +139,18 @@ class StoreConfig:
     min_tokens: int = 32  # a shorter shared prefix is not worth a restore
     write_through: bool = True  # write every new entry to disk at once (other processes see it)
     stale_tmp_s: float = 3600.0  # a temp file this old is an abandoned write, whoever wrote it
+    url: str | None = None  # shared tier: file:///... or s3://... (None: none)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec filesystem arguments
+    shared_refresh_s: float = 2.0  # list the shared tier at most this often (a new entry waits this long)
+    shared_async: bool = True  # write to the shared tier on a writer thread, off the caller's path
 
     def __post_init__(self) -> None:
         if self.ram_bytes < 0 or self.disk_bytes < 0:
             raise InvalidParameter(f"byte budgets must be >= 0, got {self.ram_bytes} (RAM), {self.disk_bytes} (disk)")
+        if self.url is not None:
+            check_url(self.url)
+        if self.shared_refresh_s < 0:
+            raise InvalidParameter(f"shared_refresh_s must be >= 0, got {self.shared_refresh_s}")
         if not 1 <= self.block_size <= 4096:
             raise InvalidParameter(f"block_size must be in [1, 4096], got {self.block_size}")
         if self.min_tokens < 1:
@@ -181,3 +194,24 @@ class ServerConfig:
             raise InvalidParameter(f"reuse must be exact, shift, kvcomm or blend; got {self.reuse!r}")
         if self.reuse_min_tokens < 1 or self.reuse_cache_mb < 0:
             raise InvalidParameter("reuse_min_tokens must be >= 1 and reuse_cache_mb >= 0")
+
+
+def check_url(url: str) -> str:
+    """Raise InvalidParameter unless `url` names a location fsspec can open here; return its protocol."""
+    import fsspec
+
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidParameter(
+            f"a shared snapshot URL needs a scheme, like file:///mnt/nfs/kvfork or s3://bucket/kvfork; got {url!r}"
+        )
+    if "::" in url:
+        raise InvalidParameter(f"chained fsspec URLs (a::b) are not supported for the shared tier: {url!r}")
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError as exc:
+        raise InvalidParameter(f"fsspec does not know the scheme {protocol!r} of {url!r}") from exc
+    except ImportError as exc:
+        extra = " (pip install 'kvfork[s3]')" if protocol in ("s3", "s3a") else ""
+        raise InvalidParameter(f"the scheme {protocol!r} needs a package that is not installed{extra}: {exc}") from exc
+    return protocol

@@ -28,9 +28,10 @@ def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
     save = sub.add_parser("save", help="prefill a document and save its KV state to a file or a store")
     _engine_args(save)
     save.add_argument("document", type=Path, help="text file to prefill")
-    where = save.add_mutually_exclusive_group(required=True)
+    where = save.add_mutually_exclusive_group()
     where.add_argument("-o", "--output", type=Path, help="snapshot file to write")
     where.add_argument("--store", type=Path, help="store folder to put it in")
+    save.add_argument("--snapshot-url", metavar="URL", help="shared snapshot tier to put it in (file:///… or s3://…)")
     save.add_argument("--system", help="system prompt (chat mode)")
     save.set_defaults(func=_save)
 
@@ -42,7 +43,8 @@ def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
     load.set_defaults(func=_load)
 
     ls = sub.add_parser("ls", help="list the snapshots of a store folder or snapshot files")
-    ls.add_argument("paths", type=Path, nargs="+")
+    ls.add_argument("paths", type=Path, nargs="*")
+    ls.add_argument("--snapshot-url", metavar="URL", help="also list a shared snapshot tier (file:///… or s3://…)")
     ls.set_defaults(func=_ls)
 
     rm = sub.add_parser("rm", help="delete snapshots from a store folder by key (or key prefix)")
@@ -72,13 +74,19 @@ def _engine(args: argparse.Namespace) -> Any:
 
 
 def _save(args: argparse.Namespace) -> int:
+    if args.output is None and args.store is None and args.snapshot_url is None:
+        raise KvforkError("say where to save it: -o FILE, --store DIR or --snapshot-url URL")
+    if args.output is not None and args.snapshot_url is not None:
+        raise KvforkError("-o writes one file; use --store and/or --snapshot-url to put it in stores")
     text = args.document.read_text(encoding="utf-8")
     with _engine(args) as engine, engine.prefill(text, system=args.system, chat=not args.plain) as snap:
         host = snap.to_host()
         if args.output is not None:
             target = str(write_snapshot(args.output, host))
         else:
-            target = SnapshotStore(args.store).put(host)
+            # NOTE: a synchronous shared write: this process exits right after
+            store = SnapshotStore(args.store, url=args.snapshot_url, shared_async=False)
+            target = store.put(host)
     size = host.nbytes / 2**20
     print(f"saved {host.n_tokens:,} tokens ({size:.1f} MiB, prefill {host.prefill_s:.1f} s) -> {target}")
     return 0
@@ -98,7 +106,12 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    if not args.paths and args.snapshot_url is None:
+        raise KvforkError("name store folders or snapshot files, or --snapshot-url URL")
     rows = []
+    if args.snapshot_url is not None:
+        for e in SnapshotStore(ram_bytes=0, url=args.snapshot_url).entries():
+            rows.append((e.key[:16], e.model_desc, e.n_tokens, e.nbytes, e.created, args.snapshot_url))
     for path in args.paths:
         if path.is_dir():
             for e in SnapshotStore(path, ram_bytes=0).entries():

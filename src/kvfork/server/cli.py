@@ -39,6 +39,9 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default=None, metavar="DIR", help="snapshot store folder (restores long prefixes)")
     p.add_argument("--store-ram-mb", type=int, default=None, help="store's host-RAM budget (default 1024)")
     p.add_argument("--store-disk-mb", type=int, default=None, help="store's disk budget (default 16384)")
+    p.add_argument("--snapshot-url", default=None, metavar="URL",
+                   help="shared snapshot tier every replica reads: file:///shared/dir or s3://bucket/prefix"
+                        " (S3 endpoint and keys from AWS_* or FSSPEC_S3 environment variables)")
     p.add_argument("--model-name", default=None, help="the id /v1/models lists (default: the file's stem)")
     p.add_argument("--max-queued", type=int, default=64, help="requests in flight before 429")
     p.add_argument("--max-n", type=int, default=8)
@@ -91,9 +94,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["chat_template"] = args.chat_template
     budgets = {k: v << 20 for k, v in (("ram_bytes", args.store_ram_mb), ("disk_bytes", args.store_disk_mb))
                if v is not None}
-    if budgets and not args.store:
-        raise KvforkError("--store-ram-mb/--store-disk-mb need --store DIR")
-    store = SnapshotStore(args.store, **budgets) if args.store else None
+    if budgets.get("disk_bytes") is not None and not args.store:
+        raise KvforkError("--store-disk-mb needs --store DIR")
+    if budgets and not (args.store or args.snapshot_url):
+        raise KvforkError("--store-ram-mb needs --store DIR or --snapshot-url URL")
+    store = SnapshotStore(args.store, url=args.snapshot_url, **budgets) if args.store or args.snapshot_url else None
     engine = Engine(args.model, store=store, **overrides)
     try:
         load_adapters(engine, args.adapter, naive=args.naive_adapters)
@@ -109,4 +114,6 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=config.host, port=config.port, log_level="info" if args.verbose else "warning")
     finally:
         engine.close()
+        if store is not None:
+            store.close()  # NOTE: the prefixes close() demoted reach the shared tier before we exit
     return 0

@@ -56,8 +56,9 @@ class ServerMetrics:
         """The text exposition format, with the store's statistics read now."""
         if self._store is not None:
             stats = self._store.stats()
-            self.snapshot_hits.set(stats.hits_ram + stats.hits_disk)
+            self.snapshot_hits.set(stats.hits_ram + stats.hits_disk + stats.hits_shared)
             self.snapshot_misses.set(stats.misses)
             self.store_bytes.labels("ram").set(stats.bytes_ram)
             self.store_bytes.labels("disk").set(stats.bytes_disk)
+            self.store_bytes.labels("shared").set(stats.bytes_shared)
         return generate_latest(self.registry)

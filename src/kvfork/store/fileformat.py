@@ -15,6 +15,7 @@ layout or version raises SnapshotMismatch; llama.cpp never sees bytes that faile
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -28,7 +29,8 @@ from kvfork.store.host import HostSnapshot
 from kvfork.store.layout import StateLayout
 
 __all__ = [
-    "MAGIC", "FORMAT_VERSION", "TMP_SUFFIX", "FileHeader", "write_snapshot", "read_header", "read_snapshot"
+    "MAGIC", "FORMAT_VERSION", "TMP_SUFFIX", "FileHeader", "write_snapshot", "read_header", "read_snapshot",
+    "encode_snapshot", "write_encoded", "decode_snapshot", "parse_header", "load_snapshot",
 ]
 
 MAGIC = b"KVFORK\x00S"
@@ -63,14 +65,11 @@ def _tokens_bytes(tokens: tuple[int, ...]) -> bytes:
     return struct.pack(f"<{len(tokens)}i", *tokens)
 
 
-def write_snapshot(path: str | os.PathLike[str], snap: HostSnapshot) -> Path:
-    """Write `snap` to `path` atomically: a temp file in the same folder, fsync, rename, fsync the folder.
+def encode_snapshot(snap: HostSnapshot) -> list[bytes]:
+    """The bytes of `snap`'s file, in parts (prelude + header, token ids, payload): join or write them in order.
 
-    NOTE: readers see either no file or a complete one; two writers of one path each rename a
-    complete file (the last wins). A writer killed half-way leaves only `.<name>.<pid>.<rand>.tmp`,
-    which readers skip and DiskTier cleans up.
+    NOTE: parts, not one bytes object, so a writer streaming to a file does not copy the payload.
     """
-    final = Path(path)
     tokens = _tokens_bytes(snap.tokens)
     header = {
         "format": FORMAT_VERSION,
@@ -85,13 +84,27 @@ def write_snapshot(path: str | os.PathLike[str], snap: HostSnapshot) -> Path:
         "chat": snap.chat_dict(),
     }
     blob = json.dumps(header, sort_keys=True).encode("utf-8")
+    return [_PRELUDE.pack(MAGIC, FORMAT_VERSION, len(blob)) + blob, tokens, snap.state]
+
+
+def write_snapshot(path: str | os.PathLike[str], snap: HostSnapshot) -> Path:
+    """Write `snap` to `path` atomically: a temp file in the same folder, fsync, rename, fsync the folder.
+
+    NOTE: readers see either no file or a complete one; two writers of one path each rename a
+    complete file (the last wins). A writer killed half-way leaves only `.<name>.<pid>.<rand>.tmp`,
+    which readers skip and DiskTier cleans up.
+    """
+    return write_encoded(path, encode_snapshot(snap))
+
+
+def write_encoded(path: str | os.PathLike[str], parts: list[bytes]) -> Path:
+    """Write the parts `encode_snapshot` made to `path`, atomically (see `write_snapshot`)."""
+    final = Path(path)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(_PRELUDE.pack(MAGIC, FORMAT_VERSION, len(blob)))
-            fh.write(blob)
-            fh.write(tokens)
-            fh.write(snap.state)
+            for part in parts:
+                fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -111,6 +124,18 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def parse_header(fh: BinaryIO, name: str, file_size: int, *, with_tokens: bool = False
+                 ) -> tuple[FileHeader, tuple[int, ...]]:
+    """The header (and the token ids if asked) of a snapshot read from `fh`, positioned at its start.
+
+    `file_size` is the whole file's size (from a stat or a listing): the header must account for
+    every byte of it. For files not on a local disk (see store/shared.py). Raises SnapshotCorrupt or
+    SnapshotMismatch like `read_header`.
+    """
+    head = _read_header(fh, name, file_size)
+    return head, (_read_tokens(fh, head, name) if with_tokens else ())
 
 
 def _read_header(fh: BinaryIO, name: str, file_size: int) -> FileHeader:
@@ -184,17 +209,31 @@ def read_snapshot(path: str | os.PathLike[str], expect: StateLayout | None = Non
     p = Path(path)
     try:
         with open(p, "rb") as fh:
-            head = _read_header(fh, p.name, os.fstat(fh.fileno()).st_size)
-            if expect is not None:
-                head.layout.check(expect)
-            tokens = _read_tokens(fh, head, p.name)
-            state = fh.read(head.payload_size)
+            return load_snapshot(fh, p.name, os.fstat(fh.fileno()).st_size, expect)
     except OSError as exc:
         raise SnapshotCorrupt(f"cannot read snapshot {p}: {exc}") from exc
+
+
+def decode_snapshot(data: bytes, name: str, expect: StateLayout | None = None) -> HostSnapshot:
+    """Verify and decode a whole snapshot file held in memory (`name` is for messages); see `read_snapshot`."""
+    return load_snapshot(io.BytesIO(data), name, len(data), expect)
+
+
+def load_snapshot(fh: BinaryIO, name: str, file_size: int, expect: StateLayout | None = None) -> HostSnapshot:
+    """Verify and decode the snapshot `fh` holds from its current position (`file_size` bytes in all).
+
+    Every check of `read_snapshot` applies: the header, the layout (with `expect`), the token ids'
+    and the payload's sha256.
+    """
+    head = _read_header(fh, name, file_size)
+    if expect is not None:
+        head.layout.check(expect)
+    tokens = _read_tokens(fh, head, name)
+    state = fh.read(head.payload_size)
     if len(state) != head.payload_size or hashlib.sha256(state).hexdigest() != head.payload_sha256:
-        raise SnapshotCorrupt(f"{p.name}: the KV payload is damaged (sha256 mismatch); delete the file")
+        raise SnapshotCorrupt(f"{name}: the KV payload is damaged (sha256 mismatch); delete the file")
     if head.n_pos != head.n_tokens:
-        raise SnapshotCorrupt(f"{p.name}: {head.n_pos} positions for {head.n_tokens} tokens")
+        raise SnapshotCorrupt(f"{name}: {head.n_pos} positions for {head.n_tokens} tokens")
     return HostSnapshot(
         tokens=tokens,
         state=state,

@@ -1,4 +1,4 @@
-"""SnapshotStore: content-addressed snapshots in two tiers (host RAM, disk folder) with prefix lookup."""
+"""SnapshotStore: content-addressed snapshots in tiers (host RAM, disk folder, shared URL) with prefix lookup."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from kvfork.store.index import PrefixIndex, PrefixMatch
 from kvfork.store.keys import as_array, entry_key
 from kvfork.store.layout import StateLayout
 from kvfork.store.ram import RamTier
+from kvfork.store.shared import SharedEntry, SharedTier
 from kvfork.store.stats import StoreStats
+from kvfork.store.writer import SharedWriter
 
 __all__ = ["SnapshotStore", "StoreStats", "EntryInfo"]
 
@@ -32,7 +34,7 @@ class EntryInfo:
     """One stored snapshot, as `entries()` lists it."""
 
     key: str
-    tiers: tuple[str, ...]  # ("ram",), ("disk",) or both
+    tiers: tuple[str, ...]  # some of "ram", "disk", "shared"
     n_tokens: int
     nbytes: int
     created: float
@@ -48,6 +50,11 @@ class SnapshotStore:
     Tiers: RAM (always) and a disk folder (when `folder` is given), each with a byte budget and
     LRU eviction; a disk hit is promoted to RAM, a RAM eviction is demoted to disk. Thread-safe
     (one lock); any number of processes may share the folder.
+
+    With `config.url`, a third tier every replica reads (store/shared.py): lookup goes RAM -> disk
+    -> shared, a shared hit is promoted into the local tiers, and every new entry is also written
+    there (write-behind on a writer thread unless `shared_async` is off; `flush` waits for it).
+    The shared tier has no budget: no replica evicts it, and `remove` leaves it unless asked.
     """
 
     def __init__(
@@ -65,6 +72,10 @@ class SnapshotStore:
         self.disk = None if folder is None else DiskTier(
             os.path.expanduser(folder), config.disk_bytes, config.stale_tmp_s
         )
+        self.shared = None if config.url is None else SharedTier(
+            config.url, config.storage_options, refresh_s=config.shared_refresh_s, stale_tmp_s=config.stale_tmp_s
+        )
+        self._writer = None if self.shared is None else SharedWriter(self.shared, self._published, self._unpublished)
         self._index = PrefixIndex(config.block_size)
         self._stats = StoreStats()
         self._lock = threading.RLock()
@@ -96,39 +107,76 @@ class SnapshotStore:
         return usable
 
     def get(self, key: str, layout: StateLayout | None = None) -> HostSnapshot | None:
-        """The snapshot of `key` from RAM, else from disk (promoted to RAM); None if gone or unreadable."""
+        """The snapshot of `key` from RAM, else disk, else the shared tier (promoted to the tiers above);
+        None if gone or unreadable."""
         with self._lock:
             snap = self.ram.get(key)
             if snap is not None:
                 self._stats.hits_ram += 1
                 return snap
             self._stats.misses_ram += 1
-            if self.disk is None or key not in self.disk.entries:
-                return None
-            entry = self.disk.entries[key]
-            try:
-                snap = self.disk.get(key, layout or entry.header.layout)
-            except SnapshotMismatch as exc:
-                self._stats.misses_disk += 1
-                # NOTE: a file that vanished was evicted by another process (a plain miss); one that is
-                # there but fails its checks is damaged, since files only appear by atomic rename.
-                if self.disk.path(key).exists():
-                    log.warning("skipping unreadable snapshot %s: %s", key, exc)
-                    self._stats.corrupt += 1
-                    self.disk.quarantine(key)
-                else:
-                    self.disk.entries.pop(key, None)
-                self._index.remove(key)
-                return None
-            self._stats.hits_disk += 1
-            self._put_ram(key, snap)
-            if key in self.ram:
-                self._stats.promotions += 1
+            snap = self._get_disk(key, layout)
+            if snap is not None:
+                self._stats.hits_disk += 1
+                self._put_ram(key, snap)
+                if key in self.ram:
+                    self._stats.promotions += 1
+                return snap
+            snap = self._get_shared(key, layout)
+            if snap is not None:
+                self._stats.hits_shared += 1
+                self._put_ram(key, snap)
+                if self.disk is not None and self.config.write_through and key not in self.disk.entries:
+                    self._put_disk(key, snap)
+                if key in self.ram or (self.disk is not None and key in self.disk.entries):
+                    self._stats.promotions += 1
             return snap
+
+    def _get_disk(self, key: str, layout: StateLayout | None) -> HostSnapshot | None:
+        if self.disk is None or key not in self.disk.entries:
+            return None
+        entry = self.disk.entries[key]
+        try:
+            return self.disk.get(key, layout or entry.header.layout)
+        except SnapshotMismatch as exc:
+            self._stats.misses_disk += 1
+            # NOTE: a file that vanished was evicted by another process (a plain miss); one that is
+            # there but fails its checks is damaged, since files only appear by atomic rename.
+            if self.disk.path(key).exists():
+                log.warning("skipping unreadable snapshot %s: %s", key, exc)
+                self._stats.corrupt += 1
+                self.disk.quarantine(key)
+            else:
+                self.disk.entries.pop(key, None)
+            self._drop_if_unheld(key)
+            return None
+
+    def _get_shared(self, key: str, layout: StateLayout | None) -> HostSnapshot | None:
+        if self.shared is None or key not in self.shared.entries:
+            return None
+        entry = self.shared.entries[key]
+        try:
+            return self.shared.get(key, layout or entry.header.layout)
+        except FileNotFoundError:  # someone cleaned the shared tier: a plain miss
+            self.shared.entries.pop(key, None)
+        except SnapshotMismatch as exc:  # files appear whole (rename or one PUT): this one is damaged
+            log.warning("skipping unreadable shared snapshot %s: %s", key, exc)
+            self._stats.corrupt += 1
+            self.shared.quarantine(key)
+        except Exception as exc:  # noqa: BLE001 - network or driver error: keep the entry, prefill now
+            log.warning("cannot read shared snapshot %s from %s: %s", key, self.shared.url, exc)
+            self._stats.misses_shared += 1
+            return None
+        self._stats.misses_shared += 1
+        self._drop_if_unheld(key)
+        return None
 
     # -- insert and remove ----------------------------------------------------------------------
     def put(self, snap: HostSnapshot) -> str:
-        """Store `snap` (RAM, and disk when write_through); return its key. Idempotent per key."""
+        """Store `snap` (RAM, disk when write_through, the shared tier when configured); return its key.
+
+        Idempotent per key.
+        """
         arr = as_array(snap.tokens)
         key = entry_key(snap.layout.root, arr)
         with self._lock:
@@ -136,31 +184,52 @@ class SnapshotStore:
             if self.disk is not None and self.config.write_through and key not in self.disk.entries:
                 self._put_disk(key, snap)
             self._put_ram(key, snap)
-            if key not in self.ram and (self.disk is None or key not in self.disk.entries):
-                self._index.remove(key)  # too large for every tier
+            self._put_shared(key, snap)
+            self._drop_if_unheld(key)  # too large for every local tier, and not (yet) shared
         return key
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every write to the shared tier queued so far has finished; False on timeout.
+
+        NOTE: not under the store's lock: the writer thread takes it to record what it wrote.
+        """
+        return True if self._writer is None else self._writer.flush(timeout)
+
+    def close(self) -> None:
+        """Finish the queued shared-tier writes and stop the writer thread (the store stays usable)."""
+        if self._writer is not None:
+            self._writer.close()
 
     def key_of(self, layout: StateLayout, tokens: Sequence[int] | np.ndarray) -> str:
         return entry_key(layout.root, as_array(tokens))
 
     def touch(self, key: str) -> bool:
-        """Mark `key` as just used in every tier holding it; False if it is not stored."""
+        """Mark `key` as just used in every tier holding it; False if it is not stored (or being shared)."""
         with self._lock:
             held = self.ram.get(key) is not None
             if self.disk is not None and key in self.disk.entries:
                 self.disk.touch(key)
                 held = True
-            return held
+            return held or self._in_shared(key)
 
-    def remove(self, key: str) -> bool:
-        """Delete `key` from every tier; False if it was not stored."""
+    def remove(self, key: str, *, shared: bool = False) -> bool:
+        """Delete `key` from the local tiers (and from the shared tier with `shared`); False if it was not there.
+
+        NOTE: without `shared` a shared entry stays (other replicas use it), and a later lookup finds it there.
+        """
         with self._lock:
             self._refresh()
             held = self.ram.pop(key) is not None
             if self.disk is not None and key in self.disk.entries:
                 self.disk.remove(key)
                 held = True
-            self._index.remove(key)
+            if shared and self.shared is not None and key in self.shared.entries:
+                try:
+                    self.shared.remove(key)
+                except Exception as exc:  # noqa: BLE001 - report it; the local tiers are done
+                    log.warning("could not delete shared snapshot %s: %s", key, exc)
+                held = True
+            self._drop_if_unheld(key)
             return held
 
     def entries(self) -> list[EntryInfo]:
@@ -173,9 +242,13 @@ class SnapshotStore:
                 assert s is not None
                 out[key] = EntryInfo(key, ("ram",), s.n_tokens, s.nbytes, s.created, s.layout.model_desc)
             for key, e in (self.disk.entries.items() if self.disk else ()):
-                tiers = ("ram", "disk") if key in out else ("disk",)
+                tiers: tuple[str, ...] = ("ram", "disk") if key in out else ("disk",)
                 h = e.header
                 out[key] = EntryInfo(key, tiers, h.n_tokens, e.size, h.created, h.layout.model_desc)
+            for key, se in (self.shared.entries.items() if self.shared else ()):
+                tiers = (*out[key].tiers, "shared") if key in out else ("shared",)
+                h = se.header
+                out[key] = EntryInfo(key, tiers, h.n_tokens, se.size, h.created, h.layout.model_desc)
             return list(out.values())
 
     def stats(self) -> StoreStats:
@@ -186,6 +259,9 @@ class SnapshotStore:
             s.bytes_ram, s.entries_ram = self.ram.nbytes, len(self.ram)
             if self.disk is not None:
                 s.bytes_disk, s.entries_disk = self.disk.nbytes, len(self.disk.entries)
+            if self.shared is not None:
+                s.bytes_shared, s.entries_shared = self.shared.nbytes, len(self.shared.entries)
+                s.refused_shared = self.shared.refused
             return s
 
     def count(self, **deltas: float) -> None:
@@ -202,8 +278,7 @@ class SnapshotStore:
             if self.disk is not None and old_key not in self.disk.entries:
                 self._stats.demotions += 1
                 self._put_disk(old_key, old)
-            if self.disk is None or old_key not in self.disk.entries:
-                self._index.remove(old_key)
+            self._drop_if_unheld(old_key)
 
     def _put_disk(self, key: str, snap: HostSnapshot) -> None:
         assert self.disk is not None
@@ -214,15 +289,51 @@ class SnapshotStore:
             return
         for old_key in evicted:
             self._stats.evictions_disk += 1
-            if old_key not in self.ram:
-                self._index.remove(old_key)
+            self._drop_if_unheld(old_key)
+
+    def _put_shared(self, key: str, snap: HostSnapshot) -> None:
+        if self.shared is None or self._in_shared(key):
+            return
+        assert self._writer is not None
+        if not self.config.shared_async:
+            try:
+                self._published(self.shared.publish(key, snap))
+            except Exception as exc:  # noqa: BLE001 - the tier is a cache: a failed write is only logged
+                self._unpublished(key, exc)
+        elif not self._writer.submit(key, snap):
+            self._stats.skips_shared += 1  # NOTE: the writer is backed up; the local tiers hold it
+
+    def _published(self, entry: SharedEntry) -> None:
+        with self._lock:
+            assert self.shared is not None
+            self.shared.entries[entry.key] = entry
+            self._index.add(entry.key, entry.header.layout.root, as_array(entry.tokens))
+            self._stats.writes_shared += 1
+
+    def _unpublished(self, key: str, exc: BaseException) -> None:
+        log.warning("could not write snapshot %s to the shared tier: %s", key, exc)
+        with self._lock:
+            self._stats.write_errors_shared += 1
+
+    def _in_shared(self, key: str) -> bool:
+        if self.shared is None:
+            return False
+        return key in self.shared.entries or (self._writer is not None and key in self._writer)
+
+    def _drop_if_unheld(self, key: str) -> None:
+        """Forget `key` in the index unless some tier holds it (or will: a queued shared write re-adds it)."""
+        if key in self.ram or (self.disk is not None and key in self.disk.entries):
+            return
+        if self.shared is not None and key in self.shared.entries:
+            return
+        self._index.remove(key)
 
     def _refresh(self, force: bool = False) -> None:
-        if self.disk is None:
-            return
-        added, gone = self.disk.refresh(force)
-        for entry in added:
-            self._index.add(entry.key, entry.header.layout.root, as_array(entry.tokens))
-        for key in gone:
-            if key not in self.ram:
-                self._index.remove(key)
+        for tier in (self.disk, self.shared):
+            if tier is None:
+                continue
+            added, gone = tier.refresh(force)
+            for entry in added:
+                self._index.add(entry.key, entry.header.layout.root, as_array(entry.tokens))
+            for key in gone:
+                self._drop_if_unheld(key)
