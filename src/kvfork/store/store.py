@@ -107,8 +107,8 @@ class SnapshotStore:
         return usable
 
     def get(self, key: str, layout: StateLayout | None = None) -> HostSnapshot | None:
-        """The snapshot of `key` from RAM, else disk, else the shared tier (promoted to the tiers above);
-        None if gone or unreadable."""
+        """The snapshot of `key` from RAM, else disk, else the shared tier (a hit below RAM is promoted to
+        RAM); None if gone or unreadable."""
         with self._lock:
             snap = self.ram.get(key)
             if snap is not None:
@@ -125,10 +125,11 @@ class SnapshotStore:
             snap = self._get_shared(key, layout)
             if snap is not None:
                 self._stats.hits_shared += 1
+                # NOTE: RAM only: the shared tier keeps the file already, and a local disk copy written
+                # here would sit on the request's path (0.16 s of a 0.28 s restore for ~3,500 tokens of
+                # qwen's f16 cache, bench/shared_restore.py); RAM's own eviction may demote it later.
                 self._put_ram(key, snap)
-                if self.disk is not None and self.config.write_through and key not in self.disk.entries:
-                    self._put_disk(key, snap)
-                if key in self.ram or (self.disk is not None and key in self.disk.entries):
+                if key in self.ram:
                     self._stats.promotions += 1
             return snap
 
