@@ -13,12 +13,10 @@ counter's growth since the one before: run it against a server nothing else uses
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import re
-import urllib.request
 
+from _server import cli, metric, served_model, show_shared
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import TaskResult
 from autogen_agentchat.conditions import MaxMessageTermination
@@ -40,19 +38,6 @@ def get_population(city: str) -> str:
 BRIEF = ("You are one of two agents on a city facts desk. The researcher looks facts up with its tool; the writer"
          " then answers the user's question in one short sentence, from the researcher's findings only.")
 TASK = "How many people live in Lyon?"
-
-
-def metric(base_url: str, name: str) -> float:
-    """A counter of the server's /metrics (0 when it has not counted anything yet)."""
-    text = urllib.request.urlopen(f"{base_url.rsplit('/v1', 1)[0]}/metrics").read().decode()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def served_model(base_url: str, api_key: str) -> str:
-    """The id the server lists first (kvfork serves one model)."""
-    req = urllib.request.Request(f"{base_url}/models", headers={"Authorization": f"Bearer {api_key}"})
-    return json.loads(urllib.request.urlopen(req).read())["data"][0]["id"]
 
 
 async def run(base_url: str, api_key: str, model: str, max_tokens: int) -> dict:
@@ -108,18 +93,8 @@ def show(result: dict) -> None:
         print(f"[{source}] {text.strip()}")
     for name, args in result["tool_calls"]:
         print(f"tool call: {name}({json.dumps(args)})")
-    print("\n--- what the server shared ---")
-    for i, r in enumerate(result["requests"], 1):
-        print(f"request {i} ({r['agent']}): {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached")
-    total = result["prefill_computed"] + result["prefill_reused"]
-    print(f"cached tokens: {result['cached_tokens']:,.0f}; /metrics: {total:,.0f} prompt tokens,"
-          f" {result['prefill_reused']:,.0f} reused from a shared prefix, {result['prefill_computed']:,.0f} prefilled")
+    show_shared(result, lambda r: f" ({r['agent']}): {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--api-key", default="none")
-    parser.add_argument("--model", default=None, help="model id (default: the one the server lists)")
-    args = parser.parse_args()
-    show(main(args.base_url, args.api_key, args.model))
+    cli(__doc__, main, show)

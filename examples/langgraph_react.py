@@ -15,11 +15,9 @@ and the server's /metrics counters.
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
-import urllib.request
 
+from _server import cli, metric, served_model, show_shared
 from langchain.agents import create_agent
 from langchain.agents.middleware import ModelRequest, wrap_model_call
 from langchain.agents.structured_output import ProviderStrategy
@@ -74,19 +72,6 @@ def tools_then_answer(request: ModelRequest, handler):  # type: ignore[no-untype
                                     model_settings={**request.model_settings, "strict": True}))
 
 
-def metric(base_url: str, name: str) -> float:
-    """A counter of the server's /metrics (0 when it has not counted anything yet)."""
-    text = urllib.request.urlopen(f"{base_url.rsplit('/v1', 1)[0]}/metrics").read().decode()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def served_model(base_url: str, api_key: str) -> str:
-    """The id the server lists first (kvfork serves one model)."""
-    req = urllib.request.Request(f"{base_url}/models", headers={"Authorization": f"Bearer {api_key}"})
-    return json.loads(urllib.request.urlopen(req).read())["data"][0]["id"]
-
-
 def main(base_url: str = "http://127.0.0.1:8000/v1", api_key: str = "none", model: str | None = None,
          max_tokens: int = 64) -> dict:
     """Run the agent once; return its answer, the tool calls it made, each request's usage and /metrics deltas."""
@@ -118,19 +103,9 @@ def show(result: dict) -> None:
     for name, args in result["tool_calls"]:
         print(f"tool call: {name}({json.dumps(args)})")
     print(f"answer: {json.dumps(result['answer'])}")
-    print("\n--- what the server shared ---")
-    for i, r in enumerate(result["requests"], 1):
-        print(f"request {i}: {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached"
+    show_shared(result, lambda r: f": {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached"
               f"{' -> ' + ', '.join(r['tool_calls']) if r['tool_calls'] else ''}")
-    total = result["prefill_computed"] + result["prefill_reused"]
-    print(f"cached tokens: {result['cached_tokens']}; /metrics: {total:,.0f} prompt tokens, "
-          f"{result['prefill_reused']:,.0f} reused from a shared prefix, {result['prefill_computed']:,.0f} prefilled")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--api-key", default="none")
-    parser.add_argument("--model", default=None, help="model id (default: the one the server lists)")
-    args = parser.parse_args()
-    show(main(args.base_url, args.api_key, args.model))
+    cli(__doc__, main, show)

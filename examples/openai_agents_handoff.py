@@ -13,12 +13,10 @@ server's /metrics counters.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import re
-import urllib.request
 
+from _server import cli, metric, show_shared
 from agents import (
     Agent,
     ModelSettings,
@@ -46,13 +44,6 @@ def get_weather(city: str) -> str:
 
 
 QUESTION = "What is the weather in Rome right now?"
-
-
-def metric(base_url: str, name: str) -> float:
-    """A counter of the server's /metrics (0 when it has not counted anything yet)."""
-    text = urllib.request.urlopen(f"{base_url.rsplit('/v1', 1)[0]}/metrics").read().decode()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def agents(client: AsyncOpenAI, model: str, max_tokens: int) -> Agent:
@@ -114,19 +105,9 @@ def show(result: dict) -> None:
     for name, args in result["tool_calls"]:
         print(f"tool call: {name}({json.dumps(args)})")
     print(f"answer ({result['last_agent']}): {result['answer']}")
-    print("\n--- what the server shared ---")
-    for i, r in enumerate(result["requests"], 1):
-        print(f"request {i}: {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached"
+    show_shared(result, lambda r: f": {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached"
               f"{' -> ' + ', '.join(r['calls']) if r['calls'] else ''}")
-    total = result["prefill_computed"] + result["prefill_reused"]
-    print(f"cached tokens: {result['cached_tokens']}; /metrics: {total:,.0f} prompt tokens, "
-          f"{result['prefill_reused']:,.0f} reused from a shared prefix, {result['prefill_computed']:,.0f} prefilled")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--api-key", default="none")
-    parser.add_argument("--model", default=None, help="model id (default: the one the server lists)")
-    args = parser.parse_args()
-    show(main(args.base_url, args.api_key, args.model))
+    cli(__doc__, main, show)
