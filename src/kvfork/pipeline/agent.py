@@ -125,6 +125,11 @@ class Agent:
         """Whether the agent's prompt shows tools and its replies are read for calls."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    @property
+    def tool_definitions(self) -> list[dict[str, Any]] | None:
+        """The OpenAI-style definitions its prompt shows, in the agent's order; None without tools."""
+        return [t.definition() for t in self.tool_list] if self.uses_tools else None
+
     def __hash__(self) -> int:  # NOTE: `sampling` may be a dict; the name is unique within a pipeline
         return hash(self.name)
 

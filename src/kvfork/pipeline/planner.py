@@ -105,7 +105,7 @@ def plan(engine: Engine, pipeline: Pipeline) -> Plan:
         document = pipeline.documents[doc_name] if doc_name is not None else ""
         turn = first_turn(pipeline, agent, outputs)
         # NOTE: an agent with tools has them in its prompt (the template lays them out): its own snapshot.
-        tools = [t.definition() for t in agent.tool_list] if agent.uses_tools and pipeline.chat else None
+        tools = agent.tool_definitions if pipeline.chat else None
         if tools:
             layout = engine.layout(document, system, tools=tools)
             prompts[agent.name] = engine.tokenize(layout.prefix, add_bos=True, special=True) + engine.tokenize(

@@ -98,8 +98,9 @@ class Runner:
         self._tool_format = tool_format(self.engine, self.pipeline, self.reuse is not None and self.reuse.active)
         for agent in self.pipeline.agents:
             # NOTE: the definitions as written (not sorted): a template may lay them out in their own order
-            tools = json.dumps([t.definition() for t in agent.tool_list]) if agent.uses_tools else None
-            key = (agent.document(self.pipeline.documents), self.pipeline.system_of(agent), tools)
+            tools = agent.tool_definitions
+            key = (agent.document(self.pipeline.documents), self.pipeline.system_of(agent),
+                   json.dumps(tools) if tools else None)
             self._runs[agent.name] = _AgentRun(agent, key)
             self._users_left[key] = self._users_left.get(key, 0) + 1
         try:
@@ -276,14 +277,14 @@ class Runner:
                 return self._fork_composed(run, turn)
         snapshot = self._snapshots.get(slot)
         if snapshot is None:
-            doc_name, system, tools = run.key
+            doc_name, system, _ = run.key
             text = self.pipeline.documents[doc_name] if doc_name is not None else ""
             try:
                 if self.reuse is not None and self.reuse.active and doc_name is not None:
                     snapshot = self.reuse.snapshot(doc_name, system, text, system or "")
                 else:
                     snapshot = self.engine.prefill(text, system=system, chat=self.pipeline.chat,
-                                                   tools=json.loads(tools) if tools else None)
+                                                   tools=run.agent.tool_definitions)
             except KvforkError as exc:
                 self._broken[slot] = exc
                 self._fail(run, exc)
@@ -302,8 +303,7 @@ class Runner:
         run.use.forks.append(run.agent.name)
         if run.key[2] is not None:
             run.session = ToolSession(self.engine, run.agent, self._tool_format,  # type: ignore[arg-type]
-                                      self.pipeline.documents.get(run.key[0] or ""), run.key[1],
-                                      json.loads(run.key[2]))
+                                      self.pipeline.documents.get(run.key[0] or ""), run.key[1])
             run.origin, run.owns_origin = snapshot, not self.share
         if not self.share:
             # NOTE: a private snapshot's cells stay pinned by its one branch; its id is freed with it.

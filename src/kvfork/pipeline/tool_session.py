@@ -66,13 +66,13 @@ class FollowUp:
 class ToolSession:
     """One agent's tool conversation: messages for the template, the text its branch holds, its rounds."""
 
-    def __init__(self, engine: Engine, agent: Agent, fmt: ToolFormat, document: str | None, system: str | None,
-                 definitions: list[dict[str, Any]]):
+    def __init__(self, engine: Engine, agent: Agent, fmt: ToolFormat, document: str | None, system: str | None):
         self.engine = engine
         self.agent = agent
         self.fmt = fmt
         self.tools = {t.name: t for t in agent.tool_list}
-        self.definitions = definitions  # NOTE: exactly those its snapshot was rendered with
+        # NOTE: the same definitions its snapshot was rendered with (agents share one only when these are equal)
+        self.definitions: list[dict[str, Any]] = agent.tool_definitions or []
         self.document = document
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.prefix = ""  # the snapshot's text (the layout's prefix)

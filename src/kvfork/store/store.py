@@ -118,19 +118,17 @@ class SnapshotStore:
             snap = self._get_disk(key, layout)
             if snap is not None:
                 self._stats.hits_disk += 1
-                self._put_ram(key, snap)
-                if key in self.ram:
-                    self._stats.promotions += 1
-                return snap
-            snap = self._get_shared(key, layout)
-            if snap is not None:
+            else:
+                snap = self._get_shared(key, layout)
+                if snap is None:
+                    return None
                 self._stats.hits_shared += 1
-                # NOTE: RAM only: the shared tier keeps the file already, and a local disk copy written
-                # here would sit on the request's path (0.16 s of a 0.28 s restore for ~3,500 tokens of
-                # qwen's f16 cache, bench/shared_restore.py); RAM's own eviction may demote it later.
-                self._put_ram(key, snap)
-                if key in self.ram:
-                    self._stats.promotions += 1
+            # NOTE: to RAM only, a shared hit too: the shared tier keeps the file already, and a local disk
+            # copy written here would sit on the request's path (0.16 s of a 0.28 s restore for ~3,500 tokens
+            # of qwen's f16 cache, bench/shared_restore.py); RAM's own eviction may demote it later.
+            self._put_ram(key, snap)
+            if key in self.ram:
+                self._stats.promotions += 1
             return snap
 
     def _get_disk(self, key: str, layout: StateLayout | None) -> HostSnapshot | None:
