@@ -5,19 +5,40 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from kvfork.errors import SnapshotMismatch
 from kvfork.store.fileformat import TMP_SUFFIX, FileHeader, read_header, read_snapshot, write_snapshot
 from kvfork.store.host import HostSnapshot
 from kvfork.store.layout import StateLayout
 
-__all__ = ["DiskTier", "DiskEntry", "SUFFIX"]
+__all__ = ["DiskTier", "DiskEntry", "SUFFIX", "reconcile"]
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvs"
+E = TypeVar("E")
+F = TypeVar("F")
+
+
+def reconcile(entries: dict[str, E], present: Mapping[str, F],
+              scan: Callable[[str, F], E | None]) -> tuple[list[E], list[str]]:
+    """Bring a tier's `entries` in line with a listing of the files `present`: forget the keys whose files
+    went, `scan` the new ones (None: unreadable, left out). Returns (new entries, keys that went)."""
+    gone = [k for k in entries if k not in present]
+    for key in gone:
+        del entries[key]
+    added = []
+    for key, found in present.items():
+        if key not in entries:
+            entry = scan(key, found)
+            if entry is not None:
+                entries[key] = entry
+                added.append(entry)
+    return added, gone
 
 
 @dataclass(frozen=True)
@@ -72,17 +93,7 @@ class DiskTier:
                     present[d.name[: -len(SUFFIX)]] = d
                 elif d.name.startswith(".") and d.name.endswith(TMP_SUFFIX):
                     self._maybe_clean_tmp(d)
-        gone = [k for k in self.entries if k not in present]
-        for key in gone:
-            del self.entries[key]
-        added = []
-        for key, d in present.items():
-            if key not in self.entries:
-                entry = self._scan(key, d)
-                if entry is not None:
-                    self.entries[key] = entry
-                    added.append(entry)
-        return added, gone
+        return reconcile(self.entries, present, self._scan)
 
     def _scan(self, key: str, d: os.DirEntry[str]) -> DiskEntry | None:
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 from kvfork.config import check_url
 from kvfork.errors import SnapshotMismatch
-from kvfork.store.disk import SUFFIX
+from kvfork.store.disk import SUFFIX, reconcile
 from kvfork.store.fileformat import (
     TMP_SUFFIX,
     FileHeader,
@@ -128,17 +128,7 @@ class SharedTier:
                 present[name[: -len(SUFFIX)]] = info
             elif name.startswith(".") and name.endswith(TMP_SUFFIX):
                 self._maybe_clean_tmp(info)
-        gone = [k for k in self.entries if k not in present]
-        for key in gone:
-            del self.entries[key]
-        added = []
-        for key, info in present.items():
-            if key not in self.entries:
-                entry = self._scan(key, info)
-                if entry is not None:
-                    self.entries[key] = entry
-                    added.append(entry)
-        return added, gone
+        return reconcile(self.entries, present, self._scan)
 
     def _scan(self, key: str, info: dict[str, Any]) -> SharedEntry | None:
         path, size = info["name"], int(info.get("size") or 0)
