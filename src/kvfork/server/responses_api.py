@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvfork.server.errors import APIError
 from kvfork.server.protocol import IGNORED, ChatRequest, refuse_unsupported
-from kvfork.server.responses_stream import response_events
+from kvfork.server.responses_stream import call_item, message_item, response_events
 from kvfork.server.routes import chat_completions
 
 __all__ = ["router", "ResponsesRequest"]
@@ -137,13 +137,8 @@ def _output(chat: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     message, items = choice["message"], []
     incomplete = "max_output_tokens" if choice["finish_reason"] == "length" else None
     if message.get("content"):
-        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}",
-                      "status": "incomplete" if incomplete else "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": message["content"], "annotations": []}]})
-    for call in message.get("tool_calls") or []:
-        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
-                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                      "status": "completed"})
+        items.append(message_item(message["content"], "incomplete" if incomplete else "completed"))
+    items += [call_item(call, "completed") for call in message.get("tool_calls") or []]
     return items, incomplete
 
 

@@ -15,7 +15,20 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Protocol
 
-__all__ = ["ResponseShape", "response_events"]
+__all__ = ["ResponseShape", "call_item", "message_item", "response_events"]
+
+
+def message_item(text: str, status: str) -> dict[str, Any]:
+    """An assistant message output item holding one output_text part."""
+    return {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def call_item(call: dict[str, Any], status: str, arguments: str | None = None) -> dict[str, Any]:
+    """A function_call output item from a chat completion's tool call (`arguments`: its own, by default)."""
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
+            "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"] if arguments is None else arguments, "status": status}
 
 
 class ResponseShape(Protocol):
@@ -56,13 +69,13 @@ class _Events:
     def text(self, delta: str) -> list[bytes]:
         out = []
         if self.message is None:
-            self.message = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "in_progress",
-                            "role": "assistant", "content": []}
+            self.message = message_item("", "in_progress")
+            part = self.message["content"].pop()  # NOTE: announced empty, then added as its own event
             self.output.append(self.message)
             out.append(self.emit("response.output_item.added", output_index=len(self.output) - 1,
                                  item=self.message))
-            self.message["content"].append({"type": "output_text", "text": "", "annotations": []})
-            out.append(self.emit("response.content_part.added", **self._where(), part=self.message["content"][0]))
+            self.message["content"].append(part)
+            out.append(self.emit("response.content_part.added", **self._where(), part=part))
         self.message["content"][0]["text"] += delta
         out.append(self.emit("response.output_text.delta", **self._where(), delta=delta, logprobs=[]))
         return out
@@ -82,8 +95,7 @@ class _Events:
         """One whole tool call (the chat stream parses a call whole) as a function_call item."""
         out = self.end_message("completed")
         args = call["function"]["arguments"]
-        item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
-                "name": call["function"]["name"], "arguments": "", "status": "in_progress"}
+        item = call_item(call, "in_progress", arguments="")
         self.output.append(item)
         where = {"item_id": item["id"], "output_index": len(self.output) - 1}
         out.append(self.emit("response.output_item.added", output_index=where["output_index"], item=dict(item)))
