@@ -114,8 +114,7 @@ class Choices:
         NOTE: only cells computed as a from-scratch prefill of the same tokens computes them: not a
         reuse-mode prompt's (approximate) and not a LoRA decoder's reply (the base model computes prompts).
         """
-        return (job.adapter is None and (job.reuse is None or job.reuse.mode == "exact")
-                and seq.seq_id is not None and seq.n_in_kv > 0)
+        return job.adapter is None and not job.composed and seq.seq_id is not None and seq.n_in_kv > 0
 
     def cancel(self, job: Job) -> None:
         """The client left: stop and free its branches now."""

@@ -79,7 +79,7 @@ class Dispatcher:
         for job in jobs:
             if self.choices.admit(job):
                 continue  # cancelled before it started
-            if job.reuse is not None and job.reuse.mode != "exact" and job.pieces is not None:
+            if job.composed:
                 self.guard([job], functools.partial(self.reuse.place, job))
             else:
                 self.guard([job], functools.partial(self._place, job))

@@ -93,5 +93,10 @@ class Job:
         return len(self.params)
 
     @property
+    def composed(self) -> bool:
+        """Its prompt is placed by a reuse mode (approximate cells), not computed or forked exactly."""
+        return self.reuse is not None and self.reuse.mode != "exact" and self.pieces is not None
+
+    @property
     def finished(self) -> bool:
         return bool(self.ended) and all(self.ended)
