@@ -89,12 +89,14 @@ class LlamaModel:
     """Weights and vocabulary of one GGUF file, loaded once and shared by every context."""
 
     def __init__(
-        self, path: Path, *, verbose: bool = False, chat_template: str | None = None, repack: bool = False
+        self, path: Path, *, verbose: bool = False, chat_template: str | None = None, repack: bool = False,
+        vocab_only: bool = False,
     ) -> None:
         set_verbose(verbose)
         _ensure_backend()
         params = llama_cpp.llama_model_default_params()
         params.use_extra_bufts = repack
+        params.vocab_only = vocab_only  # NOTE: tokenizer and chat template only (a cluster ingress): no context
         ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise InvalidModelFile(

@@ -11,8 +11,9 @@ from kvfork.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
+    from kvfork.store.store import SnapshotStore
 
-__all__ = ["add_server_commands"]
+__all__ = ["add_server_commands", "build_server", "load_adapters"]
 
 
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +56,15 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="a LoRA decoder served as model '<id>+NAME' over the shared base prefill (repeatable)")
     p.add_argument("--naive-adapters", action="store_true",
                    help="serve adapters not trained on base KV over it anyway (approximate; see docs/prefillshare.md)")
+    c = p.add_argument_group("cluster (the `cluster` extra: Ray Serve)")
+    c.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve through N engine replicas on Ray Serve, routed by shared prefix")
+    c.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start a local one")
+    c.add_argument("--spill-tokens", type=int, default=None,
+                   help="work margin (tokens) past which a prefix hit goes to a less loaded replica")
+    c.add_argument("--replica-cpus", type=float, default=None,
+                   help="CPUs Ray reserves per engine replica (default: its --threads, else 1)")
     p.set_defaults(func=_serve)
 
 
@@ -74,11 +84,10 @@ def load_adapters(engine: Engine, specs: list[str], *, naive: bool) -> None:
             )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn  # NOTE: imported late so `kvfork --help` works without the server extra's import cost
-
+def build_server(args: argparse.Namespace) -> tuple[Engine, SnapshotStore | None, ServerConfig]:
+    """The engine (adapters loaded), its store and the server settings that `kvfork serve`'s options name;
+    a cluster replica builds its own from the same options."""
     from kvfork.runtime import Engine
-    from kvfork.server.app import create_app
     from kvfork.store.store import SnapshotStore
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
@@ -104,7 +113,22 @@ def _serve(args: argparse.Namespace) -> int:
         load_adapters(engine, args.adapter, naive=args.naive_adapters)
     except BaseException:
         engine.close()
+        if store is not None:
+            store.close()
         raise
+    return engine, store, config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None or args.cluster is not None:
+        from kvfork.cluster.app import serve_cluster  # NOTE: Ray only for cluster mode (the `cluster` extra)
+
+        return serve_cluster(args)
+    import uvicorn  # NOTE: imported late so `kvfork --help` works without the server extra's import cost
+
+    from kvfork.server.app import create_app
+
+    engine, store, config = build_server(args)
     app = create_app(engine, config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"warning: serving on {config.host} without --api-key: anyone who can reach it can use it")
