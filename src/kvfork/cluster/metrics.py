@@ -22,6 +22,7 @@ REPLICA_COUNTERS = {
     "prefill_reused": "Prompt tokens the replica took from a prefix it held, or restored",
     "restores_shared": "Prefixes the replica restored from the shared snapshot tier",
     "requests": "Requests the replica finished",
+    "busy_s": "Seconds the replica's engine was computing (reported by the benchmark's stub replicas)",
 }
 
 
