@@ -132,9 +132,13 @@ class PrefixPolicy:
         if not replicas:
             raise ValueError("no replica to route to")
         self._expire(now)
-        previous = self._inflight.pop(request_id, None)
-        if previous is not None:  # NOTE: Serve asks again when every replica was full: decide afresh
-            self._add_work(previous[0], -previous[1])
+        previous = self._inflight.get(request_id)
+        if previous is not None:
+            # NOTE: Serve asks again when every replica was full (it backs off and retries): same answer while
+            # that replica lives (its recent keys now include this request's own), else decide afresh.
+            if previous[0] in replicas:
+                return previous[3]
+            self.completed(request_id)
         decision = self._decide(route, replicas)
         cost = max(0, route.n_tokens - decision.matched_tokens) + route.max_tokens
         self._inflight[request_id] = (decision.replica, cost, now + self.config.inflight_ttl_s, decision)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from kvfork.cluster.metrics import cluster_metrics as _metrics
 from kvfork.cluster.policy import PrefixPolicy, Route, RouterConfig
@@ -24,9 +24,13 @@ __all__ = ["KvforkRouter"]
 
 
 
-class KvforkRouter(FIFOMixin, RequestRouter):
+class KvforkRouter(RequestRouter):
     """Ranks the policy's choice first, then the others by the work routed to them (Serve takes the first
-    replica with room in the first rank that has one)."""
+    replica with room in the first rank that has one).
+
+    NOTE: no FIFOMixin: it hands a chosen replica to the oldest pending request, not the one it was chosen
+    for, which scatters requests that share a prefix (measured: 8 agents split 6/2 over two replicas).
+    """
 
     def initialize_state(self, **kwargs: Any) -> None:
         self.policy = PrefixPolicy(RouterConfig(**kwargs))
