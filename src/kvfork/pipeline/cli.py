@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from kvfork.config import EXACT_HELP
+from kvfork.errors import InvalidParameter
 from kvfork.models import DEFAULT_MODEL
 from kvfork.pipeline.definition import LAYOUTS
 from kvfork.pipeline.loader import PipelineFile, load_pipeline
 from kvfork.reuse.config import REUSE_MODES
 
-__all__ = ["add_pipeline_commands"]
+__all__ = ["add_pipeline_commands", "open_engine"]
 
 
 def add_pipeline_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +32,12 @@ def add_pipeline_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-chars", type=int, default=600, help="show at most this much of each answer (0: all)")
     p.add_argument("--reuse", choices=REUSE_MODES, default=None,
                    help="reuse documents under other roles and upstream replies (approximate unless exact)")
+    p.add_argument("more", nargs="*", type=Path, metavar="FILE", help="more pipeline files, run after the first"
+                   " (with --replicas: spread over the replicas)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run the pipelines on N engine replicas on Ray (the `cluster` extra): each pipeline on"
+                        " one replica, pipelines with the same documents together")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS", help="join this Ray cluster (default: a local one)")
     p.set_defaults(func=run_command)
 
 
@@ -46,39 +53,58 @@ def _common(p: argparse.ArgumentParser) -> None:
 def plan_command(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.file)
     pipeline = spec.pipeline.with_layout(args.layout) if args.layout else spec.pipeline
-    with _engine(spec, args) as engine:
+    with open_engine(spec, args) as engine:
         print(f"pipeline {pipeline.name} on {engine.model_path.name}")
         print(pipeline.plan(engine).report())
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
-    spec = load_pipeline(args.file)
-    pipeline = spec.pipeline.with_layout(args.layout) if args.layout else spec.pipeline
-    with _engine(spec, args) as engine:
-        print(f"pipeline {pipeline.name}: {len(pipeline.agents)} agents on {engine.model_path.name}", file=sys.stderr)
-        result = pipeline.run(engine, share=not args.no_share, reuse=args.reuse or spec.reuse)
-        for agent in result:
-            print(f"\n=== {agent.name} ({agent.status}, {agent.completion_tokens} tokens) ===")
-            if agent.error:
-                print(agent.error)
-            for i, text in enumerate(agent.replies, 1):
-                head = f"[turn {i}] " if len(agent.replies) > 1 else ""
-                body = text.strip()
-                if args.max_chars and len(body) > args.max_chars:
-                    body = body[: args.max_chars] + " [...]"
-                print(head + body)
-        print("\n--- what sharing saved ---")
-        print(result.summary())
-        if args.compare and not args.no_share:
-            ref = pipeline.run(engine, share=False)
-            same = sum(ref[a.name].tokens == a.tokens for a in result if a.ok)
-            print(f"without sharing: {ref.wall_s:.1f} s -> {ref.wall_s / result.wall_s:.2f}x;"
-                  f" identical outputs: {same}/{sum(a.ok for a in result)}")
-    return 0 if result.ok else 1
+    specs = [load_pipeline(path) for path in [args.file, *args.more]]
+    if args.replicas is not None or args.cluster is not None:
+        if args.compare:
+            raise InvalidParameter("--compare runs on one engine; leave out --replicas")
+        from kvfork.cluster.pipelines import run_on_replicas
+
+        placed = run_on_replicas(specs, args, args.replicas or 1, args.cluster)
+        for spec, (replica, result) in zip(specs, placed, strict=True):
+            print(f"\n##### {spec.path.name}: pipeline {spec.pipeline.name} on replica {replica}")
+            _show(result, args)
+        return 0 if all(result.ok for _, result in placed) else 1
+    ok = True
+    for spec in specs:
+        pipeline = spec.pipeline.with_layout(args.layout) if args.layout else spec.pipeline
+        with open_engine(spec, args) as engine:
+            print(f"pipeline {pipeline.name}: {len(pipeline.agents)} agents on {engine.model_path.name}",
+                  file=sys.stderr)
+            result = pipeline.run(engine, share=not args.no_share, reuse=args.reuse or spec.reuse)
+            _show(result, args)
+            if args.compare and not args.no_share:
+                ref = pipeline.run(engine, share=False)
+                same = sum(ref[a.name].tokens == a.tokens for a in result if a.ok)
+                print(f"without sharing: {ref.wall_s:.1f} s -> {ref.wall_s / result.wall_s:.2f}x;"
+                      f" identical outputs: {same}/{sum(a.ok for a in result)}")
+        ok = ok and result.ok
+    return 0 if ok else 1
 
 
-def _engine(spec: PipelineFile, args: argparse.Namespace) -> Any:
+def _show(result: Any, args: argparse.Namespace) -> None:
+    for agent in result:
+        print(f"\n=== {agent.name} ({agent.status}, {agent.completion_tokens} tokens) ===")
+        if agent.error:
+            print(agent.error)
+        for i, text in enumerate(agent.replies, 1):
+            head = f"[turn {i}] " if len(agent.replies) > 1 else ""
+            body = text.strip()
+            if args.max_chars and len(body) > args.max_chars:
+                body = body[: args.max_chars] + " [...]"
+            print(head + body)
+    print("\n--- what sharing saved ---")
+    print(result.summary())
+
+
+def open_engine(spec: PipelineFile, args: argparse.Namespace) -> Any:
+    """The Engine a pipeline file asks for, with the command line's overrides."""
     from kvfork.runtime import Engine  # NOTE: imported late so parsing a file does not load llama.cpp
 
     overrides: dict[str, Any] = {"verbose": getattr(args, "verbose", False)}
