@@ -49,7 +49,7 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def per_replica(m: dict[str, float], counter: str) -> dict[str, float]:
-    pat = re.compile(r'kvfork_replica\{counter="%s",replica="(\w+)"\}' % counter)
+    pat = re.compile(r'kvfork_replica\{counter="' + re.escape(counter) + r'",replica="(\w+)"\}')
     return {pat.match(k).group(1): v for k, v in m.items() if pat.match(k)}
 
 

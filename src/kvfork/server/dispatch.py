@@ -22,6 +22,11 @@ from kvfork.server.job import Job
 from kvfork.server.metrics import ServerMetrics
 from kvfork.server.segments import ReusePlacer
 
+# NOTE: with a shared snapshot tier, a prefix this server computed at least this much of is written there
+# as soon as it is prefilled (not only when evicted), so a replica given the same prefix moments later
+# restores it (~2% of a prefill) instead of computing it again: prefill once per cluster (issue 20).
+PUBLISH_MIN_TOKENS = 512
+
 if TYPE_CHECKING:
     from kvfork.runtime import Engine
 
@@ -204,10 +209,18 @@ class Dispatcher:
             if not w.keep:  # NOTE: a reuse-mode prompt its client left: nobody else may use it
                 self.sched.release(node)
         else:
+            if w.keep:
+                self._publish(node)
             try:
                 w.then(node)
             except (KvforkError, APIError) as exc:
                 w.fail(exc)
+
+    def _publish(self, node: KvSequence) -> None:
+        store, lower = self.engine.store, self.prefixes.lower
+        if store is None or store.shared is None or lower is None or node.n_prompt_computed < PUBLISH_MIN_TOKENS:
+            return
+        lower.demote(node)  # NOTE: a copy into the store (the node stays live); the shared write is write-behind
 
     # -- failures -----------------------------------------------------------------------------------
     def fail_all(self, exc: Exception) -> None:
