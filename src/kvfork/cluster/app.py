@@ -147,8 +147,10 @@ def _start(args: argparse.Namespace, *, blocking: bool) -> DeploymentHandle | No
     router_kwargs = {} if args.spill_tokens is None else {"spill_tokens": args.spill_tokens}
     if not ray.is_initialized():
         ray.init(address=args.cluster, include_dashboard=False, log_to_driver=bool(args.verbose),
-                 configure_logging=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+                 configure_logging=False, logging_level="INFO" if args.verbose else "ERROR")
+    # NOTE: Serve logs every request at INFO; --verbose shows them
+    serve.start(http_options={"host": args.host, "port": args.port},
+                logging_config={"log_level": "INFO" if args.verbose else "WARNING"})
     app = build_app(EngineReplica, {"options": options}, replicas=replicas, model=args.model,
                     router="kvfork", router_kwargs=router_kwargs,
                     replica_cpus=args.replica_cpus or float(threads), max_ongoing_requests=args.max_queued,
