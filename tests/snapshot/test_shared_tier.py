@@ -183,6 +183,26 @@ def test_listing_is_cached_for_refresh_s(tmp_path: Path) -> None:
     assert [e.key for e in slow.refresh(force=True)[0]] == [_key(snap)]
 
 
+def test_a_long_prefill_lists_the_shared_tier_again_first(tmp_path: Path) -> None:
+    """Between periodic listings, a prompt that would prefill RELIST_TOKENS or more looks again (another
+    replica may have just written its prefix); a short one does not, and neither does one every 0.25 s."""
+    from kvfork.store.store import RELIST_TOKENS
+
+    url = (tmp_path / "shared").as_uri()
+    reader = SnapshotStore(config=StoreConfig(url=url, shared_refresh_s=3600.0))
+    writer = SharedTier(url)
+    long_tokens = list(range(1, RELIST_TOKENS + 100))
+    assert reader.lookup(fake_snapshot(long_tokens).layout, long_tokens) is None  # the first listing: empty
+    short, long = fake_snapshot(TOKENS), fake_snapshot(long_tokens)
+    writer.publish(_key(short), short)
+    writer.publish(_key(long), long)
+    time.sleep(0.3)
+    assert reader.lookup(short.layout, TOKENS + [1, 2]) is None  # short: the hour-old listing stands
+    match = reader.lookup(long.layout, long_tokens + [5])
+    assert match is not None and match.n_shared == len(long_tokens)
+    assert reader.lookup(short.layout, TOKENS + [1, 2]) is not None  # that listing found both
+
+
 def test_cli_lists_a_shared_tier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kvfork.cli import main
 

@@ -85,6 +85,7 @@ class SharedTier:
         self.refused = 0  # files refused at scan time: damaged, foreign, misnamed
         self._bad: set[tuple[str, int, str]] = set()  # (name, size, version) of refused files
         self._due = float("-inf")  # monotonic time of the next listing
+        self._listed = float("-inf")  # monotonic time of the last listing
         self._backoff = 0.0  # seconds between listings while the tier cannot be reached
 
     @property
@@ -95,6 +96,13 @@ class SharedTier:
         return f"{self.root}/{key}{SUFFIX}"
 
     # -- index --------------------------------------------------------------------------------
+    def refresh_now(self, min_age_s: float = 0.25) -> tuple[list[SharedEntry], list[str]]:
+        """List now, unless listed in the last `min_age_s` or backing off after a failure: a prompt about to
+        be prefilled asks, since another replica may have written its prefix since the last listing."""
+        if self._backoff or time.monotonic() - self._listed < min_age_s:
+            return [], []
+        return self.refresh(force=True)
+
     def refresh(self, force: bool = False) -> tuple[list[SharedEntry], list[str]]:
         """List the tier if `refresh_s` passed (or `force`): return (new entries, keys whose files went).
 
@@ -107,6 +115,7 @@ class SharedTier:
         if not force and now < self._due:
             return [], []
         self._due = now + self.refresh_s
+        self._listed = now
         try:
             self.fs.invalidate_cache(self.root)  # NOTE: s3fs caches listings; we want the bucket's now
             infos = self.fs.ls(self.root, detail=True)

@@ -26,6 +26,8 @@ from kvfork.store.writer import SharedWriter
 
 __all__ = ["SnapshotStore", "StoreStats", "EntryInfo"]
 
+RELIST_TOKENS = 512  # a lookup that leaves this much to prefill lists the shared tier again first
+
 log = logging.getLogger(__name__)
 
 
@@ -90,10 +92,20 @@ class SnapshotStore:
         yield from found
 
     def lookup(self, layout: StateLayout, tokens: Sequence[int] | np.ndarray) -> PrefixMatch | None:
-        """The longest usable stored prefix of `tokens`, or None. Token ids are compared, not just hashed."""
+        """The longest usable stored prefix of `tokens`, or None. Token ids are compared, not just hashed.
+
+        NOTE: where what is known leaves RELIST_TOKENS or more to prefill, the shared tier is listed again
+        first (at most every 0.25 s): one LIST costs milliseconds, the prefill it may save seconds, and a
+        replica spilled a request moments after another wrote its prefix would otherwise compute it again.
+        """
+        arr = as_array(tokens)
         with self._lock:
             self._refresh()
-            return next(self._index.matches(layout.root, as_array(tokens), self._usable(layout)), None)
+            hit = next(self._index.matches(layout.root, arr, self._usable(layout)), None)
+            if self.shared is not None and len(arr) - (hit.n_shared if hit else 0) >= RELIST_TOKENS:
+                self._apply(*self.shared.refresh_now())
+                hit = next(self._index.matches(layout.root, arr, self._usable(layout)), None)
+            return hit
 
     def _usable(self, layout: StateLayout) -> Any:
         def usable(n_entry: int, shared: int) -> bool:
@@ -329,10 +341,12 @@ class SnapshotStore:
 
     def _refresh(self, force: bool = False) -> None:
         for tier in (self.disk, self.shared):
-            if tier is None:
-                continue
-            added, gone = tier.refresh(force)
-            for entry in added:
-                self._index.add(entry.key, entry.header.layout.root, as_array(entry.tokens))
-            for key in gone:
-                self._drop_if_unheld(key)
+            if tier is not None:
+                self._apply(*tier.refresh(force))
+
+    def _apply(self, added: Sequence[Any], gone: Sequence[str]) -> None:
+        """A tier's listing changed: index the new entries, drop what no tier holds any more."""
+        for entry in added:
+            self._index.add(entry.key, entry.header.layout.root, as_array(entry.tokens))
+        for key in gone:
+            self._drop_if_unheld(key)
