@@ -92,7 +92,6 @@ def run_arm(url: str, args: argparse.Namespace, shared: str | None) -> list[dict
                 while (not folder.exists() or len(list(folder.glob("*.kvs"))) <= files) \
                         and time.monotonic() < deadline:
                     time.sleep(0.2)
-                time.sleep(1.0)  # NOTE: B's listing refresh
             ttft2, _ = ask(url, doc, QUESTIONS[1], f"s2-{r}")
             time.sleep(1.5)  # NOTE: the replicas' routing stats (polled every 0.5 s) reach /metrics
             after = counters(url)
