@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
 from kvfork.cluster.bridge import Forwarded, ResponseStart, call_asgi
@@ -40,6 +41,8 @@ class EngineReplica:
         self.block_size = block_size
         self.root = route_root(model_fingerprint(self.engine.model_path))
         self._keys: dict[tuple[int, int], list[str]] = {}  # (id(seq), n tokens) -> its keys, for the last report
+        self._pending: Future[list[str]] | None = None  # the loop thread's answer to the last poll
+        self._reported: list[str] = []
 
     async def forward(self, request: Forwarded, route: dict | None = None) -> AsyncIterator[ResponseStart | bytes]:
         """The response to `request`, streamed (`route` is the router's: unused here)."""
@@ -47,7 +50,18 @@ class EngineReplica:
             yield part
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        keys = await asyncio.wrap_future(self.state.loop.call(self._held_keys))
+        # NOTE: the loop thread answers between steps, and one prefill chunk can take seconds on a busy CPU:
+        # wait briefly, else report the last keys (the router's own recent placements cover the gap) and
+        # pick up this answer on the next poll.
+        if self._pending is None or self._pending.done():
+            if self._pending is not None and self._pending.exception() is None:
+                self._reported = self._pending.result()
+            self._pending = self.state.loop.call(self._held_keys)
+        try:
+            self._reported = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._pending)), 0.5)
+        except asyncio.TimeoutError:
+            pass
+        keys = self._reported
         metrics = self.state.metrics.registry
         stats = self.engine.store.stats() if self.engine.store is not None else None
 

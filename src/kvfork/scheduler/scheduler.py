@@ -94,6 +94,8 @@ class Scheduler:
             restored = lower.restore(tokens)
             if restored is not None:
                 return restored
+            if hit is not None and hit.node not in self.prefixes:  # NOTE: the restore's eviction took it
+                hit = self.prefixes.match(tokens)
         if hit is None:
             return KvSequence(tokens=list(tokens))
         seq = self.fork(hit.node, hit.n)
@@ -107,6 +109,9 @@ class Scheduler:
         `keep` tokens. Raises ContextOverflow when no sequence id or cells are free for it.
         """
         seq = KvSequence(tokens=list(tokens))
+        # NOTE: idle prefix-cache entries make room, as they do for a prefill (a restore that found no room
+        # fell back to prefilling all of it: measured on the third document a replica restored)
+        self._evict_for(seq)
         self.allocate_now(seq, f"to restore {len(tokens):,} tokens")
         try:
             self.backend.state_seq_set(seq.seq_id, state)  # type: ignore[arg-type]
