@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(fix=args.fix)
         elif args.command in ("run", "demo"):
             return _run_agents(args)
+        elif getattr(args, "replicas", None) is not None or getattr(args, "cluster", None) is not None:
+            return _on_cluster(args)
         elif hasattr(args, "func"):
             return int(args.func(args) or 0)
     except KvforkError as exc:
@@ -115,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _on_cluster(args: argparse.Namespace) -> int:
+    """`serve` and `pipeline run` with --replicas / --cluster: on Ray (the `cluster` extra)."""
+    try:
+        if args.command == "serve":
+            from kvfork.cluster.app import serve_cluster as command
+        else:
+            from kvfork.cluster.pipelines import run_command as command
+    except ImportError as exc:
+        raise KvforkError(f"--replicas and --cluster need Ray Serve: pip install 'kvfork[cluster]' ({exc})") from exc
+    return int(command(args) or 0)
 
 
 def _run_agents(args: argparse.Namespace) -> int:

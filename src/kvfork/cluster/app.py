@@ -108,9 +108,12 @@ def build_app(replica: type, replica_kwargs: dict[str, Any], *, replicas: int, m
 
 def cluster_options(**overrides: Any) -> argparse.Namespace:
     """`kvfork serve`'s options (its defaults, then `overrides`), for run_cluster from Python."""
-    from kvfork.cli import build_parser
+    from kvfork.server.cli import add_server_commands
 
-    args = build_parser().parse_args(["serve"])
+    parser = argparse.ArgumentParser(prog="kvfork")
+    parser.add_argument("--verbose", action="store_true")  # NOTE: kvfork's top-level option (kvfork/cli.py)
+    add_server_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve"])
     for name, value in overrides.items():
         if not hasattr(args, name):
             raise InvalidParameter(f"kvfork serve has no option {name!r}")

@@ -17,7 +17,7 @@ from typing import Any
 from kvfork.errors import InvalidParameter
 from kvfork.pipeline.loader import PipelineFile
 
-__all__ = ["place", "run_on_replicas"]
+__all__ = ["place", "run_command", "run_on_replicas"]
 
 
 def _group_key(spec: PipelineFile) -> str:
@@ -94,3 +94,18 @@ def run_on_replicas(specs: Sequence[PipelineFile], args: argparse.Namespace, rep
     for worker in workers.values():
         ray.kill(worker)
     return list(zip(where, results, strict=True))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`kvfork pipeline run FILE... --replicas N`: run, then print each pipeline's result and replica."""
+    from kvfork.pipeline.cli import show_result
+    from kvfork.pipeline.loader import load_pipeline
+
+    if args.compare:
+        raise InvalidParameter("--compare runs on one engine; leave out --replicas")
+    specs = [load_pipeline(path) for path in [args.file, *args.more]]
+    placed = run_on_replicas(specs, args, args.replicas or 1, args.cluster)
+    for spec, (replica, result) in zip(specs, placed, strict=True):
+        print(f"\n##### {spec.path.name}: pipeline {spec.pipeline.name} on replica {replica}")
+        show_result(result, args)
+    return 0 if all(result.ok for _, result in placed) else 1

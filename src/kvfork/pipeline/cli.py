@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from kvfork.config import EXACT_HELP
-from kvfork.errors import InvalidParameter
 from kvfork.models import DEFAULT_MODEL
 from kvfork.pipeline.definition import LAYOUTS
 from kvfork.pipeline.loader import PipelineFile, load_pipeline
 from kvfork.reuse.config import REUSE_MODES
 
-__all__ = ["add_pipeline_commands", "open_engine"]
+__all__ = ["add_pipeline_commands", "open_engine", "show_result"]
 
 
 def add_pipeline_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -60,17 +59,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    # NOTE: with --replicas or --cluster, kvfork/cli.py hands the files to kvfork.cluster instead
     specs = [load_pipeline(path) for path in [args.file, *args.more]]
-    if args.replicas is not None or args.cluster is not None:
-        if args.compare:
-            raise InvalidParameter("--compare runs on one engine; leave out --replicas")
-        from kvfork.cluster.pipelines import run_on_replicas
-
-        placed = run_on_replicas(specs, args, args.replicas or 1, args.cluster)
-        for spec, (replica, result) in zip(specs, placed, strict=True):
-            print(f"\n##### {spec.path.name}: pipeline {spec.pipeline.name} on replica {replica}")
-            _show(result, args)
-        return 0 if all(result.ok for _, result in placed) else 1
     ok = True
     for spec in specs:
         pipeline = spec.pipeline.with_layout(args.layout) if args.layout else spec.pipeline
@@ -78,7 +68,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"pipeline {pipeline.name}: {len(pipeline.agents)} agents on {engine.model_path.name}",
                   file=sys.stderr)
             result = pipeline.run(engine, share=not args.no_share, reuse=args.reuse or spec.reuse)
-            _show(result, args)
+            show_result(result, args)
             if args.compare and not args.no_share:
                 ref = pipeline.run(engine, share=False)
                 same = sum(ref[a.name].tokens == a.tokens for a in result if a.ok)
@@ -88,7 +78,8 @@ def run_command(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _show(result: Any, args: argparse.Namespace) -> None:
+def show_result(result: Any, args: argparse.Namespace) -> None:
+    """Print a PipelineResult: each agent's replies (cut at --max-chars), then what sharing saved."""
     for agent in result:
         print(f"\n=== {agent.name} ({agent.status}, {agent.completion_tokens} tokens) ===")
         if agent.error:

@@ -120,10 +120,7 @@ def build_server(args: argparse.Namespace) -> tuple[Engine, SnapshotStore | None
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.replicas is not None or args.cluster is not None:
-        from kvfork.cluster.app import serve_cluster  # NOTE: Ray only for cluster mode (the `cluster` extra)
-
-        return serve_cluster(args)
+    # NOTE: with --replicas or --cluster, kvfork/cli.py hands the options to kvfork.cluster instead
     import uvicorn  # NOTE: imported late so `kvfork --help` works without the server extra's import cost
 
     from kvfork.server.app import create_app
