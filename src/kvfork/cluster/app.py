@@ -8,6 +8,7 @@ routers over stub replicas with it).
 # NOTE: no `from __future__ import annotations`: Serve's ingress wrapper hides the module from FastAPI, which
 # must see `Request` itself to inject it.
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -93,17 +94,19 @@ def build_app(replica: type, replica_kwargs: dict[str, Any], *, replicas: int, m
     kwargs = dict(router_kwargs or {})
     if router == "kvfork":
         RouterConfig(**kwargs)  # NOTE: refuse bad knobs here, not in every router process
-    router_config = RequestRouterConfig(
-        request_router_kwargs=kwargs, request_routing_stats_period_s=STATS_PERIOD_S,
-        request_routing_stats_timeout_s=5.0, **({"request_router_class": ROUTERS[router]} if ROUTERS[router] else {}))
+    fields: dict[str, Any] = {"request_router_kwargs": kwargs, "request_routing_stats_period_s": STATS_PERIOD_S,
+                              "request_routing_stats_timeout_s": 5.0}
+    if ROUTERS[router] is not None:
+        fields["request_router_class"] = ROUTERS[router]
+    router_config = RequestRouterConfig(**fields)
     engine = serve.deployment(
         replica, name="kvfork-engine", num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": replica_cpus}, request_router_config=router_config,
         # NOTE: a dead or stuck replica is noticed within seconds and replaced (issue 20, failure handling)
         health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0,
-    ).bind(**replica_kwargs)
+    ).bind(**replica_kwargs)  # type: ignore[attr-defined]  # NOTE: Ray's stubs miss Deployment.bind
     block = int(kwargs.get("block_size", ROUTE_BLOCK))
-    return Ingress.bind(engine, model, chat_template, block)
+    return Ingress.bind(engine, model, chat_template, block)  # type: ignore[attr-defined]
 
 
 def cluster_options(**overrides: Any) -> argparse.Namespace:
@@ -150,7 +153,7 @@ def _start(args: argparse.Namespace, *, blocking: bool) -> DeploymentHandle | No
     router_kwargs = {} if args.spill_tokens is None else {"spill_tokens": args.spill_tokens}
     if not ray.is_initialized():
         ray.init(address=args.cluster, include_dashboard=False, log_to_driver=bool(args.verbose),
-                 configure_logging=False, logging_level="INFO" if args.verbose else "ERROR")
+                 configure_logging=False, logging_level=logging.INFO if args.verbose else logging.ERROR)
     # NOTE: Serve logs every request at INFO; --verbose shows them
     serve.start(http_options={"host": args.host, "port": args.port},
                 logging_config={"log_level": "INFO" if args.verbose else "WARNING"})

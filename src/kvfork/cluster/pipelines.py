@@ -67,7 +67,7 @@ class _Replica:
         self.engine = open_engine(spec, args)
 
     def run(self, spec: PipelineFile, layout: str | None, share: bool, reuse: str | None) -> Any:
-        pipeline = spec.pipeline.with_layout(layout) if layout else spec.pipeline
+        pipeline = spec.pipeline.with_layout(layout) if layout else spec.pipeline  # type: ignore[arg-type]
         return pipeline.run(self.engine, share=share, reuse=reuse or spec.reuse)
 
 
@@ -85,7 +85,7 @@ def run_on_replicas(specs: Sequence[PipelineFile], args: argparse.Namespace, rep
     args.threads = threads
     if not ray.is_initialized():
         ray.init(address=cluster, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    actor = ray.remote(num_cpus=threads)(_Replica)
+    actor: Any = ray.remote(num_cpus=threads)(_Replica)
     used = sorted(set(where))
     workers = {r: actor.remote(specs[where.index(r)], args) for r in used}
     futures = [workers[r].run.remote(spec, args.layout, not args.no_share, args.reuse)

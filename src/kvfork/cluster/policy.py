@@ -163,7 +163,7 @@ class PrefixPolicy:
     def matched_blocks(self, replica: str, keys: tuple[str, ...], *, reported_only: bool = False) -> int:
         """How many leading route keys `replica` holds (reported, plus the router's recent placements)."""
         reported = self._reported.get(replica, frozenset())
-        recent = {} if reported_only else self._recent.get(replica, {})
+        recent: Mapping[str, float] = {} if reported_only else self._recent.get(replica, {})
         n = 0
         for key in keys:
             if key not in reported and key not in recent:

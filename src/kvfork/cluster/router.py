@@ -44,7 +44,8 @@ class KvforkRouter(RequestRouter):
             self.policy.report(rid, stats.get("keys"))
             _metrics().report(rid, stats)
         raw = pending_request.kwargs.get("route") if pending_request is not None else None
-        if raw is None or not by_id:  # NOTE: not a generation (models, health): any replica, shortest queue
+        # NOTE: not a generation (models, health): any replica, shortest queue
+        if pending_request is None or raw is None or not by_id:
             return [candidate_replicas]
         request_id = pending_request.metadata.internal_request_id
         decision = self.policy.choose(request_id, Route.from_dict(raw), list(by_id), time.monotonic())
