@@ -99,7 +99,8 @@ def test_killing_a_replica_costs_only_its_in_flight_requests(cluster):
         doomed = [pool.submit(complete, url, DOC_A + [i] * 8, session="doomed", max_tokens=60, stream=True)
                   for i in range(3)]
         time.sleep(0.5)
-        safe = [pool.submit(complete, url, DOC_B + [i] * 8, session="safe", max_tokens=60) for i in range(3)]
+        # NOTE: less work than the doomed ones (a short prompt), so the victim below is told apart by its work
+        safe = [pool.submit(complete, url, DOC_B[:128] + [i] * 8, session="safe", max_tokens=20) for i in range(3)]
         time.sleep(1.0)
         work = {k: v for k, v in metrics(url).items() if k.startswith("kvfork_replica_work_tokens")}
         victim = max(work, key=work.get).split('"')[1]  # the doomed requests were routed first
