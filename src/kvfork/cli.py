@@ -59,7 +59,7 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
 
     add_snapshot_commands(sub)
     wings = (("kvfork.pipeline.cli", "add_pipeline_commands"), ("kvfork.server.cli", "add_server_commands"),
-             ("kvfork.train.cli", "add_train_commands"))
+             ("kvfork.train.cli", "add_train_commands"), ("kvfork.engine.kernelbuild", "add_build_command"))
     for module, name in wings:
         try:
             register = getattr(importlib.import_module(module), name)

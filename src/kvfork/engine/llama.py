@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import sys
 import threading
@@ -25,7 +26,8 @@ from kvfork.engine.buildcheck import cpu_flags, missing_features
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
 
-__all__ = ["LlamaModel", "LlamaContext", "LoraAdapter", "Sampler", "json_grammar", "set_verbose"]
+__all__ = ["LlamaModel", "LlamaContext", "LoraAdapter", "Sampler", "batch_invariant_build", "exact_kernels",
+           "json_grammar", "set_verbose"]
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _KV_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
@@ -33,6 +35,9 @@ _verbose = False
 _init_lock = threading.Lock()
 _backend_ready = False
 _decoded = False  # has any context of this process run a decode (ggml has read its process-wide switches)
+_exact_kernels: str | None = None  # see exact_kernels()
+_log = logging.getLogger("kvfork.engine")
+BATCH_INVARIANT_ENV = "GGML_CPU_BATCH_INVARIANT"  # the patched build's one switch (engine/ggml-batch-invariant.patch)
 
 
 @llama_cpp.llama_log_callback
@@ -64,16 +69,41 @@ def _ensure_backend() -> None:
             _backend_ready = True
 
 
-def _require_vec_dot_matmul() -> None:
-    """Make ggml multiply K-quant weights with vec_dot at every batch size (exact mode), or refuse.
+def batch_invariant_build() -> bool:
+    """Whether the loaded llama.cpp carries kvfork's batch-invariant CPU kernels (engine/ggml-batch-invariant.patch,
+    built by `kvfork build`): its system info then lists BATCH_INVARIANT = 1."""
+    _ensure_backend()
+    return "BATCH_INVARIANT = 1" in llama_cpp.llama_print_system_info().decode()
 
+
+def _require_exact_kernels() -> None:
+    """Make every batch shape and cell layout round the same (exact mode), or refuse.
+
+    With kvfork's patched build, GGML_CPU_BATCH_INVARIANT=1 routes every batch through one tiled
+    flash-attention kernel whose result depends only on a query's visible cells in order, forces the tiled
+    K-quant matmul for every row count and tinyBLAS for one row: exact at nearly llama.cpp's default speed.
+    Without it (or when the switch comes too late), the slow exact settings: q8_0 flash attention (the one
+    attention path that is batch-invariant upstream) and vec_dot for K-quant weights at every batch size.
     NOTE: ggml's CPU backend multiplies K-quant weights (Q4_K, Q6_K, ...) by batches of 8 rows or more
     with its tiled kernel and by smaller ones with vec_dot, which round differently: a token's logits
     then depend on how many rows share its decode (measured: 10 branches of gemma3-270m, 3 diverged
-    from their from-scratch runs). GGML_CPU_TILED_MM=0 turns the tiled kernel off, but ggml reads it
-    once per process, at its first matmul: after a fast-mode decode it is too late to change.
+    from their from-scratch runs). GGML_CPU_TILED_MM=0 turns the tiled kernel off. ggml reads both
+    switches once per process, at its first decode: after a fast-mode decode it is too late to change.
     """
+    global _exact_kernels
+    patched = batch_invariant_build()
     with _init_lock:
+        if patched and (os.environ.get(BATCH_INVARIANT_ENV) == "1" or not _decoded):
+            os.environ[BATCH_INVARIANT_ENV] = "1"
+            _exact_kernels = "batch-invariant"
+            return
+        if not _exact_kernels:
+            _log.warning(
+                "exact mode without batch-invariant kernels (%s): it uses q8_0 flash attention and vec_dot"
+                " matmuls, ~2-3x slower prefill than llama.cpp's defaults; `kvfork build` builds them",
+                "GGML_CPU_BATCH_INVARIANT was not set before this process's first decode" if patched
+                else "this llama-cpp-python is not kvfork's patched build")
+        _exact_kernels = "fallback"
         if os.environ.get("GGML_CPU_TILED_MM") == "0":
             return
         if _decoded:
@@ -83,6 +113,12 @@ def _require_vec_dot_matmul() -> None:
                 " first, or start the process with GGML_CPU_TILED_MM=0"
             )
         os.environ["GGML_CPU_TILED_MM"] = "0"
+
+
+def exact_kernels() -> str | None:
+    """What exact mode runs on in this process: "batch-invariant" (the patched kernels), "fallback" (the slow
+    exact settings) or None (no exact context yet)."""
+    return _exact_kernels
 
 
 class LlamaModel:
@@ -412,7 +448,7 @@ class LlamaContext:
         params.type_k = params.type_v = _KV_TYPE[config.kv_type]
         params.no_perf = True
         if config.exact:
-            _require_vec_dot_matmul()
+            _require_exact_kernels()
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise EngineError(f"llama.cpp could not create a context with n_ctx={config.n_ctx} (out of memory?)")
