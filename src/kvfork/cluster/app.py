@@ -40,7 +40,8 @@ ROUTERS: dict[str, str | None] = {
     "kvfork": "kvfork.cluster.router:KvforkRouter",
     "pow2": None,
     "round_robin": "ray.serve.experimental.round_robin_router:RoundRobinRouter",
-    "ray_prefix": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+    # NOTE: the module itself: ray.serve.llm's public path imports vLLM/SGLang (it needs pyarrow either way)
+    "ray_prefix": "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter",
 }
 STATS_PERIOD_S = 0.5  # how often Serve polls each replica's routing stats (its default is 10 s)
 

@@ -37,8 +37,8 @@ class StubReplica:
         self._pending: dict[str, asyncio.Event] = {}
         self._published: set[str] = set()
         self._engine = asyncio.Lock()  # one prefill at a time, as one llama context computes
-        self._decoding = 0
-        self._decode_since = 0.0
+        self._working = 0
+        self._busy_since = 0.0
         self.counters = {"prefill_computed": 0.0, "prefill_reused": 0.0, "restores_shared": 0.0, "requests": 0.0,
                          "busy_s": 0.0}
 
@@ -52,11 +52,11 @@ class StubReplica:
         yield ResponseStart(200, (("content-type", "text/event-stream" if stream else "application/json"),))
         if stream:
             yield _sse({"choices": [{"index": 0, "text": "x", "finish_reason": None}]})
-        self._decode_start()
+        self._work_start()
         try:
             await asyncio.sleep(self.decode_s * max_tokens)
         finally:
-            self._decode_end()
+            self._work_end()
         self.counters["requests"] += 1
         usage = {"prompt_tokens": n_tokens, "completion_tokens": max_tokens, "total_tokens": n_tokens + max_tokens}
         if stream:
@@ -81,14 +81,16 @@ class StubReplica:
             self._pending.setdefault(key, done)
         try:
             async with self._engine:
-                t0 = time.monotonic()
-                restored = self._restorable(keys, held)
-                if restored > held:
-                    self.counters["restores_shared"] += 1
-                    await asyncio.sleep((restored - held) * self.block * self.prefill_s * self.restore_ratio)
-                computed = max(0, n_tokens - restored * self.block)
-                await asyncio.sleep(computed * self.prefill_s)
-                self.counters["busy_s"] += time.monotonic() - t0
+                self._work_start()
+                try:
+                    restored = self._restorable(keys, held)
+                    if restored > held:
+                        self.counters["restores_shared"] += 1
+                        await asyncio.sleep((restored - held) * self.block * self.prefill_s * self.restore_ratio)
+                    computed = max(0, n_tokens - restored * self.block)
+                    await asyncio.sleep(computed * self.prefill_s)
+                finally:
+                    self._work_end()
             self.counters["prefill_computed"] += computed
             self.counters["prefill_reused"] += n_tokens - computed
             for key in keys:
@@ -133,15 +135,16 @@ class StubReplica:
             tmp.replace(self.shared / key)
             self._published.add(key)
 
-    def _decode_start(self) -> None:
-        if self._decoding == 0:
-            self._decode_since = time.monotonic()
-        self._decoding += 1
+    def _work_start(self) -> None:
+        """busy_s counts wall time while anything (a prefill, or any decode) runs: overlaps once."""
+        if self._working == 0:
+            self._busy_since = time.monotonic()
+        self._working += 1
 
-    def _decode_end(self) -> None:
-        self._decoding -= 1
-        if self._decoding == 0:
-            self.counters["busy_s"] += time.monotonic() - self._decode_since
+    def _work_end(self) -> None:
+        self._working -= 1
+        if self._working == 0:
+            self.counters["busy_s"] += time.monotonic() - self._busy_since
 
 
 def _sse(obj: dict) -> bytes:
