@@ -125,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="fast mode (f16 KV, flash attention on), no switch")
     parser.add_argument("--sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=SIZES)
     args = parser.parse_args(argv)
-    import llama_cpp
+    from kvfork.engine.llama import system_info
 
     digest, cases = check(args.model, n_threads=args.threads, exact=not args.fast, sizes=args.sizes)
-    print(json.dumps({"system_info": llama_cpp.llama_print_system_info().decode(), "reference": digest,
+    print(json.dumps({"system_info": system_info(), "reference": digest,
                       "cases": [asdict(c) for c in cases]}))
     return 0
 

@@ -109,8 +109,8 @@ def self_test(target: Path | None, model: Path | None, threads: int = 2) -> dict
         env["PYTHONPATH"] = os.pathsep.join([str(target), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("GGML_CPU_BATCH_INVARIANT", None)  # exact mode sets it itself on a patched build
     if model is None:
-        code = "import json, llama_cpp; llama_cpp.llama_backend_init(); print(json.dumps({'system_info': " \
-               "llama_cpp.llama_print_system_info().decode(), 'cases': []}))"
+        code = "import json; from kvfork.engine.llama import system_info; " \
+               "print(json.dumps({'system_info': system_info(), 'cases': []}))"
         cmd = [sys.executable, "-c", code]
     else:
         cmd = [sys.executable, "-m", "kvfork.engine.invariance", str(model), "--threads", str(threads)]

@@ -27,7 +27,7 @@ from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
 
 __all__ = ["LlamaModel", "LlamaContext", "LoraAdapter", "Sampler", "batch_invariant_build", "exact_kernels",
-           "json_grammar", "set_verbose"]
+           "json_grammar", "set_verbose", "system_info"]
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _KV_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
@@ -69,11 +69,16 @@ def _ensure_backend() -> None:
             _backend_ready = True
 
 
+def system_info() -> str:
+    """llama.cpp's system info line (its CPU features, and BATCH_INVARIANT = 1 on kvfork's patched build)."""
+    _ensure_backend()
+    return str(llama_cpp.llama_print_system_info().decode())
+
+
 def batch_invariant_build() -> bool:
     """Whether the loaded llama.cpp carries kvfork's batch-invariant CPU kernels (engine/ggml-batch-invariant.patch,
     built by `kvfork build`): its system info then lists BATCH_INVARIANT = 1."""
-    _ensure_backend()
-    return "BATCH_INVARIANT = 1" in llama_cpp.llama_print_system_info().decode()
+    return "BATCH_INVARIANT = 1" in system_info()
 
 
 def _require_exact_kernels() -> None:
