@@ -31,7 +31,7 @@ import ray
 from ray import serve
 from workload import document
 
-from kvfork.cluster.app import APP_NAME, build_app, cluster_options
+from kvfork.cluster.app import APP_NAME, build_app, cluster_options, replica_options
 from kvfork.cluster.replica import EngineReplica
 
 QUESTIONS = ("Summarize the incident in one sentence.", "Which system failed first?")
@@ -69,10 +69,8 @@ def counters(url: str) -> dict[str, float]:
 
 
 def run_arm(url: str, args: argparse.Namespace, shared: str | None) -> list[dict]:
-    options = vars(cluster_options(model=args.model, threads=args.threads, n_ctx=8192, snapshot_url=shared,
-                                   model_name="qwen"))
-    options = {k: v for k, v in options.items() if k not in ("func", "replicas", "cluster", "spill_tokens",
-                                                             "replica_cpus")}
+    options = replica_options(cluster_options(model=args.model, threads=args.threads, n_ctx=8192,
+                                              snapshot_url=shared, model_name="qwen"))
     app = build_app(EngineReplica, {"options": options}, replicas=2, model=args.model, replica_cpus=0)
     serve.run(app, name=APP_NAME, route_prefix="/")
     rows = []

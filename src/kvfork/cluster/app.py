@@ -32,7 +32,7 @@ from kvfork.errors import InvalidParameter
 from kvfork.models import DEFAULT_MODEL, resolve_model
 from kvfork.store.fingerprint import model_fingerprint
 
-__all__ = ["APP_NAME", "ROUTERS", "build_app", "cluster_options", "run_cluster", "serve_cluster"]
+__all__ = ["APP_NAME", "ROUTERS", "build_app", "cluster_options", "replica_options", "run_cluster", "serve_cluster"]
 
 APP_NAME = "kvfork"
 # NOTE: kvfork's router, and Serve's own policies it is measured against (pow2 is Serve's default).
@@ -125,6 +125,12 @@ def cluster_options(**overrides: Any) -> argparse.Namespace:
     return args
 
 
+def replica_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`kvfork serve`'s options as an EngineReplica takes them (the cluster's own are the ingress's business)."""
+    cluster_only = ("func", "replicas", "cluster", "spill_tokens", "replica_cpus")
+    return {k: v for k, v in vars(args).items() if k not in cluster_only}
+
+
 def run_cluster(replicas: int, *, model: str = DEFAULT_MODEL, cluster: str | None = None, blocking: bool = True,
                 **options: Any) -> DeploymentHandle | None:
     """Start the cluster from Python: `kvfork serve --replicas N` with `options` named as its flags
@@ -147,8 +153,7 @@ def _start(args: argparse.Namespace, *, blocking: bool) -> DeploymentHandle | No
                                " replica reads")
     cpus = os.cpu_count() or 1
     threads = args.threads or max(1, cpus // replicas)
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "replicas", "cluster", "spill_tokens",
-                                                               "replica_cpus")}
+    options = replica_options(args)
     options["threads"] = threads
     resolve_model(args.model)  # NOTE: pull once here, before every replica would
     router_kwargs = {} if args.spill_tokens is None else {"spill_tokens": args.spill_tokens}
