@@ -38,7 +38,6 @@ import math
 import random
 import re
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -48,7 +47,8 @@ from typing import Any
 import httpx
 import ray
 from ray import serve
-from workload import provenance
+from servers import free_port
+from workload import provenance, stats
 
 from kvfork.cluster import app as cluster_app
 from kvfork.cluster.app import APP_NAME, build_app
@@ -193,8 +193,7 @@ def summarize(runs: list[dict]) -> dict:
     for fig in FIGS:
         values = [r[fig] for r in runs if r.get(fig) is not None]
         if values:
-            out[fig] = {"median": statistics.median(values), "min": min(values), "max": max(values),
-                        "n": len(values)}
+            out[fig] = stats(values)
     reasons: dict[str, list[float]] = {}
     for r in runs:
         for k, v in r["decisions"].items():
@@ -252,12 +251,6 @@ def targets(arms: dict) -> list[str]:
     note = " (round_robin's is ~0: it sends every replica the same requests)" if ri < 0.05 else ""
     out.append(f"- imbalance {ki:.2f} vs round_robin {ri:.2f}{note} (target <= 1.3x round_robin's: {verdict})")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

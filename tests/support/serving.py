@@ -43,7 +43,7 @@ class Running:
         return float(m.group(1))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -53,7 +53,7 @@ def _free_port() -> int:
 def serving(engine: Engine, config: ServerConfig, model: str = "gemma") -> Iterator[Running]:
     """Run create_app(engine, config) under uvicorn on a free loopback port until the block ends."""
     app = create_app(engine, config)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
