@@ -4,6 +4,7 @@ llama.cpp against transformers, the CLI end to end, and the settings' checks."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,30 @@ def test_cache_mode_without_adapter_is_the_plain_loss(trained):
     assert trained.off["cache"] == pytest.approx(trained.off["plain"], abs=1e-4)
 
 
+def test_a_documents_prefix_is_computed_once_for_every_instruction_and_decoder(trained, gemma):
+    """Cache mode splits prompt[:-1] at the document's shared prefix: the same loss as computing it whole,
+    and a second instruction over the document (or a second decoder) runs only its own tokens through
+    the base."""
+    from kvfork.train.trainer import PromptKV
+
+    example = trained.examples[1]
+    document, instruction, _ = FACTS[1]
+    assert example.shared == len(gemma.prefix_tokens(document)) > 0
+    whole = dataclasses.replace(example, shared=0)
+    trainer = trained.trainer
+    assert float(trainer.loss(example).detach()) == pytest.approx(float(trainer.loss(whole).detach()), abs=1e-4)
+    saved, trainer.prompts = trainer.prompts, PromptKV(64)  # NOTE: as a fresh run over the same base
+    try:
+        trainer.loss(example)
+        assert trainer.prompts.base_tokens == len(example.prompt) - 1  # the prefix, then the instruction
+        again = Example(prompt=gemma.prompt_tokens(document, "Say it again."), response=example.response,
+                        shared=example.shared)
+        trainer.loss(again)
+        assert trainer.prompts.base_tokens == len(example.prompt) - 1 + len(again.prompt) - 1 - example.shared
+    finally:
+        trainer.prompts = saved
+
+
 def test_examples_hold_the_served_prompt_and_end_of_turn(trained, gemma):
     first = trained.examples[0]
     document, instruction, response = FACTS[0]
@@ -223,7 +248,7 @@ def test_train_decoder_cli_end_to_end(data_file, tmp_path, capsys):
     lines = data_file.read_text().splitlines()[:3]
     small = tmp_path / "three.jsonl"
     small.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "cli.gguf"
+    out, second = tmp_path / "cli.gguf", tmp_path / "second.gguf"
     argv = [
         "train-decoder",
         "--model",
@@ -234,6 +259,10 @@ def test_train_decoder_cli_end_to_end(data_file, tmp_path, capsys):
         str(small),
         "--out",
         str(out),
+        "--data",
+        str(small),
+        "--out",
+        str(second),
         "--steps",
         "2",
         "--threads",
@@ -244,9 +273,12 @@ def test_train_decoder_cli_end_to_end(data_file, tmp_path, capsys):
         "plain",
         "--no-progress",
     ]
+    assert main([*argv, "--out", str(tmp_path / "third.gguf")]) == 2  # 2 --data, 3 --out
+    assert "one --out per --data" in capsys.readouterr().err
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "steps 2 in" in printed and "final loss" in printed and str(out) in printed
+    assert printed.count("steps 2 in") == 2 and "final loss" in printed and str(out) in printed and str(second) in printed
+    assert gguf.GGUFReader(second).fields[PREFILL_KEY].contents() == "adapter"
     fields = gguf.GGUFReader(out).fields
     assert fields[PREFILL_KEY].contents() == "adapter"
     assert fields["kvfork.train.rank"].contents() == "4"

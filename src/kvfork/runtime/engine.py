@@ -124,6 +124,11 @@ class Engine:
             )
         return self.tokenize(document, add_bos=True) + self.tokenize(instruction)
 
+    def prefix_tokens(self, document: str, *, system: str | None = None) -> list[int]:
+        """The shared prefix `prefill(document, system=system)` computes: the head of every
+        `prompt_tokens(document, instruction, system=system)` (chat template laid out)."""
+        return self.tokenize(self.layout(document, system).prefix, add_bos=True, special=True)
+
     def load_adapter(
         self, name: str, path: str | os.PathLike[str], *, scale: float = 1.0, prefill: str | None = None
     ) -> Adapter:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from kvfork.errors import KvforkError
+from kvfork.errors import InvalidParameter, KvforkError
 from kvfork.models import DEFAULT_MODEL
 from kvfork.train.config import DEFAULT_TARGETS, SCHEDULES, TRAIN_MODES, TrainConfig
 from kvfork.train.data import Example, load_examples
@@ -20,7 +21,7 @@ _TRAIN_PACKAGES = ("torch", "transformers", "peft", "gguf")
 # the options whose dest is the TrainConfig field of the same name
 _SAME_NAMES = (
     "mode", "rank", "alpha", "dropout", "lr", "steps", "epochs", "grad_accum", "warmup", "schedule", "seed",
-    "max_prompt_tokens", "max_response_tokens",
+    "max_prompt_tokens", "max_response_tokens", "prompt_cache_mb",
 )  # fmt: skip
 
 
@@ -33,12 +34,16 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Fine-tune a LoRA decoder on a JSONL file ({document, instruction, response[, system]} per"
         " line) and write it as a GGUF adapter for `Engine.load_adapter`. --mode cache (default) trains it"
         " over the base model's prompt KV, as kvfork serves decoders that share one prefill; --mode plain"
-        " is an ordinary LoRA fine-tune (the adapter also computes the prompt).",
+        " is an ordinary LoRA fine-tune (the adapter also computes the prompt). Several --data/--out pairs"
+        " train several decoders in one run, one after another; in cache mode a document's prefix that"
+        " several of them read is computed once for all.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or GGUF path of the base model")
-    p.add_argument("--data", type=Path, required=True, help="training examples (JSONL)")
-    p.add_argument("--out", type=Path, required=True, help="the adapter GGUF to write")
-    p.add_argument("--eval", type=Path, default=None, help="held-out examples (JSONL): loss before and after")
+    p.add_argument("--data", type=Path, action="append", required=True, help="training examples (JSONL); repeatable")
+    p.add_argument("--out", type=Path, action="append", required=True,
+                   help="the adapter GGUF to write; one per --data, in the same order")
+    p.add_argument("--eval", type=Path, default=None,
+                   help="held-out examples (JSONL): loss before and after (one decoder only)")
     p.add_argument("--mode", choices=TRAIN_MODES, default=d["mode"].default)
     p.add_argument("--rank", type=int, default=d["rank"].default)
     p.add_argument("--alpha", type=float, default=d["alpha"].default)
@@ -55,6 +60,8 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 8 cores)")
     p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"].default)
     p.add_argument("--max-response-tokens", type=int, default=d["max_response_tokens"].default)
+    p.add_argument("--prompt-cache-mb", type=int, default=d["prompt_cache_mb"].default,
+                   help="cache mode: MiB of base-model prompt KV kept for reuse (shared by all decoders of the run)")
     p.add_argument("--chat-template", default=None, help="for models without one (e.g. gemma)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=train_command)
@@ -64,33 +71,42 @@ def train_command(args: argparse.Namespace) -> int:
     _require_train_extra()
     from kvfork.train.export import export_decoder
     from kvfork.train.loader import load_base_model
-    from kvfork.train.trainer import Trainer
+    from kvfork.train.trainer import PromptKV, Trainer
 
     config = TrainConfig(**_config_fields(args))
-    train, held_out = _examples(args)
+    if len(args.data) != len(args.out):
+        raise InvalidParameter(f"give one --out per --data: {len(args.data)} --data, {len(args.out)} --out")
+    if args.eval and len(args.data) > 1:
+        raise InvalidParameter("--eval takes one decoder's held-out examples; train with one --data/--out pair")
+    sets, held_out = _examples(args)
     print(
-        f"train-decoder: {len(train)} examples, mode {config.mode}, rank {config.rank}, {config.n_threads} threads",
+        f"train-decoder: {' + '.join(str(len(s)) for s in sets)} examples, mode {config.mode}, rank {config.rank},"
+        f" {config.n_threads} threads",
         file=sys.stderr,
     )
     t0 = time.perf_counter()
     base = load_base_model(args.model)
     print(f"loaded {base.path.name} into transformers in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    trainer = Trainer(base, config)
-    before = trainer.mean_loss(held_out) if held_out else None
-    result = trainer.train(train, progress=not args.no_progress)
-    after = trainer.mean_loss(held_out) if held_out else None
-    path = export_decoder(result, args.out)
-    per_step = result.seconds / result.steps if result.steps else 0.0
-    first = result.losses[0] if result.losses else float("nan")
-    print(
-        f"steps {result.steps} in {result.seconds:.1f} s ({per_step:.2f} s/step);"
-        f" loss {first:.4f} at the first step, final loss {result.final_loss:.4f}"
-    )
-    if result.skipped:
-        print(f"skipped {result.skipped} examples over the token limits")
-    if before is not None and after is not None:
-        print(f"held-out response loss ({len(held_out)} examples, {config.mode} mode): {before:.4f} -> {after:.4f}")
-    print(f"wrote {path} (prefill: {config.prefill})")
+    prompts = PromptKV(config.prompt_cache_mb)  # NOTE: one for the run: decoders over one document share its KV
+    for train, out in zip(sets, args.out, strict=True):
+        trainer = Trainer(base, config, prompts=prompts)
+        before = trainer.mean_loss(held_out) if held_out else None
+        result = trainer.train(train, progress=not args.no_progress)
+        after = trainer.mean_loss(held_out) if held_out else None
+        path = export_decoder(result, out)
+        # NOTE: peft injects the LoRA layers in place; unloading them gives the next decoder a bare base
+        base = dataclasses.replace(base, model=trainer.model.unload())
+        per_step = result.seconds / result.steps if result.steps else 0.0
+        first = result.losses[0] if result.losses else float("nan")
+        print(
+            f"steps {result.steps} in {result.seconds:.1f} s ({per_step:.2f} s/step);"
+            f" loss {first:.4f} at the first step, final loss {result.final_loss:.4f}"
+        )
+        if result.skipped:
+            print(f"skipped {result.skipped} examples over the token limits")
+        if before is not None and after is not None:
+            print(f"held-out response loss ({len(held_out)} examples, {config.mode} mode): {before:.4f} -> {after:.4f}")
+        print(f"wrote {path} (prefill: {config.prefill})")
     return 0
 
 
@@ -102,15 +118,15 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
-def _examples(args: argparse.Namespace) -> tuple[list[Example], list[Example]]:
+def _examples(args: argparse.Namespace) -> tuple[list[list[Example]], list[Example]]:
     """Tokenized with llama.cpp (the serving tokenizer and chat template); the engine is closed before
     torch loads the base, so the two copies of the weights are not held at once."""
     from kvfork.runtime import Engine  # NOTE: imported late so `kvfork --help` does not load llama.cpp
 
     with Engine(args.model, n_ctx=4096, n_seq_max=2, chat_template=args.chat_template) as engine:
-        train = load_examples(args.data, engine)
+        sets = [load_examples(path, engine) for path in args.data]
         held_out = load_examples(args.eval, engine) if args.eval else []
-    return train, held_out
+    return sets, held_out
 
 
 def _require_train_extra() -> None:

@@ -22,21 +22,31 @@ class _Tokenizer(Protocol):
 
     def prompt_tokens(self, document: str, instruction: str, *, system: str | None = None) -> list[int]: ...
 
+    def prefix_tokens(self, document: str, *, system: str | None = None) -> list[int]: ...
+
     def tokenize(self, text: str) -> list[int]: ...
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: the prompt an agent's branch holds, and the reply to learn (ends with EOT)."""
+    """One training example: the prompt an agent's branch holds, and the reply to learn (ends with EOT).
+
+    shared: how many leading prompt tokens are the document's shared prefix (what `Engine.prefill`
+    computes and every instruction over that document forks); 0 when unknown. Cache-mode training
+    computes that prefix's base KV once for every example, and every decoder, over the same document.
+    """
 
     prompt: list[int]
     response: list[int]
+    shared: int = 0
 
     def __post_init__(self) -> None:
         if len(self.prompt) < 2:
             raise InvalidParameter("an example's prompt needs at least 2 tokens (the base prefills all but the last)")
         if not self.response:
             raise InvalidParameter("an example's response is empty")
+        if not 0 <= self.shared < len(self.prompt):
+            raise InvalidParameter(f"shared={self.shared} must be in [0, {len(self.prompt)}) (the prompt's length)")
 
 
 def load_examples(path: str | os.PathLike[str], engine: _Tokenizer) -> list[Example]:
@@ -60,9 +70,11 @@ def load_examples(path: str | os.PathLike[str], engine: _Tokenizer) -> list[Exam
         where = f"{path}:{number}"
         record = _record(line, where)
         prompt = engine.prompt_tokens(record["document"], record["instruction"], system=record.get("system"))
+        prefix = engine.prefix_tokens(record["document"], system=record.get("system"))
+        shared = len(prefix) if prompt[: len(prefix)] == prefix and len(prefix) < len(prompt) else 0
         response = engine.tokenize(record["response"]) + [eot]
         try:
-            out.append(Example(prompt=prompt, response=response))
+            out.append(Example(prompt=prompt, response=response, shared=shared))
         except InvalidParameter as exc:
             raise InvalidParameter(f"{where}: {exc}") from None
     if not out:

@@ -27,6 +27,7 @@ class TrainResult:
     examples: int = 0
     skipped: int = 0  # over the max_* token limits
     response_tokens: int = 0  # trained on, over all steps
+    base_prompt_tokens: int = 0  # cache mode: prompt tokens the base computed (a shared prefix counts once)
 
     @property
     def final_loss(self) -> float:

@@ -25,7 +25,39 @@ from kvfork.train.data import Example
 from kvfork.train.loader import BaseModel, load_base_model
 from kvfork.train.result import TrainResult
 
-__all__ = ["Trainer", "train_decoder"]
+__all__ = ["Trainer", "PromptKV", "train_decoder"]
+
+
+class PromptKV:
+    """The base model's KV of prompt heads (adapter off), least recently used dropped beyond a byte budget.
+
+    The base is frozen, so a head's KV is the same at every step and for every decoder trained on that
+    base: one PromptKV handed to several Trainers (one after another) computes each shared document
+    prefix once for all of them, as kvfork's serving computes it once for all decoders (PrefillShare's
+    saving, at training time). base_tokens counts the tokens run through the base for prompts.
+    """
+
+    def __init__(self, budget_mb: int) -> None:
+        self.budget = budget_mb << 20
+        self.base_tokens = 0
+        self._kv: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[int, ...]) -> Any | None:
+        kv = self._kv.get(key)
+        if kv is not None:
+            self._kv.move_to_end(key)
+        return kv
+
+    def put(self, key: tuple[int, ...], kv: Any) -> None:
+        size = _kv_bytes(kv)
+        if size > self.budget or key in self._kv:
+            return
+        while self._kv and self._bytes + size > self.budget:
+            _, old = self._kv.popitem(last=False)
+            self._bytes -= _kv_bytes(old)
+        self._kv[key] = kv
+        self._bytes += size
 
 
 class Trainer:
@@ -36,7 +68,7 @@ class Trainer:
     decoder over a shared prefill, and "plain" runs the adapter over the whole sequence.
     """
 
-    def __init__(self, base: BaseModel, config: TrainConfig) -> None:
+    def __init__(self, base: BaseModel, config: TrainConfig, *, prompts: PromptKV | None = None) -> None:
         self.base = base
         self.config = config
         torch.set_num_threads(config.n_threads)
@@ -54,8 +86,8 @@ class Trainer:
                 self.model = get_peft_model(base.model, lora)
         except ValueError as exc:
             raise InvalidParameter(f"LoRA targets {', '.join(config.targets)} do not fit {base.name}: {exc}") from exc
-        self._prompts: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # prompt[:-1] -> base KV (cache mode)
-        self._prompt_bytes = 0
+        # cache mode: base KV of prompt heads; pass one to several Trainers to share document prefixes
+        self.prompts = prompts if prompts is not None else PromptKV(config.prompt_cache_mb)
 
     # -- the loss ---------------------------------------------------------------------------------
     def logits(self, example: Example, *, mode: TrainMode | None = None, adapter: bool = True) -> torch.Tensor:
@@ -68,7 +100,7 @@ class Trainer:
         mode = mode or self.config.mode
         n = len(example.response)
         if mode == "cache":
-            past = copy.deepcopy(self._prompt_kv(example.prompt))  # NOTE: transformers 5 appends in place
+            past = self._prompt_kv(example)
             ids = torch.tensor([example.prompt[-1:] + example.response[:-1]], dtype=torch.long)
             with self._adapter(adapter):
                 out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=n)
@@ -99,30 +131,30 @@ class Trainer:
     def _adapter(self, on: bool) -> Any:
         return contextlib.nullcontext() if on else self.model.disable_adapter()
 
-    def _prompt_kv(self, prompt: list[int]) -> Any:
-        """The base model's KV of prompt[:-1] (adapter off), kept under the config's byte budget (LRU).
+    def _prompt_kv(self, example: Example) -> Any:
+        """A fresh copy (the caller appends to it) of the base model's KV of prompt[:-1], adapter off.
 
-        NOTE: the base is frozen, so this KV never changes during training: computing it once per example
-        instead of once per step is most of cache mode's speed (no forward, let alone backward, over the
-        prompt after the first pass).
+        NOTE: the base is frozen, so this KV never changes during training. The cached head is the
+        document's shared prefix where the example names one (the instruction after it is recomputed
+        per step: a few dozen tokens), else all of prompt[:-1]: computed once per document instead of
+        once per step and decoder, which is most of cache mode's speed.
         """
-        key = tuple(prompt[:-1])
-        cached = self._prompts.get(key)
-        if cached is not None:
-            self._prompts.move_to_end(key)
-            return cached
+        head = example.prompt[:-1]
+        split = example.shared if 0 < example.shared < len(head) else len(head)
+        key = tuple(head[:split])
+        kv = self.prompts.get(key)
+        if kv is None:
+            kv = self._base_kv(head[:split], None)
+            self.prompts.put(key, kv)
+        kv = copy.deepcopy(kv)  # NOTE: transformers 5 appends to a cache in place
+        return self._base_kv(head[split:], kv) if split < len(head) else kv
+
+    def _base_kv(self, tokens: list[int], past: Any) -> Any:
+        """The KV after running tokens through the base (adapter off, no gradients) over past (or none)."""
+        self.prompts.base_tokens += len(tokens)
         with torch.no_grad(), self.model.disable_adapter():
-            ids = torch.tensor([prompt[:-1]], dtype=torch.long)
-            kv = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-        size = _kv_bytes(kv)
-        budget = self.config.prompt_cache_mb << 20
-        if size <= budget:
-            while self._prompts and self._prompt_bytes + size > budget:
-                _, old = self._prompts.popitem(last=False)
-                self._prompt_bytes -= _kv_bytes(old)
-            self._prompts[key] = kv
-            self._prompt_bytes += size
-        return kv
+            ids = torch.tensor([tokens], dtype=torch.long)
+            return self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1).past_key_values
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, examples: Sequence[Example], *, progress: bool = True) -> TrainResult:
@@ -152,6 +184,7 @@ class Trainer:
             skipped=len(examples) - len(usable),
         )
         self.model.train()
+        base_tokens = self.prompts.base_tokens
         t0 = time.perf_counter()
         bar = tqdm(range(steps), desc=f"train-decoder ({cfg.mode})", disable=not progress, file=sys.stderr)
         for _ in bar:
@@ -171,6 +204,7 @@ class Trainer:
         self.model.eval()
         result.steps = steps
         result.seconds = time.perf_counter() - t0
+        result.base_prompt_tokens = self.prompts.base_tokens - base_tokens
         result.tensors = self.lora_tensors()
         return result
 
