@@ -14,6 +14,12 @@ Three tasks read the SAME document, each with its own fixed instruction after it
 - `arith`:   the product's stock now (opening - shipments + deliveries): a running total, then "Answer: N";
 - `tool`:    one tool call in a fixed schema, {"tool": name, "args": {...}}.
 
+A fourth task, held back (issue 21: added after the settings were chosen on the first three, to check that
+they generalize), reads the same documents:
+
+- `remain`:  a multi-step word problem: the product's stock now, minus the subject order's units (a
+             running total through every move and the order, then "Answer: N"; negative when short).
+
 A seed fixes the documents, so `make_samples(task, n, seed)` gives the three tasks the same n
 documents: the three decoders share one prefill and differ only by instruction (and adapter).
 `long_document` builds the same kind of note with many lines of other activity (~3,500 tokens) for
@@ -36,6 +42,8 @@ from pathlib import Path
 
 __all__ = [
     "TASKS",
+    "HELD_BACK",
+    "ALL_TASKS",
     "INSTRUCTIONS",
     "SEEDS",
     "Sample",
@@ -49,6 +57,8 @@ __all__ = [
 ]
 
 TASKS: tuple[str, ...] = ("extract", "arith", "tool")
+HELD_BACK: tuple[str, ...] = ("remain",)  # not used while choosing training settings
+ALL_TASKS: tuple[str, ...] = TASKS + HELD_BACK
 SEEDS = {"train": 1000, "test": 2000}
 
 INSTRUCTIONS = {
@@ -69,6 +79,13 @@ INSTRUCTIONS = {
         ' escalate(order, reason) with reason "late", "lost" or "billing"; ship(order, carrier) if it is packed'
         ' and awaiting pickup. Reply with JSON only, like {"tool": "ship", "args": {"order": "SO-123", "carrier":'
         ' "Acme"}}.'
+    ),
+    "remain": (
+        "If the Subject order's units are taken from its product's stock now, how many units are left? Start"
+        " from the opening stock, subtract every shipment out and add every delivery in, in the order the note"
+        " gives them, then subtract the order's units; the result is negative if the stock falls short. Write"
+        ' the running total on one line, like "500 - 120 = 380 + 60 = 440 - 300 = 140", then "Answer: N" on'
+        " the next line."
     ),
 }
 
@@ -130,16 +147,19 @@ class Note:
             return self.stock
         if task == "tool":
             return {"tool": self.tool, "args": dict(self.args)}
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+        if task == "remain":
+            return self.stock - self.units
+        raise ValueError(f"unknown task {task!r}; tasks are {ALL_TASKS}")
 
     def response(self, task: str) -> str:
         """The gold reply, in the exact format the fine-tuned decoders learn."""
-        if task == "arith":
+        if task in ("arith", "remain"):
+            moves = self.moves + ((("out", self.units),) if task == "remain" else ())
             steps, running = [str(self.opening)], self.opening  # a running total: "a - b = c + d = e"
-            for kind, n in self.moves:
+            for kind, n in moves:
                 running += n if kind == "in" else -n
                 steps.append(f"{'+' if kind == 'in' else '-'} {n} = {running}")
-            return " ".join(steps) + f"\nAnswer: {self.stock}"
+            return " ".join(steps) + f"\nAnswer: {self.answer(task)}"
         return json.dumps(self.answer(task), separators=(", ", ": "))
 
 
@@ -444,9 +464,9 @@ def _sample(task: str, note: Note) -> Sample:
 
 
 def make_samples(task: str, n: int, seed: int) -> list[Sample]:
-    """n samples of `task`; the same seed gives the three tasks the same n documents."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+    """n samples of `task`; the same seed gives every task the same n documents."""
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {ALL_TASKS}")
     notes = _notes(seed)
     return [_sample(task, next(notes)) for _ in range(n)]
 
@@ -467,8 +487,8 @@ def split(task: str, which: str, n: int) -> list[Sample]:
         return make_samples(task, n, SEEDS["train"])
     if which != "test":
         raise ValueError(f"split is 'train' or 'test', not {which!r}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {ALL_TASKS}")
     seen = _train_orders()
     out: list[Sample] = []
     for note in _notes(SEEDS["test"]):
@@ -510,13 +530,13 @@ _ANSWER = re.compile(r"Answer:\s*(-?\d+)\s*$")
 
 def check(task: str, reply: str, answer: object) -> bool:
     """Strict checks: extract and tool parse the whole reply as JSON (one code fence tolerated) and
-    compare keys (in order), values and types; arith wants the reply to end with "Answer: N"."""
+    compare keys (in order), values and types; arith and remain want the reply to end with "Answer: N"."""
     if task in ("extract", "tool"):
         return _same(_json_reply(reply), answer)
-    if task == "arith":
+    if task in ("arith", "remain"):
         m = _ANSWER.search(reply.strip())
         return m is not None and int(m.group(1)) == answer
-    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+    raise ValueError(f"unknown task {task!r}; tasks are {ALL_TASKS}")
 
 
 # -- files and the serving benchmark's document -------------------------------------------------
@@ -547,13 +567,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.write and not args.preview:
         ap.error("nothing to do: give --write DIR and/or --preview")
     if args.write:
-        for task in TASKS:
+        for task in ALL_TASKS:
             for which, n in (("train", args.n_train), ("test", args.n_test)):
                 path = Path(args.write) / f"{task}.{which}.jsonl"
                 write_jsonl(split(task, which, n), path)
                 print(f"wrote {n} samples to {path}")
     if args.preview:
-        samples = [split(task, "test", 1)[0] for task in TASKS]
+        samples = [split(task, "test", 1)[0] for task in ALL_TASKS]
         print("=== document (shared by the three tasks) ===")
         print(samples[0].document)
         for s in samples:
