@@ -83,6 +83,7 @@ from prefillshare_tasks import INSTRUCTIONS, TASKS, check, make_note  # noqa: E4
 from servers import Server, kvfork_server, llama_server  # noqa: E402
 from workload import fmt, provenance, report, stats  # noqa: E402
 
+from kvfork.engine.llama import LlamaModel  # noqa: E402
 from kvfork.models import resolve_model  # noqa: E402
 from kvfork.train.gguf_lora import PREFILL_KEY, random_lora_gguf  # noqa: E402
 
@@ -160,12 +161,6 @@ class RunState:
 
 
 # -- inputs -----------------------------------------------------------------------------------------
-def vocab(model_path: str):  # noqa: ANN201 - llama_cpp.Llama, imported lazily
-    from llama_cpp import Llama
-
-    return Llama(model_path, vocab_only=True, verbose=False)
-
-
 def system_prompt(n_tokens: int, model_path: str) -> str:
     """An operations agent's system prompt of about n_tokens tokens: rules, then reference material cut from
     the bundled incident report (what an agent framework sends with every request)."""
@@ -173,9 +168,9 @@ def system_prompt(n_tokens: int, model_path: str) -> str:
             " exactly what the instruction after it asks, in the format it asks for. Answer from the note only.")
     if n_tokens <= 0:
         return ""
-    llm = vocab(model_path)
-    tokens = llm.tokenize((head + "\n\nReference material:\n" + report()).encode(), add_bos=False)
-    return llm.detokenize(tokens[:n_tokens]).decode("utf-8", errors="ignore")
+    vocab = LlamaModel(Path(model_path), vocab_only=True)  # NOTE: kvfork's own tokenizer type, no weights
+    tokens = vocab.tokenize(head + "\n\nReference material:\n" + report(), add_special=False, parse_special=False)
+    return vocab.detokenize(tokens[:n_tokens]).replace("\ufffd", "")  # NOTE: a cut through a UTF-8 character
 
 
 def session_notes(seed: int, n: int):  # noqa: ANN201 - list[Note]
