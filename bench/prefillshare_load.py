@@ -43,6 +43,9 @@ on a freshly started server, warmed up by one untimed session whose note is not 
     although another adapter computed it. Its `cached_tokens` are reported as the server reports them.
   * server-context.cpp:419-424 (`can_batch_with`): only slots with equal adapter sets share a batch;
     others wait for a later iteration (kvfork, too, runs one llama_decode per adapter per step).
+- kvfork-unbounded (opt-in, `--arms kvfork llama-server kvfork-unbounded`): kvfork serve with
+  `--max-running 256`, i.e. as it was before EngineConfig.max_running: every request it holds decodes at
+  once. Side by side with the default (16), it shows what bounding the batch does under overload.
   kvfork's own non-sharing path is not a column: `kvfork serve` serves every adapter over base-model
   prefixes and refuses adapters that compute their own prompt (docs/prefillshare.md).
 
@@ -88,6 +91,8 @@ from kvfork.models import resolve_model  # noqa: E402
 from kvfork.train.gguf_lora import PREFILL_KEY, random_lora_gguf  # noqa: E402
 
 ARMS = ("kvfork", "llama-server")
+# NOTE: kvfork as it was before EngineConfig.max_running: every request decodes at once (opt-in arm)
+UNBOUNDED = "kvfork-unbounded"
 STAGES = TASKS  # extract -> arith -> tool: the issue's planner -> worker -> checker, one decoder each
 LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 OUT = Path("bench/out/prefillshare_load")
@@ -208,12 +213,14 @@ def make_adapters(args: argparse.Namespace, model_path: str) -> tuple[dict[str, 
 # -- servers ----------------------------------------------------------------------------------------
 def start_server(arm: str, s: Settings, adapters: dict[str, Path], log: Path) -> Server:
     template = ["--chat-template", s.chat_template] if s.chat_template else []
-    if arm == "kvfork":
+    if arm.startswith("kvfork"):
         # NOTE: admission and sequence-id limits above the most requests in flight, so kvfork never
         # refuses one (llama-server has no such limit: it queues)
         extra = [*(x for task, p in adapters.items() for x in ("--adapter", f"{task}={p}")),
                  "--max-queued", str(4 * s.slots), "--n-seq-max", "256",  # llama.cpp's most sequences
                  "--max-tokens", str(s.max_tokens), *template]
+        if arm == UNBOUNDED:
+            extra += ["--max-running", "256"]  # NOTE: above any load here: no request ever waits for a place
         return kvfork_server(s.model_path, s.threads, s.n_ctx, extra=extra, log=log)
     # NOTE: a template *name* is a built-in template only without jinja (with jinja, the default, llama-server
     # would render the name itself as a jinja template)
@@ -226,7 +233,7 @@ def check_models(arm: str, server: Server, adapters: dict[str, Path]) -> None:
     """kvfork must list model+<task> for every decoder (GET /v1/models); llama-server must hold the three
     adapters in STAGES order (GET /lora-adapters), since a request names its adapter by that index."""
     root = server.base_url.removesuffix("/v1")
-    if arm == "kvfork":
+    if arm.startswith("kvfork"):
         listed = [m["id"] for m in httpx.get(f"{server.base_url}/models", timeout=30).json()["data"]]
         wanted = [f"model+{task}" for task in STAGES]
         ok = set(wanted) <= set(listed)
@@ -243,7 +250,7 @@ def request_body(arm: str, stage: str, system: str, note: str, max_tokens: int) 
         {"role": "user", "content": f"{note}\n\n{INSTRUCTIONS[stage]}"}]
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    if arm == "kvfork":
+    if arm.startswith("kvfork"):
         return {**body, "model": f"model+{stage}"}
     return {**body, "model": "model", "lora": [{"id": STAGES.index(stage), "scale": 1.0}]}
 
@@ -434,7 +441,7 @@ def table(rates: list[float], summary: dict[str, dict[float, dict]], s: Settings
             " | p50 | p95 | TTFT p50 | requests/s | gen tokens/s | gen tokens/request | prompt reuse |")
     lines = [head, "|" + "---|" * 11]
     for rate in rates:
-        for arm in ARMS:
+        for arm in summary:
             r = summary[arm][rate]
             p95 = (">=" if r["p95_lower_bound"] else "") + cell(r, "p95_s", " s")
             lines.append(
@@ -499,7 +506,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ctx-per-slot", type=int, default=None, help="KV cells per slot (default 2048)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    ap.add_argument("--arms", nargs="+", choices=[*ARMS, UNBOUNDED], default=list(ARMS),
+                    help=f"{UNBOUNDED}: kvfork serve --max-running 256 (every request decodes at once)")
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--quick", action="store_true", help="smoke check: gemma3-270m, 2 short rates (< 1 min)")
     ap.add_argument("--name", default=None, help="output file stem (default: full, quick or random)")
@@ -541,7 +549,7 @@ def main() -> None:
     result = {"settings": asdict(s), "rates": args.rates, "repeats": args.repeats, "summary": summary,
               "provenance": provenance(), "wall_s": time.perf_counter() - t_start,
               "runs": {arm: {str(rate): rows for rate, rows in by_rate.items()} for arm, by_rate in runs.items()}}
-    if set(args.arms) == set(ARMS):
+    if set(ARMS) <= set(args.arms):
         result["verdict"] = verdict(args.rates, summary)
         result["table"] = table(args.rates, summary, s)
         print(result["table"])

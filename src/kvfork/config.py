@@ -63,12 +63,21 @@ class EngineConfig:
       engine/llama.py); the scheduler frees finished branches' cells only between turns and the server
       never leaves a fork fewer than 16 tokens to prefill. It prefills about 2x slower on this CPU.
     kv_type, flash_attn and repack left None take the mode's values; exact mode refuses other values.
+
+    max_running bounds the sequences that run at once, generating or prefilling a prompt; the rest wait,
+    turns that generate before new prompts (Scheduler._admit). NOTE: past a few branches a CPU decode step
+    grows with its rows (each row attends over every live cell) while the tokens/s of all branches stay
+    flat: measured by bench/decode_batch.py (default model, 2 threads, 32 tokens per branch over a
+    1,300-token prefix, medians of 3): 1 / 4 / 16 / 64 branches 37 / 60 / 49 / 64 tokens/s in all,
+    0.03 / 0.07 / 0.33 / 1.0 s a step. So under overload an unbounded batch only slows every request
+    until none finishes; 16 keeps a step near 0.3 s and still decodes a 16-agent fan-out in one batch.
     """
 
     n_ctx: int = 8192
     n_batch: int = 512
     n_ubatch: int = 512
     n_seq_max: int = 32
+    max_running: int = 16  # sequences running at once; more wait their turn (see the NOTE above)
     n_threads: int = field(default_factory=default_threads)
     exact: bool = False
     flash_attn: FlashAttn | None = None  # None: "off" (fast; "auto" for a quantized kv_type) / "on" (exact)
@@ -88,6 +97,8 @@ class EngineConfig:
         # NOTE: llama.cpp caps sequence ids at LLAMA_MAX_SEQ (256); one id is kept for each live snapshot.
         if not 2 <= self.n_seq_max <= 256:
             raise InvalidParameter(f"n_seq_max must be in [2, 256], got {self.n_seq_max}")
+        if not isinstance(self.max_running, int) or self.max_running < 1:
+            raise InvalidParameter(f"max_running must be a positive integer, got {self.max_running!r}")
         if self.n_threads < 1:
             raise InvalidParameter(f"n_threads must be >= 1, got {self.n_threads}")
         if not isinstance(self.exact, bool):

@@ -113,6 +113,17 @@ def test_on_a_sliding_window_model_the_prompt_holds_at_the_fork_until_the_fork_i
     assert second.n_prompt_computed == 40
 
 
+def test_a_fork_the_prompt_holds_for_is_admitted_past_max_running(fake_backend):
+    be = fake_backend(n_ctx=2048, n_swa=64)
+    sched = _scheduler(be, max_running=1)  # the prompt takes the one place
+    first = _prompt(sched, DOC + [60] * 40)
+    sched.step()
+    second = _prompt(sched, DOC + [61] * 40)
+    assert second.parent is first
+    _step_until_idle(sched, [first, second])  # NOTE: waiting for a place here would hold both forever
+    assert second.n_prompt_computed == 40 and first.n_in_kv == len(DOC) + 40
+
+
 def test_a_prompt_that_has_moved_past_the_fork_is_cut_only_where_the_window_allows(fake_backend):
     be = fake_backend(n_ctx=2048, n_swa=64)
     sched = _scheduler(be)

@@ -16,7 +16,7 @@ import pytest
 from kvfork.config import EngineConfig
 from kvfork.engine.adapters import Adapter
 from kvfork.engine.sampling import SamplingParams
-from kvfork.errors import ContextOverflow, KvforkError
+from kvfork.errors import ContextOverflow, InvalidParameter, KvforkError
 from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.text import TurnText
@@ -142,6 +142,38 @@ def test_one_shot_branches_queue_for_ids_and_take_them_as_others_end(fake_backen
         assert child.generated == be.greedy(PROMPT + [40 + i], 3 + i)
         assert child.status is SeqStatus.CLOSED and child.seq_id is None
     assert be.positions(root.seq_id) == list(range(len(PROMPT))) and len(be.cells) == len(PROMPT)
+
+
+def test_max_running_bounds_what_runs_and_turns_that_generate_start_before_new_prompts(fake_backend):
+    be = fake_backend()
+    sched = _scheduler(be, n_seq_max=16, max_running=2)
+    root = _prefilled(sched, PROMPT)
+    prompt = KvSequence(tokens=list(PROMPT[:6]))  # a new prompt, submitted first: it waits for the turns
+    sched.submit(prompt, SamplingParams(max_tokens=0))
+    branches = []
+    for i in range(5):
+        child = sched.fork(root)
+        sched.submit(child, SamplingParams(max_tokens=4, ignore_eos=True), append=[40 + i], one_shot=True)
+        branches.append(child)
+    n_decodes = len(be.decodes)
+    started: list[KvSequence] = []
+    for _ in range(1000):
+        sched.step()
+        started += [s for s in [*branches, prompt] if s.n_in_kv > (0 if s is prompt else len(PROMPT))
+                    and s not in started]
+        assert len(sched.running) <= 2
+        if prompt.finish_reason and all(s.status is SeqStatus.CLOSED for s in branches):
+            break
+    assert started == [*branches, prompt]  # first come, first served; turns before new prompts
+    assert prompt.finish_reason == "prefilled" and prompt.n_in_kv == 6
+    assert max(len(set(b.seq_ids)) for b in be.decodes[n_decodes:]) <= 2
+    for i, child in enumerate(branches):
+        assert child.generated == be.greedy(PROMPT + [40 + i], 4)
+
+
+def test_max_running_must_be_positive():
+    with pytest.raises(InvalidParameter, match="max_running"):
+        EngineConfig(max_running=0)
 
 
 def test_nothing_can_run_is_an_error_naming_the_fix(fake_backend):

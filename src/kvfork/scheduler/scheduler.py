@@ -36,6 +36,7 @@ class Scheduler:
         self.backend = backend
         self.n_batch = config.n_batch
         self.exact = config.exact
+        self.max_running = config.max_running
         self.table = BranchTable(backend, config.n_seq_max)
         self.prefixes = PrefixCache(backend.n_swa, exact=config.exact)  # what new prompts may share
         self.waiting: deque[KvSequence] = deque()
@@ -370,18 +371,32 @@ class Scheduler:
     def _admit(self) -> None:
         # NOTE: first fit, in arrival order: a sequence that does not fit now must not hold back the
         # ones behind it that do (a fork that needs a few cells to decode, whose parent holds many).
-        for seq in list(self.waiting):
+        # At most max_running sequences run (generating or prefilling a prompt); the rest wait, so under
+        # overload a step's rows and prefill chunks stay bounded and started turns finish instead of all
+        # slowing down together. Turns that generate go before prompts, so a request whose prompt is
+        # computed decodes before new prompts start. A fork of a running prompt in flight skips the
+        # bound: that prompt may be holding at the fork's point for it (see _next_stop).
+        places = self.places()
+        for seq in sorted(self.waiting, key=lambda s: not s.wants_tokens):  # NOTE: stable: arrival order within
             parent = seq.parent if seq.seq_id is None else None  # a fork still to be tagged from its parent
             if parent is not None and not self._reached(parent, seq.n_shared):
                 if in_flight(parent) and not parent.released:
                     continue
                 self.table.detach(seq)  # NOTE: the prompt it waited on stopped short: compute it all
                 parent = None
+            held = parent is not None and parent.status is SeqStatus.RUNNING and in_flight(parent)
+            if places <= 0 and not held:
+                continue
             if self.table.can_allocate(seq) or self._evict_for(seq):
                 self.waiting.remove(seq)
                 self._start(seq)
+                places -= 1
             elif parent is not None and self.prefixes.n_swa > 0 and in_flight(parent):
                 self.table.detach(seq)  # NOTE: its parent holds for it (see _next_stop): let it go on
+
+    def places(self) -> int:
+        """How many more sequences may start running now (max_running less those running)."""
+        return self.max_running - len(self.running)
 
     @staticmethod
     def _reached(parent: KvSequence, n: int) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from kvfork.config import EXACT_HELP, ServerConfig
+from kvfork.config import EXACT_HELP, EngineConfig, ServerConfig
 from kvfork.errors import InvalidParameter, KvforkError
 from kvfork.models import DEFAULT_MODEL
 
@@ -25,6 +25,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     p.add_argument("--n-ctx", type=int, default=8192, help="KV cells shared by every request")
     p.add_argument("--n-seq-max", type=int, default=64, help="sequence ids: live prefixes + prompts + choices")
+    p.add_argument("--max-running", type=int, default=EngineConfig.max_running,
+                   help="sequences running at once (choices and prompts); the rest wait (default %(default)s)")
     # NOTE: the batch is also the most prefill tokens per step: a long prompt is chunked so that the
     # branches already decoding wait at most one chunk per token.
     p.add_argument("--batch", type=int, default=512,
@@ -94,7 +96,8 @@ def build_server(args: argparse.Namespace) -> tuple[Engine, SnapshotStore | None
                           max_queued=args.max_queued, max_n=args.max_n, max_tokens=args.max_tokens,
                           reuse=args.reuse, reuse_min_tokens=args.reuse_min_tokens,
                           reuse_cache_mb=args.reuse_cache_mb)
-    overrides: dict = {"n_ctx": args.n_ctx, "n_seq_max": args.n_seq_max, "n_batch": args.batch,
+    overrides: dict = {"n_ctx": args.n_ctx, "n_seq_max": args.n_seq_max, "max_running": args.max_running,
+                       "n_batch": args.batch,
                        "n_ubatch": args.batch, "verbose": args.verbose, "progress": False,
                        "kv_type": args.kv_type, "flash_attn": args.flash_attn, "exact": args.exact}
     if args.threads:

@@ -179,7 +179,8 @@ class Dispatcher:
     def make_room(self) -> None:
         """Evict idle live prefixes while the next waiting sequence does not fit; fail it if nothing can run."""
         waiting, table = self.sched.waiting, self.sched.table
-        if waiting:
+        # NOTE: beyond max_running a sequence waits for a place, not for room: evict nothing for it
+        if waiting and self.sched.places() > 0:
             self.sched.evict_until(lambda: table.can_allocate(waiting[0]))
         # NOTE: fail the sequences that cannot start while nothing runs that could free room, one after
         # another (not just the first), so the step never finds nothing to run.
