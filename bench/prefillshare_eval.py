@@ -2,6 +2,8 @@
 
     python bench/prefillshare_eval.py --steps 80 --cache-steps 190 --n-test 30   # ~70 min here
 
+    python bench/prefillshare_eval.py --tasks tool --steps 80 --cache-steps 190 --distill 0.5 --n-test 30
+
 For each task of bench/prefillshare_tasks.py (extract, arith, tool, and `remain`, held back: added after
 the settings were chosen on the other three) it trains two LoRA decoders on the train split with
 `kvfork.train` (the code behind `kvfork train-decoder`): a plain one (adapter on over prompt and
@@ -64,8 +66,11 @@ def train_all(args: argparse.Namespace, folder: Path) -> dict:
             if not args.share_prefill:
                 examples = [dataclasses.replace(e, shared=0) for e in examples]
             steps = args.cache_steps if mode == "cache" and args.cache_steps else args.steps
+            # NOTE: --distill: the cache decoder learns from its task's plain decoder too (trained first)
+            teacher = str(folder / f"{task}.plain.gguf") if mode == "cache" and args.distill else None
             config = TrainConfig(mode=mode, rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, steps=steps,
-                                 seed=args.seed, n_threads=args.threads, prompt_cache_mb=args.prompt_cache_mb)
+                                 seed=args.seed, n_threads=args.threads, prompt_cache_mb=args.prompt_cache_mb,
+                                 teacher=teacher, distill=args.distill if teacher else 0.0)
             trainer = Trainer(base, config, prompts=shared)
             result = trainer.train(examples, progress=not args.quiet)
             export_decoder(result, folder / f"{task}.{mode}.gguf")
@@ -150,6 +155,8 @@ def main() -> None:
     ap.add_argument("--cache-steps", type=int, default=None,
                     help="steps of the cache decoders (default --steps); a cache step costs ~60%% of a plain one")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="cache decoders distil their task's plain decoder with this weight (train-decoder --distill)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

@@ -222,6 +222,68 @@ def test_random_adapter_loads_and_changes_the_logits(gemma_path, raw_llama, tmp_
     assert 0.1 < changed < 100
 
 
+# -- distillation from a plain decoder -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distilled(gemma, gemma_path, data_file, tmp_path_factory):
+    """A cache decoder distilled (distill=1: the teacher's term alone) from a random plain decoder."""
+    import torch
+
+    from kvfork.train.loader import load_base_model
+    from kvfork.train.trainer import Trainer
+
+    folder = tmp_path_factory.mktemp("teacher")
+    teacher = random_lora_gguf(gemma_path, folder / "teacher.gguf", rank=8, std=0.05, seed=5,
+                               targets=("attn_q", "attn_v", "ffn_up"), meta={PREFILL_KEY: "adapter"})
+    examples = load_examples(data_file, gemma)
+    config = TrainConfig(mode="cache", steps=16, lr=1e-3, warmup=2, n_threads=1, seed=0, teacher=str(teacher),
+                         distill=1.0)
+    trainer = Trainer(load_base_model("gemma3-270m"), config)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".teacher." in n}
+    with torch.no_grad():
+        before = [float(trainer.train_loss(i, e)) for i, e in enumerate(examples)]
+    result = trainer.train(examples, progress=False)
+    with torch.no_grad():
+        after = [float(trainer.train_loss(i, e)) for i, e in enumerate(examples)]
+    return {"trainer": trainer, "teacher": teacher, "examples": examples, "before": before, "after": after,
+            "frozen": frozen, "result": result}
+
+
+def test_the_teacher_scores_replies_as_llama_cpp_serves_it(distilled, raw_llama):
+    trainer, example = distilled["trainer"], distilled["examples"][0]
+    top, logp = trainer._teacher_top_k(example)
+    served = raw_llama.logits([(example.prompt + example.response[:-1], raw_llama.adapter(distilled["teacher"]))])
+    served = served[-len(example.response):]
+    bare = raw_llama.logits([(example.prompt + example.response[:-1], None)])[-len(example.response):]
+    peak = served.max(-1, keepdims=True)
+    ref = served - peak - np.log(np.exp(served - peak).sum(-1, keepdims=True))  # llama.cpp's log-probabilities
+    assert (top[:, 0].numpy() == served.argmax(-1)).mean() >= 0.9
+    gap = np.abs(logp[:, 0].numpy() - ref[np.arange(len(ref)), top[:, 0].numpy()]).max()
+    # NOTE: llama.cpp's quantized matmuls against transformers' float32: the same tolerance as the export test
+    effect = np.abs(served - bare).max()
+    assert effect > 5 * gap, (effect, gap)  # the teacher is the file, and it changes the model
+
+
+def test_distillation_moves_the_student_to_the_teacher_and_leaves_the_teacher_alone(distilled):
+    assert np.mean(distilled["after"]) < 0.8 * np.mean(distilled["before"]), (distilled["before"], distilled["after"])
+    trainer = distilled["trainer"]
+    for name, param in trainer.model.named_parameters():
+        if name in distilled["frozen"]:
+            assert not param.requires_grad and bool((param == distilled["frozen"][name]).all()), name
+    assert distilled["result"].tensors.keys() == trainer.lora_tensors().keys()  # the student's, not the teacher's
+    assert distilled["result"].meta()["kvfork.train.distill"] == "1.0"
+
+
+def test_a_cache_decoder_or_a_base_model_is_refused_as_teacher(trained, gemma_path, tmp_path):
+    from kvfork.errors import InvalidModelFile
+    from kvfork.train.gguf_lora import read_lora_gguf
+    from kvfork.train.trainer import Trainer
+
+    with pytest.raises(InvalidParameter, match="plain decoder"):
+        Trainer(trained.trainer.base, TrainConfig(teacher=str(trained.path), distill=0.5, n_threads=1))
+    with pytest.raises(InvalidModelFile, match="not a LoRA adapter"):
+        read_lora_gguf(gemma_path)
+
+
 def test_adapter_writer_refuses_bad_input(tmp_path):
     from kvfork.train.gguf_lora import gguf_tensor_name, write_lora_gguf
 
@@ -313,6 +375,9 @@ def test_cli_without_the_train_extra_says_what_to_install(data_file, tmp_path, m
         {"n_threads": 0},
         {"max_prompt_tokens": 0},
         {"max_grad_norm": 0},
+        {"distill": 0.5},
+        {"teacher": "plain.gguf"},
+        {"teacher": "plain.gguf", "distill": 1.5},
     ],
 )
 def test_bad_config_values_raise(fields):

@@ -62,6 +62,11 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-response-tokens", type=int, default=d["max_response_tokens"].default)
     p.add_argument("--prompt-cache-mb", type=int, default=d["prompt_cache_mb"].default,
                    help="cache mode: MiB of base-model prompt KV kept for reuse (shared by all decoders of the run)")
+    p.add_argument("--teacher", type=Path, action="append", default=None,
+                   help="distil from this plain decoder (its adapter GGUF, `--mode plain`); one per --data, in"
+                   " the same order")
+    p.add_argument("--distill", type=float, default=None,
+                   help="weight of the teacher's term in the loss, in [0, 1] (default 0.5 with --teacher)")
     p.add_argument("--chat-template", default=None, help="for models without one (e.g. gemma)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=train_command)
@@ -73,9 +78,13 @@ def train_command(args: argparse.Namespace) -> int:
     from kvfork.train.loader import load_base_model
     from kvfork.train.trainer import PromptKV, Trainer
 
-    config = TrainConfig(**_config_fields(args))
     if len(args.data) != len(args.out):
         raise InvalidParameter(f"give one --out per --data: {len(args.data)} --data, {len(args.out)} --out")
+    teachers = [str(t) for t in args.teacher] if args.teacher else [None] * len(args.data)
+    if len(teachers) != len(args.data):
+        raise InvalidParameter(f"give one --teacher per --data: {len(args.data)} --data, {len(teachers)} --teacher")
+    configs = [TrainConfig(**_config_fields(args), teacher=t) for t in teachers]
+    config = configs[0]
     if args.eval and len(args.data) > 1:
         raise InvalidParameter("--eval takes one decoder's held-out examples; train with one --data/--out pair")
     sets, held_out = _examples(args)
@@ -88,7 +97,7 @@ def train_command(args: argparse.Namespace) -> int:
     base = load_base_model(args.model)
     print(f"loaded {base.path.name} into transformers in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     prompts = PromptKV(config.prompt_cache_mb)  # NOTE: one for the run: decoders over one document share its KV
-    for train, out in zip(sets, args.out, strict=True):
+    for train, out, config in zip(sets, args.out, configs, strict=True):
         trainer = Trainer(base, config, prompts=prompts)
         before = trainer.mean_loss(held_out) if held_out else None
         result = trainer.train(train, progress=not args.no_progress)
@@ -115,6 +124,7 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if args.threads is not None:
         fields["n_threads"] = args.threads
+    fields["distill"] = args.distill if args.distill is not None else 0.5 if args.teacher else 0.0
     return fields
 
 

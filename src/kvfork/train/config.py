@@ -42,6 +42,11 @@ class TrainConfig:
     n_threads: torch's threads. NOTE: on a machine whose cores are busy with other work, fewer threads are
     faster: each torch op waits at a barrier for all of them (2 threads on 2 busy cores: 10x slower).
     Examples whose prompt or response exceeds the max_* token limits are skipped (and counted).
+    teacher + distill (knowledge distillation, for cache mode): a plain decoder of the same base (trained
+    with its own prefill) scores each training reply once, adapter on over the whole prompt; the loss
+    becomes (1 - distill) x cross-entropy + distill x the cross-entropy against the teacher's next-token
+    distribution (its TEACHER_TOP_K likeliest tokens, renormalized). The teacher's own training is a cost
+    of its own: count it when comparing training budgets.
     """
 
     mode: TrainMode = "cache"
@@ -62,6 +67,8 @@ class TrainConfig:
     max_prompt_tokens: int = 4096
     max_response_tokens: int = 1024
     prompt_cache_mb: int = 1024  # cache mode: base-model prompt KV kept between passes (recomputed beyond)
+    teacher: str | None = None  # a plain decoder's adapter GGUF: distil its replies' distribution (see distill)
+    distill: float = 0.0  # weight of the teacher's term in the loss, in [0, 1]: (1 - w) CE + w KD
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -89,6 +96,11 @@ class TrainConfig:
             raise InvalidParameter(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.max_grad_norm > 0:
             raise InvalidParameter(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, int | float) or not 0 <= self.distill <= 1:
+            raise InvalidParameter(f"distill must be in [0, 1], got {self.distill!r}")
+        if (self.teacher is None) != (self.distill == 0):
+            raise InvalidParameter("distill > 0 needs a teacher (a plain decoder's adapter GGUF), and a teacher"
+                                   f" needs distill > 0; got teacher={self.teacher!r}, distill={self.distill}")
 
     @property
     def prefill(self) -> str:

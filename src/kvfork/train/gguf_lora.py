@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -31,6 +32,8 @@ __all__ = [
     "write_lora_gguf",
     "write_lora_gguf_tensors",
     "random_lora_gguf",
+    "LoraFile",
+    "read_lora_gguf",
 ]
 
 # NOTE: both use NEOX RoPE, so their converters store q/k rows as transformers has them (no permutation);
@@ -200,6 +203,46 @@ def random_lora_gguf(
     if not tensors:
         raise InvalidParameter(f"the base model has no layer tensors named {', '.join(wanted)}")
     return write_lora_gguf_tensors(out_path, arch=arch, alpha=alpha, tensors=tensors, meta=meta)
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA adapter GGUF read back: alpha as stored, the pairs by the base GGUF's tensor names
+    (`blk.3.attn_q.weight`: (lora_a (r, in), lora_b (out, r)), float32; the rank as stored, zero-padded
+    where the writer padded it: alpha / r is what it was trained with), and its metadata strings."""
+
+    arch: str
+    alpha: float
+    tensors: dict[str, tuple[np.ndarray, np.ndarray]]
+    meta: dict[str, str]
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.tensors.values()))[0].shape[0]
+
+
+def read_lora_gguf(path: str | os.PathLike[str]) -> LoraFile:
+    """Read a LoRA adapter GGUF (this writer's, or llama.cpp's convert_lora_to_gguf.py's); q8_0 and f16
+    matrices are dequantized. Raises InvalidModelFile for a file that is not a LoRA adapter."""
+    reader = _reader(path)
+    if reader.field_value(gguf.Keys.General.TYPE) != gguf.GGUFType.ADAPTER or \
+            reader.field_value(gguf.Keys.Adapter.TYPE) != "lora":
+        raise InvalidModelFile(f"{path} is not a LoRA adapter GGUF (general.type adapter, adapter.type lora)")
+    alpha = reader.field_value(gguf.Keys.Adapter.LORA_ALPHA)
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for t in reader.tensors:
+        name, _, half = t.name.rpartition(".")
+        if half in ("lora_a", "lora_b"):
+            data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            halves.setdefault(name, {})[half] = data
+    pairs = {name: (h["lora_a"], h["lora_b"]) for name, h in halves.items() if len(h) == 2}
+    if not pairs or len(pairs) != len(halves):
+        raise InvalidModelFile(f"{path}: no complete lora_a / lora_b pairs")
+    meta = {f.name: str(f.contents()) for f in reader.fields.values()
+            if f.name.startswith("kvfork.") and isinstance(f.contents(), str)}
+    return LoraFile(arch=str(reader.field_value("general.architecture")),
+                    alpha=float(alpha) if alpha is not None else float(next(iter(pairs.values()))[0].shape[0]),
+                    tensors={n: _checked(n, a, b) for n, (a, b) in pairs.items()}, meta=meta)
 
 
 def _reader(path: str | os.PathLike[str]) -> LeanGGUFReader:

@@ -11,6 +11,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,14 @@ from tqdm import tqdm
 from kvfork.errors import InvalidParameter
 from kvfork.train.config import TrainConfig, TrainMode
 from kvfork.train.data import Example
+from kvfork.train.gguf_lora import PREFILL_KEY, LoraFile, gguf_tensor_name, read_lora_gguf
 from kvfork.train.loader import BaseModel, load_base_model
 from kvfork.train.result import TrainResult
 
-__all__ = ["Trainer", "PromptKV", "train_decoder"]
+__all__ = ["Trainer", "PromptKV", "train_decoder", "TEACHER_TOP_K"]
+
+TEACHER_TOP_K = 32  # the teacher's likeliest tokens kept per response position (distillation)
+_TEACHER = "teacher"  # the peft adapter name of a distillation teacher
 
 
 class PromptKV:
@@ -71,6 +76,7 @@ class Trainer:
     def __init__(self, base: BaseModel, config: TrainConfig, *, prompts: PromptKV | None = None) -> None:
         self.base = base
         self.config = config
+        teacher = _read_teacher(config.teacher, base) if config.teacher is not None else None
         torch.set_num_threads(config.n_threads)
         torch.manual_seed(config.seed)  # NOTE: peft draws lora_A from torch's global generator
         lora = LoraConfig(
@@ -88,6 +94,9 @@ class Trainer:
             raise InvalidParameter(f"LoRA targets {', '.join(config.targets)} do not fit {base.name}: {exc}") from exc
         # cache mode: base KV of prompt heads; pass one to several Trainers to share document prefixes
         self.prompts = prompts if prompts is not None else PromptKV(config.prompt_cache_mb)
+        self._taught: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # example index -> teacher's top-k
+        if teacher is not None:
+            self._add_teacher(teacher)
 
     # -- the loss ---------------------------------------------------------------------------------
     def logits(self, example: Example, *, mode: TrainMode | None = None, adapter: bool = True) -> torch.Tensor:
@@ -116,6 +125,62 @@ class Trainer:
         """Mean cross-entropy of example.response (a scalar tensor; differentiable when adapter=True)."""
         logits = self.logits(example, mode=mode, adapter=adapter)
         return torch.nn.functional.cross_entropy(logits, torch.tensor(example.response, dtype=torch.long))
+
+    def train_loss(self, index: int, example: Example) -> torch.Tensor:
+        """The training objective: the response's cross-entropy, mixed with the teacher's term where
+        config.distill > 0 (see TrainConfig); `index` keys the teacher's scores of this example."""
+        logits = self.logits(example)
+        ce = torch.nn.functional.cross_entropy(logits, torch.tensor(example.response, dtype=torch.long))
+        w = self.config.distill
+        if not w:
+            return ce
+        if index not in self._taught:
+            self._taught[index] = self._teacher_top_k(example)
+        top, logp = self._taught[index]
+        # NOTE: sparse distillation: the student's log-probabilities at the teacher's top-k tokens against
+        # the teacher's probabilities renormalized over them (the rest of its mass is below 1e-3 or so)
+        kd = -(logp.softmax(-1) * logits.log_softmax(-1).gather(1, top)).sum(-1).mean()
+        return (1 - w) * ce + w * kd
+
+    @torch.no_grad()
+    def _teacher_top_k(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's TEACHER_TOP_K likeliest next tokens at each response position and their
+        log-probabilities, adapter "teacher" on over prompt and response (as the plain decoder is served)."""
+        self.model.set_adapter(_TEACHER, inference_mode=True)
+        try:
+            logits = self.logits(example, mode="plain")
+        finally:
+            self.model.set_adapter("default")
+            self._freeze_teacher()
+        logp, top = logits.log_softmax(-1).topk(TEACHER_TOP_K, dim=-1)
+        return top, logp
+
+    def _add_teacher(self, teacher: _Teacher) -> None:
+        """Add a plain decoder's adapter as the peft adapter "teacher" (frozen, inactive)."""
+        modules = teacher.modules
+        leaves = sorted({name.rsplit(".", 1)[1] for name in modules.values()})
+        config = LoraConfig(r=teacher.lora.rank, lora_alpha=teacher.lora.alpha,  # type: ignore[arg-type]
+                            target_modules=leaves, bias="none")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            self.model.add_adapter(_TEACHER, config)
+        by_module = {modules[t]: pair for t, pair in teacher.lora.tensors.items()}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and _TEACHER in module.lora_A:
+                a, b = by_module.get(name.removeprefix("base_model.model."), (None, None))
+                with torch.no_grad():
+                    if a is None:  # NOTE: a leaf name the teacher adapts in other layers only: no change here
+                        module.lora_B[_TEACHER].weight.zero_()
+                    else:
+                        module.lora_A[_TEACHER].weight.copy_(torch.from_numpy(a))
+                        module.lora_B[_TEACHER].weight.copy_(torch.from_numpy(b))
+        self.model.set_adapter("default")
+        self._freeze_teacher()
+
+    def _freeze_teacher(self) -> None:
+        for name, param in self.model.named_parameters():
+            if f".{_TEACHER}." in name:
+                param.requires_grad_(False)
 
     @torch.no_grad()
     def mean_loss(self, examples: Sequence[Example], *, mode: TrainMode | None = None, adapter: bool = True) -> float:
@@ -191,8 +256,9 @@ class Trainer:
             optim.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(cfg.grad_accum):
-                example = usable[order.next()]
-                loss = self.loss(example)
+                index = order.next()
+                example = usable[index]
+                loss = self.train_loss(index, example)
                 (loss / cfg.grad_accum).backward()
                 total += loss.detach().item() / cfg.grad_accum
                 result.response_tokens += len(example.response)
@@ -224,6 +290,32 @@ def train_decoder(
 ) -> TrainResult:
     """Load the catalog model into transformers and train a LoRA decoder on examples (see Trainer)."""
     return Trainer(load_base_model(model_name), config).train(examples, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Teacher:
+    lora: LoraFile
+    modules: dict[str, str]  # the GGUF tensor names it adapts -> transformers module names
+
+
+def _read_teacher(path: str, base: BaseModel) -> _Teacher:
+    """A plain decoder's adapter GGUF, checked against the base before anything is injected."""
+    lora = read_lora_gguf(path)
+    prefill = lora.meta.get(PREFILL_KEY)
+    if prefill not in (None, "adapter"):
+        raise InvalidParameter(f"the teacher {path} was trained over base-model prompt KV ({PREFILL_KEY} ="
+                               f" {prefill!r}); distil from a plain decoder (train-decoder --mode plain)")
+    if lora.arch != base.arch:
+        raise InvalidParameter(f"the teacher {path} is for {lora.arch!r}, the base is {base.arch!r}")
+    names = {}
+    for name, module in base.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            with contextlib.suppress(InvalidParameter):
+                names[gguf_tensor_name(base.arch, base.n_layers, name)] = name.removeprefix("base_model.model.")
+    missing = sorted(set(lora.tensors) - set(names))
+    if missing:
+        raise InvalidParameter(f"the teacher {path} adapts tensors {base.name} lacks: {', '.join(missing[:3])}")
+    return _Teacher(lora, {t: names[t] for t in lora.tensors})
 
 
 def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
