@@ -28,8 +28,9 @@ class Scheduler:
     Contract: one thread drives it (the engine holds a lock around every call). Sequences enter with
     `submit`, wait until the BranchTable has an id and cells for them and one of max_running places is
     free, run until their pending tokens are in the cache and their turn is finished, then go back to
-    IDLE (keeping their cells) until `release`. Sequences that are decoding get one token each per step before any prefill chunk is
-    added, so a long prefill never starves them; the rest of the n_batch budget goes to prefills.
+    IDLE (keeping their cells) until `release`. Sequences that are decoding get one token each per step
+    before any prefill chunk is added, so a long prefill never starves them; the rest of the n_batch
+    budget goes to prefills.
     """
 
     def __init__(self, backend: Backend, config: EngineConfig) -> None:
