@@ -123,17 +123,16 @@ class Trainer:
 
     def loss(self, example: Example, *, mode: TrainMode | None = None, adapter: bool = True) -> torch.Tensor:
         """Mean cross-entropy of example.response (a scalar tensor; differentiable when adapter=True)."""
-        logits = self.logits(example, mode=mode, adapter=adapter)
-        return torch.nn.functional.cross_entropy(logits, torch.tensor(example.response, dtype=torch.long))
+        return _response_ce(self.logits(example, mode=mode, adapter=adapter), example)
 
     def train_loss(self, index: int, example: Example) -> torch.Tensor:
         """The training objective: the response's cross-entropy, mixed with the teacher's term where
         config.distill > 0 (see TrainConfig); `index` keys the teacher's scores of this example."""
-        logits = self.logits(example)
-        ce = torch.nn.functional.cross_entropy(logits, torch.tensor(example.response, dtype=torch.long))
         w = self.config.distill
         if not w:
-            return ce
+            return self.loss(example)
+        logits = self.logits(example)
+        ce = _response_ce(logits, example)
         if index not in self._taught:
             self._taught[index] = self._teacher_top_k(example)
         top, logp = self._taught[index]
@@ -290,6 +289,10 @@ def train_decoder(
 ) -> TrainResult:
     """Load the catalog model into transformers and train a LoRA decoder on examples (see Trainer)."""
     return Trainer(load_base_model(model_name), config).train(examples, progress=progress)
+
+
+def _response_ce(logits: torch.Tensor, example: Example) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(example.response, dtype=torch.long))
 
 
 @dataclass(frozen=True)
