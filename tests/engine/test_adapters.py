@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvfork import Engine
+from kvfork.engine.adapters import OWN_TOKENS_KEY, PREFILL_KEY
 from kvfork.errors import InvalidModelFile, InvalidParameter, ModelNotFound
 from kvfork.train.gguf_lora import random_lora_gguf
 from tests.support.models import GEMMA, load_all
@@ -92,3 +93,50 @@ def test_branches_sharing_an_adapter_match_from_scratch_bit_for_bit(gemma, gemma
                                  ignore_eos=True, logprobs=1)
         assert got.tokens == ref.tokens
         assert got.logprobs == ref.logprobs
+
+
+@pytest.fixture(scope="module")
+def tail_files(gemma_path, tmp_path_factory):
+    """One decoder's weights twice: computing its prompts' last 12 tokens itself (as `train-decoder
+    --own-tokens 12` writes), and the last one only."""
+    folder = tmp_path_factory.mktemp("tail")
+    return {name: random_lora_gguf(gemma_path, folder / f"{name}.gguf", rank=8, std=0.05, seed=5,
+                                   targets=("attn_q", "attn_v", "ffn_up"), meta={PREFILL_KEY: "base", OWN_TOKENS_KEY: own})
+            for name, own in (("tail12", "12"), ("tail1", "1"))}
+
+
+def test_own_tokens_decoder_computes_its_prompt_tail_whatever_the_fork_holds(gemma, gemma_ref, tail_files):
+    """own_tokens = 12: the adapter computes each prompt's last 12 tokens. A fork whose snapshot holds some
+    of them as base KV (a short instruction, or the whole prompt) drops and recomputes them, so every
+    branch gives exactly the tokens of the same decoder from scratch; and the setting changes the output."""
+    load_all(gemma, tail_files, None)
+    load_all(gemma_ref, tail_files, None)
+    assert [gemma.adapters.get(n).own_tokens for n in ("tail12", "tail1")] == [12, 1]
+    document = long_text(20)
+    instructions = ["Why?", INSTRUCTIONS[0] + " Use the station names and the times the log gives."]
+    assert len(gemma.tokenize(instructions[0])) < 12 < len(gemma.tokenize(instructions[1]))
+    with gemma.prefill(document) as snapshot:
+        got = snapshot.fan_out(instructions, adapters=["tail12", "tail12"], max_tokens=10, ignore_eos=True,
+                               logprobs=0)
+        last_only = snapshot.fan_out(instructions[1:], adapters=["tail1"], max_tokens=1, logprobs=0)[0]
+        with snapshot.fork() as whole:  # the base model computes the whole prompt, then a decoder forks it
+            whole.send(instructions[0]).generate(max_tokens=0)
+            assert whole.tokens == gemma.prompt_tokens(document, instructions[0])
+            with whole.fork(adapter="tail12") as branch:
+                bare = branch.generate(max_tokens=10, ignore_eos=True, logprobs=0)
+    for instruction, out in zip(instructions, got, strict=True):
+        ref = gemma_ref.generate(gemma_ref.prompt_tokens(document, instruction), adapter="tail12", max_tokens=10,
+                                 ignore_eos=True, logprobs=0)
+        assert out.tokens == ref.tokens, (instruction, out.text, ref.text)
+        assert out.logprobs[0].logprob == pytest.approx(ref.logprobs[0].logprob, abs=1e-3)
+    assert bare.tokens == got[0].tokens
+    assert abs(last_only.logprobs[0].logprob - got[1].logprobs[0].logprob) > 1e-2
+
+
+def test_own_tokens_is_read_from_the_file_and_checked(gemma, gemma_path, tmp_path):
+    bad = random_lora_gguf(gemma_path, tmp_path / "bad.gguf", rank=4, meta={PREFILL_KEY: "base", OWN_TOKENS_KEY: "0"})
+    with pytest.raises(InvalidParameter, match="own_tokens"):
+        gemma.load_adapter("bad-tail", bad)
+    assert "bad-tail" not in gemma.adapters.names()
+    one = random_lora_gguf(gemma_path, tmp_path / "one.gguf", rank=4, meta={PREFILL_KEY: "base"})
+    assert gemma.load_adapter("one-tail", one).own_tokens == 1  # files from before the setting: the last token

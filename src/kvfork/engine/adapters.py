@@ -9,9 +9,10 @@ from pathlib import Path
 from kvfork.engine.llama import LlamaModel, LoraAdapter
 from kvfork.errors import InvalidParameter, ModelNotFound
 
-__all__ = ["Adapter", "Adapters", "PREFILL_KEY"]
+__all__ = ["Adapter", "Adapters", "OWN_TOKENS_KEY", "PREFILL_KEY"]
 
 PREFILL_KEY = "kvfork.decoder.prefill"  # GGUF metadata `kvfork train-decoder` writes: "base" or "adapter"
+OWN_TOKENS_KEY = "kvfork.decoder.own_tokens"  # and for "base": how many of a prompt's last tokens it computes
 _PREFILLS = ("base", "adapter")
 
 
@@ -20,7 +21,8 @@ class Adapter:
     """One LoRA decoder: a name, its GGUF, the scale it is applied with, and who computes its prompts.
 
     prefill "base" (PrefillShare): the base model, adapter off, computes the prompt; the adapter
-    computes the last prompt token and every generated token. Its branches fork any base snapshot:
+    computes the prompt's last `own_tokens` tokens (1 unless the file says otherwise: `kvfork
+    train-decoder --own-tokens`) and every generated token. Its branches fork any base snapshot:
     that is exact for a decoder trained on base KV (`kvfork train-decoder --mode cache`, which
     writes this in the GGUF). prefill "adapter": the adapter computes every token, as the fine-tuned
     model would alone; its branches cannot read base KV. Adapters from elsewhere default to
@@ -32,6 +34,7 @@ class Adapter:
     scale: float
     prefill: str
     lora: LoraAdapter = field(repr=False)
+    own_tokens: int = 1
 
     def first_own(self, prompt_end: int, generating: bool) -> int:
         """Index of the first token of a turn this adapter computes (the bare base computes those before).
@@ -40,7 +43,7 @@ class Adapter:
         """
         if self.prefill == "adapter":
             return 0
-        return prompt_end - 1 if generating else prompt_end
+        return max(0, prompt_end - self.own_tokens) if generating else prompt_end
 
 
 class Adapters:
@@ -68,7 +71,11 @@ class Adapters:
         lora = LoraAdapter(self._model, file)
         written = lora.meta(PREFILL_KEY)
         chosen = prefill or (written if written in _PREFILLS else "adapter")
-        adapter = Adapter(name=name, path=file, scale=float(scale), prefill=chosen, lora=lora)
+        own = lora.meta(OWN_TOKENS_KEY) or "1"
+        if not own.isdigit() or int(own) < 1:
+            lora.close()
+            raise InvalidParameter(f"adapter {file} has {OWN_TOKENS_KEY} = {own!r}; it must be an integer >= 1")
+        adapter = Adapter(name=name, path=file, scale=float(scale), prefill=chosen, lora=lora, own_tokens=int(own))
         self._by_name[name] = adapter
         return adapter
 

@@ -156,8 +156,8 @@ class Scheduler:
         seq.start_turn(params)
         seq.tokens.extend(int(t) for t in append)
         seq.one_shot = one_shot
-        if seq.n_pending == 0 and params.max_tokens > 0 and seq.n_in_kv > 0:
-            self._recompute_last(seq)
+        if params.max_tokens > 0 and seq.n_in_kv > 0:
+            self._recompute_own(seq)
         try:
             self.table.check_fits(seq)
             if params.max_tokens > 0:
@@ -347,14 +347,22 @@ class Scheduler:
             self.table.free_spent()
         return finished
 
-    def _recompute_last(self, seq: KvSequence) -> None:
-        # NOTE: sampling needs the logits after the last token, which are long gone when every token
-        # is already in the cache (a bare fork): drop that token's cell and decode it again.
-        last = seq.n_in_kv - 1
+    def _recompute_own(self, seq: KvSequence) -> None:
+        """Drop the cached tokens a generating turn must compute itself, so they are decoded again.
+
+        NOTE: sampling needs the logits after the last token, which are long gone when every token is
+        already in the cache (a bare fork); and a decoder computes its prompt's last tokens with its
+        adapter (Adapter.first_own), which a fork of base KV holds as the base model's.
+        """
+        start = seq.n_in_kv - 1 if seq.n_pending == 0 else seq.n_in_kv
+        if seq.adapter is not None and seq.adapter.prefill == "base":
+            start = min(start, seq.adapter.first_own(len(seq.tokens), True))
+        if start >= seq.n_in_kv:
+            return
         if seq.seq_id is not None:
-            self.backend.seq_rm(seq.seq_id, last, -1)
-        seq.n_in_kv = last
-        seq.n_shared = min(seq.n_shared, last)
+            self.backend.seq_rm(seq.seq_id, start, -1)
+        seq.n_in_kv = start
+        seq.n_shared = min(seq.n_shared, start)
 
     def _next_stop(self, seq: KvSequence) -> int:
         """Where `seq`'s next chunk must end for the forks waiting on it (len(tokens): nowhere sooner).
