@@ -73,7 +73,8 @@ def train_all(args: argparse.Namespace, folder: Path) -> dict:
             teacher = str(folder / f"{task}.plain.gguf") if mode == "cache" and args.distill else None
             config = TrainConfig(mode=mode, rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, steps=steps,
                                  seed=args.seed, n_threads=args.threads, prompt_cache_mb=args.prompt_cache_mb,
-                                 teacher=teacher, distill=args.distill if teacher else 0.0)
+                                 teacher=teacher, distill=args.distill if teacher else 0.0,
+                                 own_tokens=args.own_tokens if mode == "cache" else 1)
             trainer = Trainer(base, config, prompts=shared)
             result = trainer.train(examples, progress=not args.quiet)
             export_decoder(result, folder / f"{task}.{mode}.gguf")
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--distill", type=float, default=0.0,
                     help="cache decoders distil their task's plain decoder with this weight (train-decoder --distill)")
+    ap.add_argument("--own-tokens", type=int, default=1,
+                    help="cache decoders compute the prompt's last N tokens with their adapter (train-decoder"
+                    " --own-tokens; the rest is the shared base KV)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

@@ -21,7 +21,7 @@ _TRAIN_PACKAGES = ("torch", "transformers", "peft", "gguf")
 # the options whose dest is the TrainConfig field of the same name
 _SAME_NAMES = (
     "mode", "rank", "alpha", "dropout", "lr", "steps", "epochs", "grad_accum", "warmup", "schedule", "seed",
-    "max_prompt_tokens", "max_response_tokens", "prompt_cache_mb",
+    "max_prompt_tokens", "max_response_tokens", "prompt_cache_mb", "own_tokens",
 )  # fmt: skip
 
 
@@ -62,6 +62,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-response-tokens", type=int, default=d["max_response_tokens"].default)
     p.add_argument("--prompt-cache-mb", type=int, default=d["prompt_cache_mb"].default,
                    help="cache mode: MiB of base-model prompt KV kept for reuse (shared by all decoders of the run)")
+    p.add_argument("--own-tokens", type=int, default=d["own_tokens"].default,
+                   help="cache mode: how many of the prompt's last tokens the adapter computes (the rest is the"
+                   " base model's KV; served the same way, from the adapter file)")
     p.add_argument("--teacher", type=Path, action="append", default=None,
                    help="distil from this plain decoder (its adapter GGUF, `--mode plain`); one per --data, in"
                    " the same order")

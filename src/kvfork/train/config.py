@@ -32,9 +32,9 @@ class TrainConfig:
     """A LoRA decoder's training settings.
 
     mode "cache" (PrefillShare's cache-conditioned fine-tuning): the prompt's KV comes from the base model
-    with the adapter off, exactly as kvfork serves a decoder over a shared base prefill; only the response
-    tokens run through the adapter. mode "plain": an ordinary LoRA fine-tune, adapter on over prompt and
-    response. Both put the loss on the response tokens only.
+    with the adapter off, exactly as kvfork serves a decoder over a shared base prefill; only the last
+    `own_tokens` prompt tokens and the response run through the adapter. mode "plain": an ordinary LoRA
+    fine-tune, adapter on over prompt and response. Both put the loss on the response tokens only.
 
     steps > 0 trains that many optimizer steps (cycling through the examples, reshuffled each pass);
     steps 0 trains `epochs` passes. One step is `grad_accum` examples. The learning rate warms up linearly
@@ -69,6 +69,7 @@ class TrainConfig:
     prompt_cache_mb: int = 1024  # cache mode: base-model prompt KV kept between passes (recomputed beyond)
     teacher: str | None = None  # a plain decoder's adapter GGUF: distil its replies' distribution (see distill)
     distill: float = 0.0  # weight of the teacher's term in the loss, in [0, 1]: (1 - w) CE + w KD
+    own_tokens: int = 1  # cache mode: the prompt's last tokens the adapter computes (the rest is base KV)
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -78,7 +79,8 @@ class TrainConfig:
         if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise InvalidParameter(f"targets must be a non-empty tuple of module names; got {self.targets!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
-        for name in ("rank", "epochs", "grad_accum", "n_threads", "max_prompt_tokens", "max_response_tokens"):
+        for name in ("rank", "epochs", "grad_accum", "n_threads", "max_prompt_tokens", "max_response_tokens",
+                     "own_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidParameter(f"{name} must be an integer >= 1, got {value!r}")
@@ -98,6 +100,9 @@ class TrainConfig:
             raise InvalidParameter(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, int | float) or not 0 <= self.distill <= 1:
             raise InvalidParameter(f"distill must be in [0, 1], got {self.distill!r}")
+        if self.mode != "cache" and self.own_tokens != 1:
+            raise InvalidParameter(f"own_tokens is a cache-mode setting (plain: the adapter computes every prompt"
+                                   f" token); got own_tokens={self.own_tokens} with mode={self.mode!r}")
         if (self.teacher is None) != (self.distill == 0):
             raise InvalidParameter("distill > 0 needs a teacher (a plain decoder's adapter GGUF), and a teacher"
                                    f" needs distill > 0; got teacher={self.teacher!r}, distill={self.distill}")

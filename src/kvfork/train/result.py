@@ -41,6 +41,7 @@ class TrainResult:
         """kvfork's keys for the adapter file: who prefills (llama.cpp ignores them; kvfork's engine reads them)."""
         out = {
             "kvfork.decoder.prefill": self.config.prefill,
+            "kvfork.decoder.own_tokens": str(self.config.own_tokens),
             "kvfork.decoder.base_model": self.base,
             "kvfork.train.examples": str(self.examples),
             "kvfork.train.steps_done": str(self.steps),

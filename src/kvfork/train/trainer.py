@@ -102,15 +102,16 @@ class Trainer:
     def logits(self, example: Example, *, mode: TrainMode | None = None, adapter: bool = True) -> torch.Tensor:
         """The logits that score example.response, [len(response), n_vocab] (row i predicts response[i]).
 
-        cache: the base model's KV of prompt[:-1] (adapter off), then prompt[-1] and response[:-1] through
-        the model (adapter on unless adapter=False): what a decoder computes over kvfork's shared prefill.
-        plain: prompt + response[:-1] in one forward.
+        cache: the base model's KV of prompt[:-k] (adapter off), then prompt[-k:] and response[:-1] through
+        the model (adapter on unless adapter=False), k = config.own_tokens (at most the whole prompt): what
+        a decoder computes over kvfork's shared prefill. plain: prompt + response[:-1] in one forward.
         """
         mode = mode or self.config.mode
         n = len(example.response)
         if mode == "cache":
-            past = self._prompt_kv(example)
-            ids = torch.tensor([example.prompt[-1:] + example.response[:-1]], dtype=torch.long)
+            own = min(self.config.own_tokens, len(example.prompt))
+            past = self._prompt_kv(example, len(example.prompt) - own)
+            ids = torch.tensor([example.prompt[-own:] + example.response[:-1]], dtype=torch.long)
             with self._adapter(adapter):
                 out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=n)
         elif mode == "plain":
@@ -195,15 +196,18 @@ class Trainer:
     def _adapter(self, on: bool) -> Any:
         return contextlib.nullcontext() if on else self.model.disable_adapter()
 
-    def _prompt_kv(self, example: Example) -> Any:
-        """A fresh copy (the caller appends to it) of the base model's KV of prompt[:-1], adapter off.
+    def _prompt_kv(self, example: Example, end: int) -> Any:
+        """A fresh copy (the caller appends to it) of the base model's KV of prompt[:end], adapter off
+        (None when end is 0).
 
         NOTE: the base is frozen, so this KV never changes during training. The cached head is the
         document's shared prefix where the example names one (the instruction after it is recomputed
-        per step: a few dozen tokens), else all of prompt[:-1]: computed once per document instead of
+        per step: a few dozen tokens), else all of prompt[:end]: computed once per document instead of
         once per step and decoder, which is most of cache mode's speed.
         """
-        head = example.prompt[:-1]
+        head = example.prompt[:end]
+        if not head:
+            return None
         split = example.shared if 0 < example.shared < len(head) else len(head)
         key = tuple(head[:split])
         kv = self.prompts.get(key)
