@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.scheduler import Scheduler
@@ -47,14 +47,16 @@ class Choices:
             self.end(job, None)
         return job.cancelled
 
-    def fork(self, job: Job, node: KvSequence, n: int | None) -> None:
-        """Fork one branch per choice from `node` (its first `n` cached tokens) and submit them."""
+    def fork(self, job: Job, node: KvSequence, n: int | None, append: Sequence[int] = ()) -> None:
+        """Fork one branch per choice from `node` (its first `n` cached tokens), each with `append` (the
+        prompt's tokens after the node's, which the branch computes), and submit them."""
         if job.cancelled:
             return
+        job.computed += len(append)  # NOTE: billed once, as the node's prefill is, whatever n is
         for i, params in enumerate(job.params):
             child = self.sched.fork(node, n, adapter=job.adapter)
             try:
-                self.sched.submit(child, params)
+                self.sched.submit(child, params, append=append)
             except BaseException:
                 self.sched.release(child)
                 raise

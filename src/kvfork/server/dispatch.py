@@ -125,6 +125,20 @@ class Dispatcher:
         """The job's choices fork its prompt: a prefix it matches whole (in flight too), or its own node."""
         if job.cancelled:
             return
+        # NOTE: a decoder that computes its prompt's last tokens itself (Adapter.own_tokens > 1) would
+        # recompute what a base node of the whole prompt holds: its node stops where the decoder starts
+        adapter = job.adapter
+        cut = len(job.tokens)
+        if adapter is not None and adapter.prefill == "base" and adapter.own_tokens > 1:
+            cut = adapter.first_own(len(job.tokens), True)
+        if 0 < cut < len(job.tokens):
+            head, tail = job.tokens[:cut], job.tokens[cut:]
+            hit = self.prefixes.match(head)
+            if hit is not None and hit.n == cut:
+                self.choices.fork(job, hit.node, hit.n, append=tail)
+                return
+            self.prefill_then(head, job, lambda node: self.choices.fork(job, node, None, append=tail), hit=hit)
+            return
         hit = self.prefixes.match(job.tokens)
         if hit is not None and hit.n == len(job.tokens):
             self.choices.fork(job, hit.node, hit.n)
