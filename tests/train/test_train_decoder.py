@@ -214,6 +214,33 @@ def test_exported_adapter_matches_transformers_in_llama_cpp(trained, raw_llama):
             assert effect > 5 * gap, (mode, effect, gap)
 
 
+def test_own_tokens_splits_the_prompt_where_llama_cpp_does(trained, raw_llama):
+    """own_tokens = k (cache mode): the base prefills prompt[:-k], the adapter computes prompt[-k:] and the
+    response, in transformers as in llama.cpp; with the adapter off it is still the plain loss."""
+    reader = gguf.GGUFReader(trained.path)
+    assert reader.fields["kvfork.decoder.own_tokens"].contents() == "1"
+    trainer, k = trained.trainer, 4
+    adapter = raw_llama.adapter(trained.path)
+    saved = trainer.config
+    try:
+        for example in trained.examples[:2]:
+            n = len(example.response)
+            last_one = transformers_logits(trainer, example, mode="cache")
+            trainer.config = dataclasses.replace(saved, own_tokens=k)
+            ref = transformers_logits(trainer, example, mode="cache")
+            off = float(trainer.loss(example, adapter=False))
+            trainer.config = saved
+            assert off == pytest.approx(float(trainer.loss(example, mode="plain", adapter=False)), abs=1e-4)
+            assert np.abs(ref - last_one).max() > 1e-3  # the adapter computed 3 more prompt tokens
+            ours = raw_llama.logits([(example.prompt[:-k], None), (example.prompt[-k:] + example.response[:-1],
+                                                                  adapter)])[-n:]
+            bare = raw_llama.logits([(example.prompt + example.response[:-1], None)])[-n:]
+            assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+            assert np.abs(ours - bare).max() > 5 * np.abs(ours - ref).max()
+    finally:
+        trainer.config = saved
+
+
 def test_random_adapter_loads_and_changes_the_logits(gemma_path, raw_llama, tmp_path):
     path = random_lora_gguf(gemma_path, tmp_path / "random.gguf", rank=4, seed=3, meta={PREFILL_KEY: "adapter"})
     tokens = list(range(1000, 1016))
@@ -378,6 +405,8 @@ def test_cli_without_the_train_extra_says_what_to_install(data_file, tmp_path, m
         {"distill": 0.5},
         {"teacher": "plain.gguf"},
         {"teacher": "plain.gguf", "distill": 1.5},
+        {"own_tokens": 0},
+        {"mode": "plain", "own_tokens": 4},
     ],
 )
 def test_bad_config_values_raise(fields):
