@@ -17,6 +17,9 @@ Sessions arrive as a seeded Poisson process at each rate of `--rates` (sessions/
 seconds; the same seed gives both arms the same arrival times and the same notes. A run ends when every
 session is done or at window + `--drain-s`; requests still running then are counted as unfinished
 (their latency so far enters p95 as a lower bound, marked ">="), and stages never sent are counted too.
+`--concurrency N [N ...]` runs closed loops instead (the paper's "concurrent sessions"): N sessions from
+the start, each followed at once by a new one (a new note) until the window closes, then the drain; the
+notes come from one seeded stream, the same for both arms.
 
 The arms (same model file, threads, KV cells, f16 KV cache, slots, max_tokens; each arm x rate x repeat
 on a freshly started server, warmed up by one untimed session whose note is not used again):
@@ -75,6 +78,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,6 +136,7 @@ class Settings:
     drain_s: float
     adapters: str
     random_adapters: bool
+    closed_loop: bool = False  # loads are concurrent sessions (--concurrency), not arrival rates
 
     @property
     def n_ctx(self) -> int:
@@ -163,6 +168,7 @@ class RunState:
     in_flight: dict[int, tuple[str, float]] = field(default_factory=dict)  # session -> (stage, sent_s)
     not_sent: int = 0
     active: int = 0
+    started: int = 0  # sessions started (closed loops start them as earlier ones end)
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -181,6 +187,13 @@ def system_prompt(n_tokens: int, model_path: str) -> str:
 def session_notes(seed: int, n: int):  # noqa: ANN201 - list[Note]
     rng = random.Random(seed)
     return [make_note(rng) for _ in range(n)]
+
+
+def note_stream(seed: int) -> Iterator:
+    """An endless seeded stream of notes (closed loops take one per session started)."""
+    rng = random.Random(seed)
+    while True:
+        yield make_note(rng)
 
 
 def arrivals(rate: float, window_s: float, seed: int) -> list[float]:
@@ -320,18 +333,32 @@ async def one_session(client: httpx.AsyncClient, arm: str, index: int, note, sys
         state.active -= 1
 
 
-async def run_load(base_url: str, arm: str, notes: list, times: list[float], system: str,  # noqa: ANN001
-                   s: Settings) -> dict:
-    """All sessions of one run; returns its records, wall time and concurrency samples."""
+async def closed_loop(client: httpx.AsyncClient, arm: str, notes: Iterator, system: str, s: Settings,
+                      t0: float, state: RunState) -> None:
+    """One of a closed loop's workers: a new session as soon as the last one ended, until the window closes."""
+    while time.perf_counter() - t0 < s.window_s:
+        index, state.started = state.started, state.started + 1
+        await one_session(client, arm, index, next(notes), system, s.max_tokens, time.perf_counter() - t0, t0, state)
+
+
+async def run_load(base_url: str, arm: str, notes: list | Iterator, times: list[float] | None, system: str,
+                   s: Settings, concurrency: int = 0) -> dict:
+    """All sessions of one run (at `times`, or `concurrency` closed-loop workers over the `notes` stream);
+    returns its records, wall time and concurrency samples."""
     state = RunState()
     # NOTE: one connection per request, for both arms: llama-server (cpp-httplib) may close a kept-alive
     # connection right after a streamed reply, and a request httpx then sends on it fails with
     # "RemoteProtocolError: Server disconnected without sending a response" (seen in 2-3 of 12 requests)
-    limits = httpx.Limits(max_connections=len(times) + 8, max_keepalive_connections=0)
+    limits = httpx.Limits(max_connections=(concurrency or len(times or ())) + 8, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(one_session(client, arm, i, note, system, s.max_tokens, at, t0, state))
-                 for i, (note, at) in enumerate(zip(notes, times, strict=True))]
+        if times is None:
+            tasks = [asyncio.create_task(closed_loop(client, arm, iter(notes), system, s, t0, state))
+                     for _ in range(concurrency)]
+        else:
+            state.started = len(times)
+            tasks = [asyncio.create_task(one_session(client, arm, i, note, system, s.max_tokens, at, t0, state))
+                     for i, (note, at) in enumerate(zip(notes, times, strict=True))]
         samples: list[tuple[float, int]] = []
         cap = s.window_s + s.drain_s
         while not all(t.done() for t in tasks) and time.perf_counter() - t0 < cap:
@@ -342,7 +369,7 @@ async def run_load(base_url: str, arm: str, notes: list, times: list[float], sys
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return {"records": state.records, "not_sent": state.not_sent, "wall_s": wall, "samples": samples,
-            "sessions": len(times)}
+            "sessions": state.started}
 
 
 def warm_up(base_url: str, arm: str, system: str, s: Settings, seed: int) -> float:
@@ -437,7 +464,8 @@ def table(rates: list[float], summary: dict[str, dict[float, dict]], s: Settings
     def cell(row: dict, key: str, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
         return fmt(row[key], unit, scale, digits) if key in row else "-"
 
-    head = ("| rate (sessions/s) | arm | sessions in flight, mean / max | requests ok / unfinished / failed / unsent"
+    load = "concurrent sessions" if s.closed_loop else "rate (sessions/s)"
+    head = (f"| {load} | arm | sessions in flight, mean / max | requests ok / unfinished / failed / unsent"
             " | p50 | p95 | TTFT p50 | requests/s | gen tokens/s | gen tokens/request | prompt reuse |")
     lines = [head, "|" + "---|" * 11]
     for rate in rates:
@@ -464,23 +492,28 @@ def settings_from(args: argparse.Namespace, adapters: dict[str, Path], random_ad
                     slots=args.slots, ctx_per_slot=args.ctx_per_slot, max_tokens=args.max_tokens,
                     system_tokens=args.system_tokens, chat_template=args.chat_template, window_s=args.window_s,
                     drain_s=args.drain_s, adapters=str(next(iter(adapters.values())).parent),
-                    random_adapters=random_adapters)
+                    random_adapters=random_adapters, closed_loop=bool(args.concurrency))
 
 
 def one_run(arm: str, rate: float, rep: int, s: Settings, adapters: dict[str, Path], system: str,
             seed: int, logs: Path) -> dict:
-    """Start arm's server, warm it up, offer rate for the window, stop it; the run's figures."""
+    """Start arm's server, warm it up, offer rate (closed loop: that many concurrent sessions) for the
+    window, stop it; the run's figures."""
     run_seed = seed + 1000 * rep + round(rate * 1000)  # NOTE: the same for both arms: same arrivals, notes
-    times = arrivals(rate, s.window_s, run_seed)
-    notes = session_notes(run_seed, len(times))
+    if s.closed_loop:
+        times, notes, concurrency = None, note_stream(run_seed), int(rate)
+    else:
+        times = arrivals(rate, s.window_s, run_seed)
+        notes, concurrency = session_notes(run_seed, len(times)), 0
     with start_server(arm, s, adapters, logs / f"{arm}-{rate:g}-{rep}.log") as server:
         check_models(arm, server, adapters)
         warm_s = warm_up(server.base_url, arm, system, s, seed=run_seed + 7)
-        run = asyncio.run(run_load(server.base_url, arm, notes, times, system, s))
+        run = asyncio.run(run_load(server.base_url, arm, notes, times, system, s, concurrency))
     row = summarize(run)
     row["warm_up_s"] = warm_s
     row["records"] = [asdict(r) for r in run["records"]]
-    print(f"  {arm:12s} rate {rate:g}/s rep {rep + 1}: {row['sessions']} sessions, in flight max"
+    load = f"sessions {rate:g}" if s.closed_loop else f"rate {rate:g}/s"
+    print(f"  {arm:12s} {load} rep {rep + 1}: {row['sessions']} sessions, in flight max"
           f" {row['sessions_in_flight_max']}, ok {row['requests_ok']} unfinished {row['unfinished']} failed"
           f" {row['failed']} unsent {row['not_sent']}, p95 {row['p95_s'] or 0:.1f} s, reuse {row['reuse']:.0%},"
           f" {row['requests_per_s']:.3f} req/s, wall {row['wall_s']:.0f} s", flush=True)
@@ -497,7 +530,10 @@ def parse_args() -> argparse.Namespace:
     src.add_argument("--random-adapters", action="store_true", help="random rank-16 LoRA decoders (no training)")
     ap.add_argument("--model", default=None, help="default qwen2.5-coder-0.5b (--quick: gemma3-270m)")
     ap.add_argument("--chat-template", default=None, help="for a model without one ('gemma' for gemma3-270m)")
-    ap.add_argument("--rates", type=float, nargs="+", default=None, help="sessions/s, increasing")
+    loads = ap.add_mutually_exclusive_group()
+    loads.add_argument("--rates", type=float, nargs="+", default=None, help="sessions/s, increasing")
+    loads.add_argument("--concurrency", type=int, nargs="+", default=None,
+                       help="closed loops of this many concurrent sessions instead of arrival rates")
     ap.add_argument("--window-s", type=float, default=None, help="arrivals for this long at each rate")
     ap.add_argument("--drain-s", type=float, default=None, help="then at most this long to finish")
     ap.add_argument("--system-tokens", type=int, default=None, help="shared system prompt length (0: none)")
@@ -521,6 +557,10 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     if args.chat_template is None and "gemma" in args.model:
         args.chat_template = "gemma"  # NOTE: the catalog's gemma3-270m GGUF has no usable template
+    if args.concurrency:
+        if min(args.concurrency) < 1:
+            ap.error("--concurrency takes positive session counts")
+        args.rates = args.concurrency  # NOTE: the load axis: sessions in flight instead of sessions/s
     args.rates = sorted(args.rates)
     return args
 
