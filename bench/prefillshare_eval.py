@@ -1,6 +1,7 @@
 """Issues 8 and 21's accuracy evaluation: LoRA decoders over one shared base-model prefill (PrefillShare).
 
-    python bench/prefillshare_eval.py --steps 80 --cache-steps 190 --n-test 30   # ~70 min here
+    python bench/prefillshare_eval.py --steps 80 --cache-steps 190 --n-test 30   # ~70 min here (run C)
+    python bench/prefillshare_eval.py --steps 80 --cache-steps 165 --own-tokens 64 --n-test 30   # run D
 
     python bench/prefillshare_eval.py --tasks tool --steps 80 --cache-steps 190 --distill 0.5 --n-test 30
 

@@ -101,7 +101,8 @@ def tail_files(gemma_path, tmp_path_factory):
     --own-tokens 12` writes), and the last one only."""
     folder = tmp_path_factory.mktemp("tail")
     return {name: random_lora_gguf(gemma_path, folder / f"{name}.gguf", rank=8, std=0.05, seed=5,
-                                   targets=("attn_q", "attn_v", "ffn_up"), meta={PREFILL_KEY: "base", OWN_TOKENS_KEY: own})
+                                   targets=("attn_q", "attn_v", "ffn_up"),
+                                   meta={PREFILL_KEY: "base", OWN_TOKENS_KEY: own})
             for name, own in (("tail12", "12"), ("tail1", "1"))}
 
 
