@@ -184,7 +184,7 @@ class ServerConfig:
     max_n: int = 8
     max_tokens: int = 2048  # cap on max_tokens per choice
     max_queued: int = 64  # requests accepted but not finished; more get 429
-    live_prefixes: int = 48  # idle prefilled prefixes kept for later requests (LRU; also evicted for room)
+    live_prefixes: int = 16  # idle prefilled prefixes kept in the cache for later requests (LRU)
     min_shared_tokens: int = 16  # a shorter common prefix is not worth its own prefill node
     coalesce_s: float = 0.02  # how long an idle loop waits for more requests, to plan those arriving together at once
     reuse: str = "exact"  # chat requests' reuse mode unless they ask for another (see kvfork.reuse; opt-in)

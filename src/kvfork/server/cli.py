@@ -25,6 +25,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     p.add_argument("--n-ctx", type=int, default=8192, help="KV cells shared by every request")
     p.add_argument("--n-seq-max", type=int, default=64, help="sequence ids: live prefixes + prompts + choices")
+    p.add_argument("--live-prefixes", type=int, default=ServerConfig.live_prefixes,
+                   help="idle prefilled prefixes kept for later requests, LRU out (default %(default)s)")
     p.add_argument("--max-running", type=int, default=EngineConfig.max_running,
                    help="sequences running at once (choices and prompts); the rest wait (default %(default)s)")
     # NOTE: the batch is also the most prefill tokens per step: a long prompt is chunked so that the
@@ -95,7 +97,7 @@ def build_server(args: argparse.Namespace) -> tuple[Engine, SnapshotStore | None
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
                           max_queued=args.max_queued, max_n=args.max_n, max_tokens=args.max_tokens,
                           reuse=args.reuse, reuse_min_tokens=args.reuse_min_tokens,
-                          reuse_cache_mb=args.reuse_cache_mb)
+                          reuse_cache_mb=args.reuse_cache_mb, live_prefixes=args.live_prefixes)
     overrides: dict = {"n_ctx": args.n_ctx, "n_seq_max": args.n_seq_max, "max_running": args.max_running,
                        "n_batch": args.batch,
                        "n_ubatch": args.batch, "verbose": args.verbose, "progress": False,
