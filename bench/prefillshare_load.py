@@ -137,6 +137,7 @@ class Settings:
     adapters: str
     random_adapters: bool
     closed_loop: bool = False  # loads are concurrent sessions (--concurrency), not arrival rates
+    live_prefixes: int | None = None  # kvfork serve --live-prefixes (None: its default)
 
     @property
     def n_ctx(self) -> int:
@@ -232,6 +233,8 @@ def start_server(arm: str, s: Settings, adapters: dict[str, Path], log: Path) ->
         extra = [*(x for task, p in adapters.items() for x in ("--adapter", f"{task}={p}")),
                  "--max-queued", str(4 * s.slots), "--n-seq-max", "256",  # llama.cpp's most sequences
                  "--max-tokens", str(s.max_tokens), *template]
+        if s.live_prefixes is not None:
+            extra += ["--live-prefixes", str(s.live_prefixes)]
         if arm == UNBOUNDED:
             extra += ["--max-running", "256"]  # NOTE: above any load here: no request ever waits for a place
         return kvfork_server(s.model_path, s.threads, s.n_ctx, extra=extra, log=log)
@@ -492,7 +495,8 @@ def settings_from(args: argparse.Namespace, adapters: dict[str, Path], random_ad
                     slots=args.slots, ctx_per_slot=args.ctx_per_slot, max_tokens=args.max_tokens,
                     system_tokens=args.system_tokens, chat_template=args.chat_template, window_s=args.window_s,
                     drain_s=args.drain_s, adapters=str(next(iter(adapters.values())).parent),
-                    random_adapters=random_adapters, closed_loop=bool(args.concurrency))
+                    random_adapters=random_adapters, closed_loop=bool(args.concurrency),
+                    live_prefixes=args.live_prefixes)
 
 
 def one_run(arm: str, rate: float, rep: int, s: Settings, adapters: dict[str, Path], system: str,
@@ -541,6 +545,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--slots", type=int, default=None, help="llama-server -np; kvfork n_ctx = slots x ctx-per-slot")
     ap.add_argument("--ctx-per-slot", type=int, default=None, help="KV cells per slot (default 2048)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--live-prefixes", type=int, default=None, help="kvfork serve --live-prefixes (default: its own)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--arms", nargs="+", choices=[*ARMS, UNBOUNDED], default=list(ARMS),
                     help=f"{UNBOUNDED}: kvfork serve --max-running 256 (every request decodes at once)")
