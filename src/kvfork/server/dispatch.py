@@ -127,23 +127,15 @@ class Dispatcher:
             return
         # NOTE: a decoder that computes its prompt's last tokens itself (Adapter.own_tokens > 1) would
         # recompute what a base node of the whole prompt holds: its node stops where the decoder starts
-        adapter = job.adapter
         cut = len(job.tokens)
-        if adapter is not None and adapter.prefill == "base" and adapter.own_tokens > 1:
-            cut = adapter.first_own(len(job.tokens), True)
-        if 0 < cut < len(job.tokens):
-            head, tail = job.tokens[:cut], job.tokens[cut:]
-            hit = self.prefixes.match(head)
-            if hit is not None and hit.n == cut:
-                self.choices.fork(job, hit.node, hit.n, append=tail)
-                return
-            self.prefill_then(head, job, lambda node: self.choices.fork(job, node, None, append=tail), hit=hit)
+        if job.adapter is not None and job.adapter.own_tokens > 1:
+            cut = job.adapter.first_own(cut, True) or cut  # NOTE: 0: it computes the whole prompt itself
+        head, tail = job.tokens[:cut], job.tokens[cut:]
+        hit = self.prefixes.match(head)
+        if hit is not None and hit.n == cut:
+            self.choices.fork(job, hit.node, hit.n, append=tail)
             return
-        hit = self.prefixes.match(job.tokens)
-        if hit is not None and hit.n == len(job.tokens):
-            self.choices.fork(job, hit.node, hit.n)
-            return
-        self.prefill_then(job.tokens, job, lambda node: self.choices.fork(job, node, None), hit=hit)
+        self.prefill_then(head, job, lambda node: self.choices.fork(job, node, None, append=tail), hit=hit)
 
     def _prefill(self, tokens: list[int], waiter: _Waiter, hit: PrefixHit | None = None, exact: bool = False) -> None:
         """A node holding `tokens`: an idle prefix holding exactly them, or a new one forked from the best
