@@ -288,3 +288,31 @@ def test_a_small_fork_does_not_wait_behind_a_prompt_that_does_not_fit(fake_backe
     sched.release(root)
     _run(sched, [big])
     assert big.n_in_kv == len(big.tokens) == 600 and be.positions(big.seq_id) == list(range(600))
+
+
+def _shared(sched: Scheduler, tokens: list[int]) -> KvSequence:
+    """A prompt prefilled as an idle entry of the prefix cache's own."""
+    seq = KvSequence(tokens=list(tokens))
+    sched.submit(seq, SamplingParams(max_tokens=0), share=True)
+    _run(sched, [seq])
+    assert seq in sched.prefixes
+    return seq
+
+
+def test_placing_cells_evicts_idle_prefix_cache_entries_for_an_id_and_room(fake_backend):
+    # 3 sequence ids and 40 cells, all held by idle entries: the fork of one of them that gets 6 placed
+    # cells needs its own id, a scratch id and 6 cells (what the server's reuse modes place). The other
+    # entries go, least recently used first, and the fork then generates the from-scratch tokens.
+    be = fake_backend(n_ctx=40)
+    sched = _scheduler(be, n_seq_max=3)
+    head = _shared(sched, PROMPT[:6])
+    others = [_shared(sched, [40 + k] * 14) for k in range(2)]
+    assert sched.table.n_free_ids == 0 and len(be.cells) == 34
+    seq = sched.fork(head, 6)
+    placed = np.array([(6 + i, t) for i, t in enumerate(PROMPT[6:])], dtype=np.int32).tobytes()
+    sched.place(seq, PROMPT[6:], placed)
+    assert seq.n_in_kv == len(PROMPT) and head in sched.prefixes
+    assert others[0] not in sched.prefixes and others[0].seq_id is None  # evicted first: least recently used
+    sched.submit(seq, SamplingParams(max_tokens=5, ignore_eos=True))
+    _run(sched, [seq])
+    assert seq.generated == be.greedy(PROMPT, 5)

@@ -185,16 +185,20 @@ class Scheduler:
         """Append `tokens` with their cells given instead of computed: `state` is a sequence-state blob
         holding exactly their cells, at positions len(seq.tokens)...; seq has nothing pending.
 
-        NOTE: the blob goes to a borrowed scratch id, then seq_cp tags its cells with seq's id. Raises
-        ContextOverflow (seq left as it was) when there is no room or no free id.
+        NOTE: the blob goes to a borrowed scratch id, then seq_cp tags its cells with seq's id. Idle
+        prefix-cache entries make room for both, as they do for a prefill or a restore. Raises
+        ContextOverflow (seq left as it was) when there is still no room or no free id.
         """
         if seq.n_pending or seq.status in (SeqStatus.WAITING, SeqStatus.RUNNING):
             raise KvforkError("place cells only after a sequence's pending tokens are computed")
         n0 = len(seq.tokens)
         seq.tokens.extend(int(t) for t in tokens)
         try:
+            self._evict_for(seq)
             if seq.seq_id is None:  # NOTE: a fork not admitted yet (nothing computed since it was made)
                 self.allocate_now(seq, "for placed cells")
+            # NOTE: the scratch id: an entry forks share gives its id back too (its cells go to them)
+            self.evict_until(lambda: self.table.n_free_ids > 0, frees_cells=False)
             if not self.table.can_allocate(seq) or self.table.n_free_ids < 1:
                 raise ContextOverflow(f"no room for {len(tokens):,} more KV cells (or no free sequence id) in a"
                                       f" context of {self.backend.n_ctx:,}; close branches or raise n_ctx")
