@@ -5,6 +5,10 @@
 
     python bench/prefillshare_eval.py --tasks tool --steps 80 --cache-steps 190 --distill 0.5 --n-test 30
 
+    # more test notes for run D's decoders, unchanged: notes 31-90 of the same test split
+    python bench/prefillshare_eval.py --out bench/out/ps21_D --steps 80 --cache-steps 165 --own-tokens 64 \
+        --reuse-adapters --test-from 30 --n-test 90      # writes eval_30_90.json; ~35 min here
+
 For each task of bench/prefillshare_tasks.py (extract, arith, tool, and `remain`, held back: added after
 the settings were chosen on the other three) it trains two LoRA decoders on the train split with
 `kvfork.train` (the code behind `kvfork train-decoder`): a plain one (adapter on over prompt and
@@ -108,7 +112,7 @@ def evaluate(args: argparse.Namespace, folder: Path) -> dict:
     adapters = [None if v == "base" else f"{t}.{'naive' if v == 'plain/naive' else 'cache'}" for t, v in shared]
     samples = []
     t0 = time.perf_counter()
-    for start in range(0, args.n_test, args.batch):
+    for start in range(args.test_from, args.n_test, args.batch):
         group = range(start, min(start + args.batch, args.n_test))
         documents = [tests[args.tasks[0]][i].document for i in group]
         assert all(tests[t][i].document == d for t in args.tasks for i, d in zip(group, documents, strict=True)), (
@@ -140,12 +144,15 @@ def evaluate(args: argparse.Namespace, folder: Path) -> dict:
                 row[f"{task}|{variant}"] = {"ok": ok, "reply": text}
             samples.append(row)
         done = {v: sum(hits[t][v] for t in args.tasks) for v in VARIANTS}
+        seen = group[-1] + 1 - args.test_from
         print(f"[{group[-1] + 1}/{args.n_test}] {time.perf_counter() - t0:.0f} s  "
-              + "  ".join(f"{v} {done[v]}/{len(args.tasks) * (group[-1] + 1)}" for v in VARIANTS), flush=True)
+              + "  ".join(f"{v} {done[v]}/{len(args.tasks) * seen}" for v in VARIANTS), flush=True)
     engine.close()
-    accuracy = {task: {v: hits[task][v] / args.n_test for v in VARIANTS} for task in args.tasks}
+    n = args.n_test - args.test_from
+    accuracy = {task: {v: hits[task][v] / n for v in VARIANTS} for task in args.tasks}
     accuracy["mean"] = {v: sum(accuracy[t][v] for t in args.tasks) / len(args.tasks) for v in VARIANTS}
-    return {"accuracy": accuracy, "n_test": args.n_test, "eval_s": time.perf_counter() - t0, "samples": samples}
+    return {"accuracy": accuracy, "n_test": args.n_test, "test_from": args.test_from,
+            "eval_s": time.perf_counter() - t0, "samples": samples}
 
 
 def main() -> None:
@@ -156,6 +163,9 @@ def main() -> None:
                     help=f"a subset of the tasks ({', '.join(HELD_BACK)} is held back: not used to choose settings)")
     ap.add_argument("--n-train", type=int, default=200)
     ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--test-from", type=int, default=0,
+                    help="score test notes test-from+1..n-test only (more notes for decoders scored before;"
+                    " the result goes to eval_FROM_N.json)")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--cache-steps", type=int, default=None,
                     help="steps of the cache decoders (default --steps); a cache step costs ~60%% of a plain one")
@@ -176,6 +186,8 @@ def main() -> None:
     ap.add_argument("--reuse-adapters", action="store_true", help="skip training where the GGUF exists")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    if not 0 <= args.test_from < args.n_test:
+        ap.error("--test-from must be in [0, --n-test)")
 
     t0 = time.perf_counter()
     data = args.out / "data"
@@ -187,8 +199,9 @@ def main() -> None:
     result = evaluate(args, args.out / "adapters")
     result |= {"training": training, "total_s": time.perf_counter() - t0, "provenance": provenance(),
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    (args.out / "eval.json").write_text(json.dumps(result, indent=2))
-    print("\naccuracy (held-out test split, greedy):")
+    name = "eval.json" if not args.test_from else f"eval_{args.test_from}_{args.n_test}.json"
+    (args.out / name).write_text(json.dumps(result, indent=2))
+    print(f"\naccuracy (held-out test split, notes {args.test_from + 1}-{args.n_test}, greedy):")
     print("| task | " + " | ".join(VARIANTS) + " |")
     print("|---|" + "---|" * len(VARIANTS))
     for task, row in result["accuracy"].items():
