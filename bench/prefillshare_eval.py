@@ -5,9 +5,10 @@
 
     python bench/prefillshare_eval.py --tasks tool --steps 80 --cache-steps 190 --distill 0.5 --n-test 30
 
-    # more test notes for run D's decoders, unchanged: notes 31-90 of the same test split
-    python bench/prefillshare_eval.py --out bench/out/ps21_D --steps 80 --cache-steps 165 --own-tokens 64 \
-        --reuse-adapters --test-from 30 --n-test 90      # writes eval_30_90.json; ~35 min here
+    # more test notes for run D's decoders, unchanged (notes 31-90 of the same test split; ~35 min here),
+    # then the accuracy over all 90 notes, with a paired-bootstrap interval per task
+    python bench/prefillshare_eval.py --out bench/out/ps21_D --own-tokens 64 --reuse-adapters --test-from 30 --n-test 90
+    python bench/prefillshare_eval.py --combine bench/out/ps21_D/eval.json bench/out/ps21_D/eval_30_90.json
 
 For each task of bench/prefillshare_tasks.py (extract, arith, tool, and `remain`, held back: added after
 the settings were chosen on the other three) it trains two LoRA decoders on the train split with
@@ -155,6 +156,34 @@ def evaluate(args: argparse.Namespace, folder: Path) -> dict:
             "eval_s": time.perf_counter() - t0, "samples": samples}
 
 
+def combine(files: list[Path], seed: int = 0, draws: int = 10_000) -> dict:
+    """Accuracy over the test notes of several eval JSON files (each note once), and per task the
+    difference cache/shared - plain/own with a 95% interval from a paired bootstrap over notes."""
+    import random
+
+    rows: dict[int, dict] = {}
+    for f in files:
+        for row in json.loads(f.read_text())["samples"]:
+            rows.setdefault(row["i"], row)
+    notes = [rows[i] for i in sorted(rows)]
+    tasks = sorted({key.split("|")[0] for row in notes for key in row if "|" in key}, key=ALL_TASKS.index)
+    out: dict = {"n_notes": len(notes), "tasks": {}}
+    rng = random.Random(seed)
+    for task in [*tasks, "mean"]:
+        group = tasks if task == "mean" else [task]
+
+        def diff(sample: list[dict], group: list[str] = group) -> float:
+            return sum(r[f"{t}|cache/shared"]["ok"] - r[f"{t}|plain/own"]["ok"]
+                       for r in sample for t in group) / (len(sample) * len(group))
+
+        boot = sorted(diff(rng.choices(notes, k=len(notes))) for _ in range(draws))
+        acc = {v: sum(r[f"{t}|{v}"]["ok"] for r in notes for t in group) / (len(notes) * len(group))
+               for v in VARIANTS}
+        out["tasks"][task] = {"accuracy": acc, "diff": diff(notes),
+                              "diff_95": [boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -185,7 +214,20 @@ def main() -> None:
     ap.add_argument("--prompt-cache-mb", type=int, default=4096, help="MiB of base prompt KV kept for reuse")
     ap.add_argument("--reuse-adapters", action="store_true", help="skip training where the GGUF exists")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="only print the accuracy over these eval JSON files' notes together (no training or"
+                    " evaluation), with cache - plain per task and its 95%% paired-bootstrap interval")
     args = ap.parse_args()
+    if args.combine:
+        result = combine(args.combine, args.seed)
+        print(f"{result['n_notes']} test notes; cache/shared - plain/own, 95% paired bootstrap over notes")
+        print("| task | " + " | ".join(VARIANTS) + " | cache - plain [95%] |")
+        print("|---|" + "---|" * (len(VARIANTS) + 1))
+        for task, row in result["tasks"].items():
+            lo, hi = row["diff_95"]
+            print(f"| {task} | " + " | ".join(f"{100 * row['accuracy'][v]:.1f}%" for v in VARIANTS)
+                  + f" | {100 * row['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+        return
     if not 0 <= args.test_from < args.n_test:
         ap.error("--test-from must be in [0, --n-test)")
 
