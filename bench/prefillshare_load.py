@@ -105,7 +105,8 @@ TARGET_REUSE = 0.85
 RANDOM_NOTE = "RANDOM LoRA decoders (--random-adapters: no trained decoders; replies meaningless)"
 SATURATION_GAIN = 1.10
 WARM_UP_S = 120.0
-SERVER_NOTE = ("kvfork serve: fast mode (f16 KV, flash attention off), one pool of n_ctx cells for all requests;"
+SERVER_NOTE = ("kvfork serve: fast mode (f16 KV, flash attention auto since b9094d1), one pool of n_ctx cells for"
+               " all requests;"
                " llama-server: its defaults (f16 KV, flash attention auto, cache_prompt on, --cache-ram 8192 MiB),"
                " n_ctx split into -np slots")  # throughput rising less than this over the previous rate = saturated
 
