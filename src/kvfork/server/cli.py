@@ -35,7 +35,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="tokens per decode step (prefill chunk cap; llama.cpp's default ubatch)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
-    # NOTE: None takes the mode's own (see EngineConfig): fast = f16 + "off" on CPUs, exact = q8_0 + "on"
+    # NOTE: None takes the mode's own (see EngineConfig): fast = f16, exact = q8_0 (and flash attention "on")
     p.add_argument("--kv-type", choices=["q8_0", "f16", "f32"], default=None,
                    help="KV cache type (default: f16; --exact: q8_0)")
     # NOTE: a server's one pool holds other requests' live prefixes. Without flash attention every decode
