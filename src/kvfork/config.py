@@ -184,10 +184,10 @@ class ServerConfig:
     max_n: int = 8
     max_tokens: int = 2048  # cap on max_tokens per choice
     max_queued: int = 64  # requests accepted but not finished; more get 429
-    # NOTE: 48 = `kvfork serve`'s 64 sequence ids less max_running's 16. Idle prefixes give way (LRU)
-    # whenever a request needs their cells or ids; issue 21's closed loops reused 84% of prompt tokens
-    # at 8 sessions with 16 (notes evicted between a session's stages), 87% with 48
-    live_prefixes: int = 48  # idle prefilled prefixes kept in the cache for later requests (LRU)
+    # NOTE: None = the engine's sequence ids less max_running, at least 48 (Dispatcher.live_cap; 48 for
+    # `kvfork serve`'s 64 and 16). Idle prefixes give way (LRU) whenever a request needs their cells or ids.
+    # Issue 21's closed loops at 64 sessions reused 82% of prompt tokens with 48 kept, 87% with 128
+    live_prefixes: int | None = None  # idle prefilled prefixes kept in the cache for later requests (LRU)
     min_shared_tokens: int = 16  # a shorter common prefix is not worth its own prefill node
     coalesce_s: float = 0.02  # how long an idle loop waits for more requests, to plan those arriving together at once
     reuse: str = "exact"  # chat requests' reuse mode unless they ask for another (see kvfork.reuse; opt-in)
@@ -202,7 +202,7 @@ class ServerConfig:
         for name in ("max_body_bytes", "max_n", "max_tokens", "max_queued", "min_shared_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.live_prefixes < 0 or not 0.0 <= self.coalesce_s <= 1.0:
+        if (self.live_prefixes is not None and self.live_prefixes < 0) or not 0.0 <= self.coalesce_s <= 1.0:
             raise InvalidParameter("live_prefixes must be >= 0 and coalesce_s in [0, 1]")
         if self.reuse not in ("exact", "shift", "kvcomm", "blend"):
             raise InvalidParameter(f"reuse must be exact, shift, kvcomm or blend; got {self.reuse!r}")

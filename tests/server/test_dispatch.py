@@ -117,3 +117,23 @@ def test_the_next_turn_of_a_conversation_forks_the_finished_reply(fake_engine, e
 def _plan_and_run(dispatcher: Dispatcher, job: Job) -> None:
     dispatcher.plan([job])
     _run(dispatcher, [job])
+
+
+@pytest.mark.parametrize(("n_seq_max", "max_running", "live", "cap"),
+                         [(16, 16, None, 48), (64, 16, None, 48), (256, 16, None, 240), (256, 16, 5, 5)])
+def test_idle_prefixes_kept_are_the_ids_max_running_leaves_unless_set(fake_engine, n_seq_max, max_running, live, cap):
+    engine = fake_engine(n_ctx=1024, n_seq_max=n_seq_max, max_running=max_running)
+    assert Dispatcher(engine, ServerConfig(live_prefixes=live), ServerMetrics()).live_cap == cap
+
+
+def test_the_cap_on_idle_prefixes_evicts_the_least_recently_used(fake_engine):
+    engine = fake_engine(n_ctx=4096, n_seq_max=8)
+    dispatcher = Dispatcher(engine, ServerConfig(live_prefixes=2), ServerMetrics())
+    jobs = [Job(tokens=engine.tokenize(f"Document {i}: " + long_text(1), add_bos=True),
+                params=[SamplingParams(max_tokens=2)], sink=ListSink()) for i in range(4)]  # type: ignore[arg-type]
+    for job in jobs:  # one after another: each leaves its prompt and its reply behind
+        _plan_and_run(dispatcher, job)
+    assert len(dispatcher.prefixes) == 2
+    last, first = (dispatcher.prefixes.match(j.tokens) for j in (jobs[-1], jobs[0]))
+    assert last is not None and last.n >= len(jobs[-1].tokens) - 1  # the newest stays
+    assert first is None or first.n < len(jobs[0].tokens) // 2  # the oldest went

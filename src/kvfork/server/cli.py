@@ -26,7 +26,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, default=8192, help="KV cells shared by every request")
     p.add_argument("--n-seq-max", type=int, default=64, help="sequence ids: live prefixes + prompts + choices")
     p.add_argument("--live-prefixes", type=int, default=ServerConfig.live_prefixes,
-                   help="idle prefilled prefixes kept for later requests, LRU out (default %(default)s)")
+                   help="idle prefilled prefixes kept for later requests, LRU out (default: --n-seq-max less"
+                   " --max-running, at least 48)")
     p.add_argument("--max-running", type=int, default=EngineConfig.max_running,
                    help="sequences running at once (choices and prompts); the rest wait (default %(default)s)")
     # NOTE: the batch is also the most prefill tokens per step: a long prompt is chunked so that the
