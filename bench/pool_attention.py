@@ -22,27 +22,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
-from importlib import resources
 from pathlib import Path
 
-from kvfork import Engine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workload import fmt, provenance, report, stats  # noqa: E402
+
+from kvfork import Engine  # noqa: E402
 
 OUT = Path("bench/out/pool_attention.json")
 
 
-def _median(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def measure(args: argparse.Namespace, flash_attn: str, report: str) -> list[dict]:
+def measure(args: argparse.Namespace, flash_attn: str, text: str) -> list[dict]:
     most = max(args.idle)
     n_ctx = (most + 1) * (args.prefix + 64) + args.branches * (args.tokens + 64) + 2048
     rows = []
     with Engine(args.model, n_ctx=n_ctx, n_seq_max=most + args.branches + 4, max_running=args.branches,
                 n_threads=args.threads, flash_attn=flash_attn, progress=False) as engine:
-        tokens = engine.tokenize(report)
+        tokens = engine.tokenize(text)
         document = engine.detokenize(tokens[: args.prefix])
         fresh = engine.detokenize(tokens[-600:])  # NOTE: the report's end: no prefix in common with `document`
         snap = engine.prefill(document)
@@ -62,11 +61,10 @@ def measure(args: argparse.Namespace, flash_attn: str, report: str) -> list[dict
                 new.close()
             cells = (count + 1) * snap.n_tokens
             row = {"flash_attn": flash_attn, "idle": count, "cells_held": cells,
-                   "step_s": _median(steps), "prefill_tok_s": _median(prefills)}
+                   "step_s": stats(steps), "prefill_tok_s": stats(prefills)}
             rows.append(row)
-            print(f"| {flash_attn} | {count} | {cells:,} | {row['step_s']['median']:.3f}"
-                  f" ({min(steps):.3f}-{max(steps):.3f}) | {row['prefill_tok_s']['median']:.0f}"
-                  f" ({min(prefills):.0f}-{max(prefills):.0f}) |", flush=True)
+            print(f"| {flash_attn} | {count} | {cells:,} | {fmt(row['step_s'], digits=3)}"
+                  f" | {fmt(row['prefill_tok_s'], digits=0)} |", flush=True)
         for s in idle:
             s.close()
     return rows
@@ -83,15 +81,15 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--settings", nargs="+", default=["off", "on"], choices=["off", "on"])
     args = ap.parse_args()
-    report = resources.files("kvfork.data").joinpath("sample_report.txt").read_text()
     print(f"{args.model}, fast mode (f16 KV, no repack), {args.threads} threads, prefixes of {args.prefix} tokens,"
           f" {args.branches} branches x {args.tokens} tokens, medians of {args.repeats} (min-max)")
     print("| flash attention | idle prefixes | cells held | s per decode step | prefill tok/s (~600 new tokens) |")
     print("|---|---|---|---|---|")
     t0 = time.perf_counter()
-    rows = [row for fa in args.settings for row in measure(args, fa, report)]
+    rows = [row for fa in args.settings for row in measure(args, fa, report())]
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"settings": vars(args), "rows": rows, "wall_s": time.perf_counter() - t0}, indent=2))
+    OUT.write_text(json.dumps({"settings": vars(args), "rows": rows, "wall_s": time.perf_counter() - t0,
+                               "provenance": provenance()}, indent=2))
     print(f"wrote {OUT} ({(time.perf_counter() - t0) / 60:.1f} min)")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -159,8 +160,6 @@ def evaluate(args: argparse.Namespace, folder: Path) -> dict:
 def combine(files: list[Path], seed: int = 0, draws: int = 10_000) -> dict:
     """Accuracy over the test notes of several eval JSON files (each note once), and per task the
     difference cache/shared - plain/own with a 95% interval from a paired bootstrap over notes."""
-    import random
-
     rows: dict[int, dict] = {}
     for f in files:
         for row in json.loads(f.read_text())["samples"]:
