@@ -226,3 +226,54 @@ def test_a_prompt_comes_from_the_tier_that_covers_it_best(fake_backend):
     shelf.sched = None  # a restore that fails falls back to the fork
     assert sched.sequence_for(prompt).parent is live
     assert sched.sequence_for([7, 7, 7]).n_in_kv == 0  # nothing anywhere: a fresh prefill
+
+
+def test_approximate_entries_are_never_demoted_to_the_lower_tier():
+    # the tier serves exact prompts by their tokens: a reuse-mode entry's cells are not what they compute
+    cache = PrefixCache(0, exact=False)
+    cache.lower = shelf = _Shelf()
+    approx, exact = _entry([1] * 20), _entry([2] * 30)
+    cache.insert(approx, namespace=("reuse", "shift"))
+    cache.insert(exact)
+    assert cache.idle_cells() == 30  # only what could be demoted
+    assert cache.evict(frees_cells=True, demotable=True) is exact and shelf.held == [tuple(exact.tokens)]
+    assert cache.evict(demotable=True) is None and approx in cache
+    cache.demote_all()
+    assert shelf.held == [tuple(exact.tokens)]
+    assert cache.evict() is approx and shelf.held == [tuple(exact.tokens)]
+    cache.check_integrity()
+    cache.lower = None
+    cache.insert(exact_again := _entry([3] * 10))
+    assert cache.idle_cells() == 0 and cache.evict(demotable=True) is None and exact_again in cache
+
+
+def _idle_entry(sched: Scheduler, tokens: list[int]) -> KvSequence:
+    seq = KvSequence(tokens=list(tokens))
+    sched.submit(seq, SamplingParams(max_tokens=0))
+    while sched.has_work:
+        sched.step()
+    sched.prefixes.insert(seq)
+    return seq
+
+
+def test_park_idle_moves_idle_exact_entries_to_the_lower_tier_only_while_work_runs(fake_backend):
+    be = fake_backend()
+    sched = Scheduler(be, EngineConfig(n_ctx=be.n_ctx))
+    idle = _idle_entry(sched, list(range(1, 41)))
+    shared = _idle_entry(sched, list(range(100, 140)))
+    pinned = _idle_entry(sched, list(range(200, 230)))
+    sched.prefixes.lock(pinned)
+    new = KvSequence(tokens=[7] * 12)
+    sched.submit(new, SamplingParams(max_tokens=4))
+    assert sched.park_idle() == 0 and idle in sched.prefixes  # no lower tier: nothing moves
+    sched.prefixes.lower = shelf = _Shelf(sched)
+    fork = sched.fork(shared, 40)
+    sched.submit(fork, SamplingParams(max_tokens=2), append=[5, 6])
+    assert sched.prefixes.idle_cells() == 40  # the idle one's own cells; the forked and the locked are not idle
+    assert sched.park_idle() == 1 and shelf.held == [tuple(idle.tokens)]
+    assert idle not in sched.prefixes and idle.released and idle.seq_id is None  # its cells are freed
+    assert shared in sched.prefixes and pinned in sched.prefixes
+    while sched.has_work:
+        sched.step()
+    assert sched.park_idle() == 0  # nothing runs: idle prefixes cost nobody anything
+    sched.prefixes.check_integrity()

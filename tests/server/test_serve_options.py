@@ -17,6 +17,26 @@ def test_fast_mode_serves_with_llama_servers_flash_attention_default(gemma_path,
     engine, store, config = build_server(args)
     try:
         assert engine.config.flash_attn == want and not engine.config.exact and engine.config.kv_type == "f16"
-        assert store is None and config.host == "127.0.0.1"
+        assert config.host == "127.0.0.1"
     finally:
         engine.close()
+        if store is not None:
+            store.close()
+
+
+@pytest.mark.parametrize(("extra", "ram"), [([], 1 << 30), (["--store-ram-mb", "64"], 64 << 20), (["--store-ram-mb", "0"], None)])
+def test_serve_keeps_a_host_ram_tier_by_default_as_llama_servers_cache_ram(gemma_path, extra, ram):
+    # idle prefixes wait there instead of in the context (Scheduler.park_idle); 0 turns it off
+    args = build_parser().parse_args(["serve", "--model", str(gemma_path), "--chat-template", "gemma",
+                                      "--n-ctx", "1024", *extra])
+    engine, store, _ = build_server(args)
+    try:
+        if ram is None:
+            assert store is None and engine.scheduler.prefixes.lower is None
+        else:
+            assert store is not None and store.config.ram_bytes == ram and store.disk is None and store.shared is None
+            assert engine.scheduler.prefixes.lower is not None
+    finally:
+        engine.close()
+        if store is not None:
+            store.close()

@@ -74,3 +74,25 @@ def test_a_prefix_evicted_from_the_context_is_restored_from_the_store(gemma_path
                 assert out.choices[0].message.content == want
                 cached.append(out.usage.prompt_tokens_details.cached_tokens)
             assert cached == [0, out.usage.prompt_tokens] and srv.metric("kvfork_snapshot_hits") == 1
+
+
+def test_idle_prefixes_wait_in_host_ram_while_other_requests_run_and_come_back_whole(gemma_path, ref):
+    """With a store (kvfork serve keeps a RAM tier by default), a finished request's prefix leaves the
+    context once another request runs (every step would read its cells), and a later request restores it."""
+    first = [{"role": "user", "content": long_text(8) + "\n\nWhat was restarted?"}]
+    other = [{"role": "user", "content": "Name three colours."}]
+    want = ref.generate(chat_prompt(ref, first), max_tokens=6).text
+    with Engine(gemma_path, store=SnapshotStore(), **ENGINE) as engine:
+        with serving(engine, ServerConfig(model_name="gemma")) as srv:
+            def ask(messages):
+                return srv.client().chat.completions.create(model="gemma", messages=messages, max_tokens=6,
+                                                            temperature=0)
+
+            assert ask(first).choices[0].message.content == want
+            assert srv.metric("kvfork_parked_prefixes_total") == 0  # nothing else ran: it stayed live
+            ask(other)
+            assert srv.metric("kvfork_parked_prefixes_total") >= 1 and srv.metric("kvfork_snapshot_hits") == 0
+            again = ask(first)
+            assert srv.metric("kvfork_snapshot_hits") == 1
+            assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens
+            assert again.choices[0].message.content == want

@@ -127,6 +127,7 @@ class PrefixCache:
         self.min_suffix = MIN_SUFFIX if exact else 0
         self._roots: dict[Hashable, _Node] = {}  # one tree per namespace (see `insert`)
         self._where: dict[KvSequence, _Node] = {}
+        self._spaces: dict[KvSequence, Hashable] = {}  # entry -> its namespace
         self._locks: dict[KvSequence, int] = {}
         self._lru: OrderedDict[KvSequence, None] = OrderedDict()  # unlocked entries, least recent first
 
@@ -257,6 +258,7 @@ class PrefixCache:
             node, depth = child, depth + n
         node.entries.append(seq)
         self._where[seq] = node
+        self._spaces[seq] = namespace
         if locked:
             self._locks[seq] = 1
         else:
@@ -292,31 +294,46 @@ class PrefixCache:
             return
         self._lru.pop(seq, None)
         self._locks.pop(seq, None)
+        self._spaces.pop(seq, None)
         node.entries.remove(seq)
         self._prune(node)
 
-    def evict(self, *, frees_cells: bool = False) -> KvSequence | None:
+    def evict(self, *, frees_cells: bool = False, demotable: bool = False) -> KvSequence | None:
         """Take the least recently used unlocked entry out (the caller releases it); None if there is none.
 
         frees_cells=True takes only an entry no fork shares, whose release frees its cells at once;
-        otherwise those are preferred. With a lower tier, the entry is demoted to it first.
+        otherwise those are preferred. demotable=True takes only an EXACT entry and only with a lower
+        tier (what `idle_cells` counts). With a lower tier, an EXACT entry is demoted to it first: an
+        approximate (reuse-mode) one never is, since the tier serves exact prompts by their tokens.
         """
-        idle = [s for s in self._lru if not in_flight(s)]  # NOTE: a prompt in flight is not the cache's to give
+        idle = [s for s in self._idle() if not demotable or (self.lower is not None and self._spaces[s] == EXACT)]
         seq = next((s for s in idle if s.n_children == 0), None)
         if seq is None:
             if frees_cells or not idle:
                 return None
             seq = idle[0]
+        space = self._spaces[seq]
         self.remove(seq)
-        if self.lower is not None:
+        if self.lower is not None and space == EXACT:
             self.lower.demote(seq)
         return seq
 
+    def idle_cells(self) -> int:
+        """Cells held only by idle EXACT entries that no fork shares: what `evict(frees_cells=True,
+        demotable=True)` can move to the lower tier (0 without one)."""
+        if self.lower is None:
+            return 0
+        return sum(s.n_own_tokens for s in self._idle() if s.n_children == 0 and self._spaces[s] == EXACT)
+
+    def _idle(self) -> list[KvSequence]:
+        """Unlocked entries, least recently used first. NOTE: a prompt in flight is not the cache's to give."""
+        return [s for s in self._lru if not in_flight(s)]
+
     def demote_all(self) -> None:
-        """Copy every unlocked entry to the lower tier (they stay here too): before the context goes away."""
+        """Copy every unlocked EXACT entry to the lower tier (they stay here too): before the context goes away."""
         if self.lower is not None:
-            for seq in list(self._lru):
-                if not in_flight(seq):
+            for seq in self._idle():
+                if self._spaces[seq] == EXACT:
                     self.lower.demote(seq)
 
     def check_integrity(self) -> None:
@@ -335,7 +352,8 @@ class PrefixCache:
             if node.parent is not None and not node.entries and len(node.children) < 2:
                 raise KvforkError("a prefix cache node without entries has fewer than two children")
             stack.extend(node.children.values())
-        if set(self._lru) | set(self._locks) != set(self._where) or set(self._lru) & set(self._locks):
+        if set(self._lru) | set(self._locks) != set(self._where) or set(self._lru) & set(self._locks) \
+                or set(self._spaces) != set(self._where):
             raise KvforkError("the prefix cache's lock and LRU books disagree with its entries")
 
     # -- the tree -------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="default: auto (llama-server's; on for a CPU); --exact: on")
     p.add_argument("--chat-template", default=None, help="llama.cpp template name for models without one")
     p.add_argument("--store", default=None, metavar="DIR", help="snapshot store folder (restores long prefixes)")
-    p.add_argument("--store-ram-mb", type=int, default=None, help="store's host-RAM budget (default 1024)")
+    p.add_argument("--store-ram-mb", type=int, default=None,
+                   help="host RAM for prefixes out of the context (default 1024; 0: none, idle prefixes stay live)")
     p.add_argument("--store-disk-mb", type=int, default=None, help="store's disk budget (default 16384)")
     p.add_argument("--snapshot-url", default=None, metavar="URL",
                    help="shared snapshot tier every replica reads: file:///shared/dir or s3://bucket/prefix"
@@ -117,9 +118,11 @@ def build_server(args: argparse.Namespace) -> tuple[Engine, SnapshotStore | None
                if v is not None}
     if budgets.get("disk_bytes") is not None and not args.store:
         raise KvforkError("--store-disk-mb needs --store DIR")
-    if budgets and not (args.store or args.snapshot_url):
-        raise KvforkError("--store-ram-mb needs --store DIR or --snapshot-url URL")
-    store = SnapshotStore(args.store, url=args.snapshot_url, **budgets) if args.store or args.snapshot_url else None
+    # NOTE: a host-RAM tier by default, as llama-server's --cache-ram: idle prefixes wait there rather than in
+    # the context, where every other request's attention reads them (Scheduler.park_idle); 0 turns it off
+    ram_tier = args.store_ram_mb is None or args.store_ram_mb > 0
+    store = SnapshotStore(args.store, url=args.snapshot_url, **budgets) \
+        if args.store or args.snapshot_url or ram_tier else None
     engine = Engine(args.model, store=store, **overrides)
     try:
         load_adapters(engine, args.adapter, naive=args.naive_adapters)

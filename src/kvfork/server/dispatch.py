@@ -195,8 +195,11 @@ class Dispatcher:
 
     # -- after each step ----------------------------------------------------------------------------
     def make_room(self) -> None:
-        """Evict idle live prefixes while the next waiting sequence does not fit; fail it if nothing can run."""
+        """Park idle prefixes in the store while work runs (Scheduler.park_idle); evict idle live prefixes while
+        the next waiting sequence does not fit; fail it if nothing can run."""
         waiting, table = self.sched.waiting, self.sched.table
+        # NOTE: with a store, idle prefixes wait in host RAM, not in every step's attention
+        self.metrics.parked_prefixes.inc(self.sched.park_idle())
         # NOTE: beyond max_running a sequence waits for a place, not for room: evict nothing for it
         if waiting and self.sched.places() > 0:
             self.sched.evict_until(lambda: table.can_allocate(waiting[0]))

@@ -37,6 +37,8 @@ class ServerMetrics:
         self.active_branches = Gauge("kvfork_active_branches", "Branches (choices) generating now", registry=r)
         self.queue_length = Gauge("kvfork_queue_length", "Requests accepted that have no token yet", registry=r)
         self.live_prefixes = Gauge("kvfork_live_prefixes", "Prefilled prefixes kept in the KV cache", registry=r)
+        self.parked_prefixes = Counter("kvfork_parked_prefixes", "Idle prefixes moved out of the KV cache to the"
+                                       " store's host RAM while other requests ran (Scheduler.park_idle)", registry=r)
         self.kv_cells = Gauge("kvfork_kv_cells", "KV cells: the context's budget, and those held now by live"
                               " sequences (prompt + max_tokens, shared cells once)", ["state"], registry=r)
         self._store = store
