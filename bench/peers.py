@@ -11,6 +11,8 @@ Systems, all started before the first repeat, order rotated per repeat:
   llama-server -np N        llama.cpp's own server, its defaults (f16 cache, flash attention auto,
                             prompt cache, cache-ram): the baseline, sent at once
   llama-cpp-python server   its RAM prompt cache on (serves one request at a time); only with --only
+  kvfork-NAME               `--variant NAME="--flash-attn off"`: kvfork serve with those options (repeatable;
+                            e.g. `--store-ram-mb 0`: idle prefixes stay in the context, as before e99ab1e)
 --staggered adds a run per system where the first agent goes alone and the rest together.
 A system that is not installed is skipped with the reason printed. Each repeat uses a document
 with a new first line, so nothing is cached from an earlier repeat; a short warm-up request goes to
@@ -20,7 +22,9 @@ every server first. Greedy, `ignore_eos`, `--tokens` tokens per agent.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shlex
 import threading
 import time
 import uuid
@@ -75,6 +79,13 @@ def staggered(ask: Ask, n: int) -> tuple[float, list[dict]]:
     return time.perf_counter() - t0, [first, *rest]
 
 
+def _variant(text: str) -> tuple[str, str]:
+    name, sep, options = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=\"OPTIONS\", got {text!r}")
+    return name, options
+
+
 def start_servers(args: argparse.Namespace, path: Path, logs: Path) -> dict[str, Server]:
     ctx = 4096 + 2 * args.tokens  # per agent: the document, its instruction and answer
     makers: dict[str, Callable[[], Server]] = {
@@ -86,9 +97,15 @@ def start_servers(args: argparse.Namespace, path: Path, logs: Path) -> dict[str,
         "llama-cpp-python": lambda: llama_cpp_python_server(path, args.threads, ctx,
                                                             log=logs / "llama-cpp-python.log"),
     }
+    for name, options in args.variant:
+        makers[f"kvfork-{name}"] = functools.partial(kvfork_server, str(path), args.threads,
+                                                     2 * ctx + args.agents * 256, extra=shlex.split(options),
+                                                     log=logs / f"kvfork-{name}.log")
+    variants = {f"kvfork-{name}" for name, _ in args.variant}
     servers = {}
     for name, make in makers.items():
-        if (args.only and name not in args.only) or (not args.only and name == "llama-cpp-python"):
+        if name not in variants and ((args.only and name not in args.only)
+                                     or (not args.only and name == "llama-cpp-python")):
             continue
         try:
             servers[name] = make().__enter__()
@@ -107,6 +124,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--doc-chars", type=int, default=None, help="cut the report (a quick smoke run)")
     ap.add_argument("--only", nargs="*", default=None, help="kvfork kvfork-exact llama-server llama-cpp-python")
+    ap.add_argument("--variant", action="append", default=[], type=_variant, metavar='NAME="OPTIONS"',
+                    help="also run `kvfork serve OPTIONS` as kvfork-NAME (repeatable)")
     ap.add_argument("--staggered", action="store_true", help="also send the first agent alone, then the rest")
     ap.add_argument("--out", type=Path, default=Path("bench/out/peers.json"))
     args = ap.parse_args()

@@ -24,7 +24,8 @@ def test_fast_mode_serves_with_llama_servers_flash_attention_default(gemma_path,
             store.close()
 
 
-@pytest.mark.parametrize(("extra", "ram"), [([], 1 << 30), (["--store-ram-mb", "64"], 64 << 20), (["--store-ram-mb", "0"], None)])
+@pytest.mark.parametrize(("extra", "ram"),
+                         [([], 1 << 30), (["--store-ram-mb", "64"], 64 << 20), (["--store-ram-mb", "0"], None)])
 def test_serve_keeps_a_host_ram_tier_by_default_as_llama_servers_cache_ram(gemma_path, extra, ram):
     # idle prefixes wait there instead of in the context (Scheduler.park_idle); 0 turns it off
     args = build_parser().parse_args(["serve", "--model", str(gemma_path), "--chat-template", "gemma",

@@ -445,10 +445,11 @@ class Scheduler:
 
         NOTE: llama.cpp's unified cache attends over every cell up to the highest one in use, masked per
         sequence, so an idle prefix's cells cost every token any other request computes. On a CPU that tax
-        is larger than a round trip through host memory: Qwen2.5-Coder-0.5B, 3,531 tokens, capture ~60
-        ms and restore ~35 ms, against a prefill of ~3,600 tokens that took 3 s longer with one such idle
-        prefix held (bench/peers.py) and 16 held 1,300-token prefixes that halved a new prompt's prefill
-        rate (bench/pool_attention.py, flash attention on). Without a lower tier nothing moves.
+        outweighs a round trip through host memory: Qwen2.5-Coder-0.5B, 3,531 tokens, capture ~60 ms and
+        restore ~35 ms. 8 agents over a new 3,568-token document (bench/peers.py, flash attention on) took
+        31.7 / 35.3 / 38.5 s with 0 / 1 / 2 earlier documents' prefixes idle in the context, and 33.6 /
+        32.5 / 32.1 s with them parked; 16 idle 1,300-token prefixes halved a new prompt's prefill rate
+        (bench/pool_attention.py). Without a lower tier nothing moves.
         """
         if not self.has_work:
             return 0
