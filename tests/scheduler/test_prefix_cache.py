@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from kvfork.config import EngineConfig
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import KvforkError
 from kvfork.scheduler.kv_sequence import KvSequence
-from kvfork.scheduler.prefix_cache import MIN_SUFFIX, PrefixCache, can_trim, common_prefix
+from kvfork.scheduler.prefix_cache import MIN_SHARED, MIN_SUFFIX, PrefixCache, can_trim, common_prefix
 from kvfork.scheduler.scheduler import Scheduler
 
 _ids = iter(range(10**6))
@@ -179,6 +180,7 @@ class _Shelf:
     def __init__(self, sched: Scheduler | None = None) -> None:
         self.sched = sched
         self.held: list[tuple[int, ...]] = []
+        self.placed: list[int] = []
 
     def demote(self, seq: KvSequence) -> None:
         self.held.append(tuple(seq.tokens[: seq.n_in_kv]))
@@ -193,6 +195,15 @@ class _Shelf:
         seq = KvSequence(tokens=list(tokens))
         seq.n_in_kv = n  # NOTE: a real tier writes the cells here (Scheduler.adopt); the test looks at the choice
         return seq
+
+    def place_after(self, seq: KvSequence, tokens) -> int:
+        n0, k = len(seq.tokens), max((common_prefix(h, tokens) for h in self.held), default=0)
+        if self.sched is None or k < n0 + MIN_SHARED:
+            return 0
+        cells = np.array([(pos, tokens[pos]) for pos in range(n0, k)], dtype=np.int32).tobytes()  # the fake's blob
+        self.sched.place(seq, tokens[n0:k], cells)
+        self.placed.append(k - n0)
+        return k - n0
 
 
 def test_evicted_entries_go_to_the_lower_tier_and_demote_all_copies_the_rest():
@@ -276,4 +287,29 @@ def test_park_idle_moves_idle_exact_entries_to_the_lower_tier_only_while_work_ru
     while sched.has_work:
         sched.step()
     assert sched.park_idle() == 0  # nothing runs: idle prefixes cost nobody anything
+    sched.prefixes.check_integrity()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_stored_part_after_a_live_prefix_is_placed_on_a_fork_of_it(fake_backend, exact):
+    # a session's own part after a system prompt every session forks: less than twice the live match, so
+    # not restored whole (that would hold the system prompt twice), but its stored cells are placed
+    be = fake_backend()
+    sched = Scheduler(be, EngineConfig(n_ctx=be.n_ctx, exact=exact))
+    live = _idle_entry(sched, list(range(1, 41)))
+    sched.prefixes.lower = shelf = _Shelf(sched)
+    prompt = list(range(1, 91))
+    shelf.held = [tuple(range(1, 71))]
+    seq = sched.sequence_for(prompt)
+    assert seq.parent is live and seq.n_shared == 40 and seq.tokens == prompt
+    assert shelf.placed == [30] and seq.n_in_kv == 70 and be.positions(seq.seq_id) == list(range(70))
+    sched.submit(seq, SamplingParams(max_tokens=3))
+    while sched.has_work:
+        sched.step()
+    assert seq.generated == be.greedy(prompt, 3) and seq.n_prompt_computed == 20
+    shelf.held = [tuple(range(1, 79))]  # exact mode leaves a fork MIN_SUFFIX tokens to compute, as match does
+    again = sched.sequence_for(prompt)
+    assert again.n_in_kv == (74 if exact else 78) and again.parent is live
+    shelf.held = [tuple(range(1, 50))]  # 9 more than the live 40: computed, not placed
+    assert sched.sequence_for(prompt).n_in_kv == 40 and shelf.placed == [30, 34 if exact else 38]
     sched.prefixes.check_integrity()

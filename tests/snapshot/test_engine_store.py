@@ -51,6 +51,24 @@ def test_shared_prefix_restores_then_prefills_rest(engine: Engine, stored: Engin
         assert stored.store.stats().tokens_saved > before  # type: ignore[union-attr]
 
 
+def test_a_stored_part_after_a_live_prefix_is_placed_on_a_fork_of_it(engine: Engine, stored: Engine,
+                                                                      short_doc: str) -> None:
+    """The live prefix is forked and only the stored cells after it are copied in (Scheduler.sequence_for:
+    a stored entry under twice the live match is not restored whole, which would hold the head twice)."""
+    more = short_doc + "\n\nAppendix: the same terms apply to every copy."
+    with stored.prefill(short_doc[: len(short_doc) * 2 // 3], chat=False) as head:
+        stored.prefill(short_doc, chat=False).close()
+        stored.scheduler.evict_until(lambda: False)  # every unpinned entry leaves the context (it is stored)
+        before = stored.store.stats()  # type: ignore[union-attr]
+        n_head, n_doc = head.n_tokens, len(stored.tokenize(short_doc, add_bos=True))
+        assert n_doc < 2 * n_head
+        with stored.prefill(more, chat=False) as snap:
+            assert snap.sequence.parent is head.sequence  # the head's cells are shared, not copied
+            assert snap.fan_out([ASK], max_tokens=12, temperature=0)[0].tokens == _answer(engine, more)
+        saved = stored.store.stats().tokens_saved - before.tokens_saved  # type: ignore[union-attr]
+        assert n_doc - n_head - 8 <= saved <= n_doc - n_head  # NOTE: tokens at either cut may differ
+
+
 def test_sliding_window_falls_back_to_a_prefill(engine: Engine, stored: Engine, long_doc: str) -> None:
     stored.prefill(long_doc, chat=False).close()  # > 512 tokens: cannot be cut back
     text = long_doc[: len(long_doc) * 3 // 4] + " Something else entirely."

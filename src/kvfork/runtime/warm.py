@@ -12,9 +12,11 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 from kvfork.errors import ContextOverflow, KvforkError, SnapshotMismatch
+from kvfork.kvcache.cells import covers, select
+from kvfork.kvcache.codec import decode, encode
 from kvfork.prompt import ChatLayout
 from kvfork.scheduler.kv_sequence import KvSequence
-from kvfork.scheduler.prefix_cache import can_trim
+from kvfork.scheduler.prefix_cache import MIN_SHARED, can_trim
 from kvfork.store.host import HostSnapshot
 from kvfork.store.store import SnapshotStore
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from kvfork.runtime.engine import Engine
     from kvfork.runtime.snapshot import Snapshot
 
-__all__ = ["StoreTier", "adopt", "capture", "remember", "restore_prefix"]
+__all__ = ["StoreTier", "adopt", "capture", "place_after", "remember", "restore_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +160,43 @@ class StoreTier:
 
     def restore(self, tokens: Seq[int]) -> KvSequence | None:
         return restore_prefix(self.store, self.engine, list(tokens))
+
+    def place_after(self, seq: KvSequence, tokens: Seq[int]) -> int:
+        return place_after(self.store, self.engine, seq, list(tokens))
+
+
+def place_after(store: SnapshotStore, engine: Engine, seq: KvSequence, tokens: list[int]) -> int:
+    """Place the longest stored prefix of `tokens`' cells after `seq`'s first len(seq.tokens) (a fork of
+    a live prefix: they are `tokens`' first ones); how many tokens were placed (0: none, seq as it was).
+
+    Only the stored cells past the fork are copied in (Scheduler.place, through a scratch id): a
+    session's own part comes back without a second copy of the system prompt every session forks.
+    Never raises for a store problem or a lack of room: the caller computes those tokens instead.
+    """
+    n0 = len(seq.tokens)
+    layout = engine.state_layout
+    for match in store.matches(layout, tokens):
+        k = match.n_shared
+        if k < n0 + MIN_SHARED:
+            break  # NOTE: longest first: the rest are shorter still
+        snap = store.get(match.key, layout)
+        if snap is None or list(snap.tokens[:k]) != tokens[:k]:
+            continue
+        t0 = time.perf_counter()
+        try:
+            cells = select(decode(snap.state), n0, k)
+            if not covers(cells, n0, k, layout.n_swa or None):
+                continue  # NOTE: a sliding window that no longer holds what attention past k needs
+            with engine.lock:
+                engine.scheduler.place(seq, tokens[n0:k], encode(cells))
+        except ContextOverflow as exc:
+            log.info("no room to place a stored part (%s); prefilling it instead", exc)
+            return 0
+        except KvforkError as exc:
+            log.warning("could not place cells of snapshot %s: %s", match.key, exc)
+            continue
+        seconds = time.perf_counter() - t0
+        per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
+        store.count(tokens_saved=k - n0, restore_s=seconds, seconds_saved=per_token * (k - n0) - seconds)
+        return k - n0
+    return 0

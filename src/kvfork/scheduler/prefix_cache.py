@@ -86,6 +86,10 @@ class LowerTier(Protocol):
         """A new sequence with the longest stored prefix of `tokens` in the cache and the rest pending;
         None when nothing could be restored."""
 
+    def place_after(self, seq: KvSequence, tokens: Seq[int]) -> int:
+        """Place the stored cells of `tokens[len(seq.tokens):k]` after `seq`'s (Scheduler.place), k the
+        longest stored prefix of `tokens`; how many were placed (0: none, `seq` as it was)."""
+
 
 class _Node:
     """A radix-tree node: `edge` leads here from `parent`; `entries` hold exactly the path's tokens."""

@@ -81,8 +81,10 @@ class Scheduler:
         """A new sequence for `tokens` that computes as little as the cache's tiers allow.
 
         A fork of the prefix cache's best match (zero-copy), or a restore from its lower tier where that
-        covers at least twice as many tokens (and MIN_SHARED more), or a fresh sequence. The tokens not
-        covered are left pending: submit it to compute them.
+        covers at least twice as many tokens (and MIN_SHARED more), or a fresh sequence. Where the tier
+        covers MIN_SHARED more but not twice as many, the fork gets the tier's cells after the match
+        placed onto it (LowerTier.place_after). The tokens not covered are left pending: submit it to
+        compute them.
         `hit`: a match the caller already made (the server matches with its own candidates too).
         NOTE: a restore copies every cell it brings back, a fork shares them: restoring a document the
         context holds, to save prefilling a question after it, would hold the document twice (measured
@@ -92,7 +94,8 @@ class Scheduler:
         hit = hit if hit is not None else self.prefixes.match(tokens)
         lower = self.prefixes.lower
         n_live = hit.n if hit is not None else 0
-        if lower is not None and lower.longest(tokens) >= max(2 * n_live, n_live + MIN_SHARED):
+        n_low = lower.longest(tokens) if lower is not None else 0
+        if lower is not None and n_low >= max(2 * n_live, n_live + MIN_SHARED):
             restored = lower.restore(tokens)
             if restored is not None:
                 return restored
@@ -101,6 +104,13 @@ class Scheduler:
         if hit is None:
             return KvSequence(tokens=list(tokens))
         seq = self.fork(hit.node, hit.n)
+        if lower is not None and n_low >= hit.n + MIN_SHARED and not in_flight(hit.node):
+            # NOTE: the tier covers more, but less than twice the live match: fork what is live and copy
+            # in only the stored cells after it (a session's own part after a shared system prompt)
+            seq.tokens = list(tokens[: hit.n])
+            # NOTE: exact mode leaves a fork at least min_suffix tokens to compute, as `match` does
+            upto = len(tokens) - self.prefixes.min_suffix if self.prefixes.min_suffix else len(tokens)
+            lower.place_after(seq, tokens[:upto])
         seq.tokens = list(tokens)
         return seq
 
