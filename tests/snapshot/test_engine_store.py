@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvfork import Engine
+from kvfork.runtime.warm import StoreTier
 from kvfork.store.store import SnapshotStore
 from tests.support.snap import ENGINE_KW, MODEL
 
@@ -69,6 +70,24 @@ def test_a_stored_part_after_a_live_prefix_is_placed_on_a_fork_of_it(engine: Eng
         assert n_doc - n_head - 8 <= saved <= n_doc - n_head  # NOTE: tokens at either cut may differ
 
 
+def test_demotion_skips_an_entry_the_store_holds_all_but_a_little_of(engine: Engine, short_doc: str) -> None:
+    """Each blob costs the budget all of its cells: an entry whose new part is under MIN_SHARED tokens or
+    an eighth of it is not stored again; one with a larger part of its own is (placed back later)."""
+    store = SnapshotStore()
+    tier = StoreTier(engine, store)
+    tail = "\n\nAppendix: " + " ".join(f"clause {i} applies to copy {i + 1}." for i in range(12))
+    with engine.prefill(short_doc, chat=False) as doc, \
+            engine.prefill(short_doc + " Noted.", chat=False) as near, \
+            engine.prefill(short_doc + tail, chat=False) as far:
+        assert far.n_tokens - doc.n_tokens >= far.n_tokens // 8
+        tier.demote(doc.sequence)
+        tier.demote(near.sequence)
+        assert store.stats().entries_ram == 1
+        tier.demote(far.sequence)
+        assert store.stats().entries_ram == 2
+    store.close()
+
+
 def test_sliding_window_falls_back_to_a_prefill(engine: Engine, stored: Engine, long_doc: str) -> None:
     stored.prefill(long_doc, chat=False).close()  # > 512 tokens: cannot be cut back
     text = long_doc[: len(long_doc) * 3 // 4] + " Something else entirely."
@@ -81,6 +100,7 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     from kvfork import Engine
+from kvfork.runtime.warm import StoreTier
     from kvfork.store.store import SnapshotStore
     store = SnapshotStore(sys.argv[1])
     with Engine({model!r}, store=store, **{kw!r}) as eng, eng.prefill(sys.argv[2], chat=False) as snap:
