@@ -100,7 +100,6 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     from kvfork import Engine
-from kvfork.runtime.warm import StoreTier
     from kvfork.store.store import SnapshotStore
     store = SnapshotStore(sys.argv[1])
     with Engine({model!r}, store=store, **{kw!r}) as eng, eng.prefill(sys.argv[2], chat=False) as snap:
