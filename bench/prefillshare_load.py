@@ -49,6 +49,8 @@ on a freshly started server, warmed up by one untimed session whose note is not 
 - kvfork-unbounded (opt-in, `--arms kvfork llama-server kvfork-unbounded`): kvfork serve with
   `--max-running 256`, i.e. as it was before EngineConfig.max_running: every request it holds decodes at
   once. Side by side with the default (16), it shows what bounding the batch does under overload.
+  kvfork-live (opt-in): `kvfork serve --store-ram-mb 0`, idle prefixes kept in the context rather than
+  parked in host RAM (as before e99ab1e; Scheduler.park_idle).
   kvfork's own non-sharing path is not a column: `kvfork serve` serves every adapter over base-model
   prefixes and refuses adapters that compute their own prompt (docs/prefillshare.md).
 
@@ -97,6 +99,8 @@ from kvfork.train.gguf_lora import PREFILL_KEY, random_lora_gguf  # noqa: E402
 ARMS = ("kvfork", "llama-server")
 # NOTE: kvfork as it was before EngineConfig.max_running: every request decodes at once (opt-in arm)
 UNBOUNDED = "kvfork-unbounded"
+# NOTE: kvfork as it was before e99ab1e: no host-RAM tier, idle prefixes stay in the context (opt-in arm)
+LIVE = "kvfork-live"
 STAGES = TASKS  # extract -> arith -> tool: the planner -> worker -> checker, one decoder each
 LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 OUT = Path("bench/out/prefillshare_load")
@@ -238,6 +242,8 @@ def start_server(arm: str, s: Settings, adapters: dict[str, Path], log: Path) ->
             extra += ["--live-prefixes", str(s.live_prefixes)]
         if arm == UNBOUNDED:
             extra += ["--max-running", "256"]  # NOTE: above any load here: no request ever waits for a place
+        if arm == LIVE:
+            extra += ["--store-ram-mb", "0"]
         return kvfork_server(s.model_path, s.threads, s.n_ctx, extra=extra, log=log)
     # NOTE: a template *name* is a built-in template only without jinja (with jinja, the default, llama-server
     # would render the name itself as a jinja template)
@@ -548,8 +554,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--live-prefixes", type=int, default=None, help="kvfork serve --live-prefixes (default: its own)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--arms", nargs="+", choices=[*ARMS, UNBOUNDED], default=list(ARMS),
-                    help=f"{UNBOUNDED}: kvfork serve --max-running 256 (every request decodes at once)")
+    ap.add_argument("--arms", nargs="+", choices=[*ARMS, UNBOUNDED, LIVE], default=list(ARMS),
+                    help=f"{UNBOUNDED}: kvfork serve --max-running 256 (every request decodes at once); {LIVE}:"
+                         " --store-ram-mb 0 (idle prefixes stay in the context)")
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--quick", action="store_true", help="smoke check: gemma3-270m, 2 short rates (< 1 min)")
     ap.add_argument("--name", default=None, help="output file stem (default: full, quick or random)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvfork.cli import build_parser
+from kvfork.errors import KvforkError
 from kvfork.server.cli import build_server
 
 
@@ -41,3 +42,9 @@ def test_serve_keeps_a_host_ram_tier_by_default_as_llama_servers_cache_ram(gemma
         engine.close()
         if store is not None:
             store.close()
+
+
+def test_a_negative_store_budget_is_refused_not_read_as_none(gemma_path):
+    args = build_parser().parse_args(["serve", "--model", str(gemma_path), "--store-ram-mb", "-1"])
+    with pytest.raises(KvforkError, match="--store-ram-mb"):
+        build_server(args)

@@ -118,6 +118,9 @@ def build_server(args: argparse.Namespace) -> tuple[Engine, SnapshotStore | None
                if v is not None}
     if budgets.get("disk_bytes") is not None and not args.store:
         raise KvforkError("--store-disk-mb needs --store DIR")
+    if any(v < 0 for v in budgets.values()):
+        raise KvforkError(f"--store-ram-mb and --store-disk-mb must be >= 0, got {args.store_ram_mb} and"
+                          f" {args.store_disk_mb}")
     # NOTE: a host-RAM tier by default, as llama-server's --cache-ram: idle prefixes wait there rather than in
     # the context, where every other request's attention reads them (Scheduler.park_idle); 0 turns it off
     ram_tier = args.store_ram_mb is None or args.store_ram_mb > 0
