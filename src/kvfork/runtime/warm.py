@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from kvfork.prompt import ChatLayout
 from kvfork.scheduler.kv_sequence import KvSequence
 from kvfork.scheduler.prefix_cache import MIN_SHARED, can_trim
 from kvfork.store.host import HostSnapshot
+from kvfork.store.layout import StateLayout
 from kvfork.store.store import SnapshotStore
 
 if TYPE_CHECKING:
@@ -74,15 +76,7 @@ def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> K
     Falls back to the next shorter match when one cannot be loaded or restored, and to None (a full
     prefill) when none can: a store problem never fails the prefill.
     """
-    layout = engine.state_layout
-    for match in store.matches(layout, tokens):
-        snap = store.get(match.key, layout)
-        if snap is None:
-            continue
-        keep = match.n_shared
-        if list(snap.tokens[:keep]) != tokens[:keep]:  # NOTE: the file's own tokens decide, not its name
-            log.warning("snapshot %s does not hold the tokens its index promised; skipped", match.key)
-            continue
+    for key, snap, keep in _stored(store, engine.state_layout, tokens):
         t0 = time.perf_counter()
         try:
             seq = adopt(engine, snap, keep if keep < snap.n_tokens else None)
@@ -90,15 +84,34 @@ def restore_prefix(store: SnapshotStore, engine: Engine, tokens: list[int]) -> K
             log.info("no room to restore a stored prefix (%s); prefilling instead", exc)
             break
         except KvforkError as exc:
-            log.warning("could not restore snapshot %s: %s", match.key, exc)
+            log.warning("could not restore snapshot %s: %s", key, exc)
             continue
-        seconds = time.perf_counter() - t0
         engine.scheduler.extend(seq, tokens[keep:])
-        per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
-        store.count(tokens_saved=keep, restore_s=seconds, seconds_saved=per_token * keep - seconds)
+        _count_saved(store, snap, keep, time.perf_counter() - t0)
         return seq
     return None
 
+
+def _stored(store: SnapshotStore, layout: StateLayout, tokens: list[int],
+            least: int = 0) -> Iterator[tuple[str, HostSnapshot, int]]:
+    """The store's prefixes of `tokens` that load, longest first, down to `least` tokens: (key, snapshot,
+    tokens it shares). NOTE: the file's own tokens decide, not its name."""
+    for match in store.matches(layout, tokens):
+        if match.n_shared < least:
+            return  # NOTE: the rest are shorter still (and not worth loading)
+        snap = store.get(match.key, layout)
+        if snap is None:
+            continue
+        if list(snap.tokens[: match.n_shared]) != tokens[: match.n_shared]:
+            log.warning("snapshot %s does not hold the tokens its index promised; skipped", match.key)
+            continue
+        yield match.key, snap, match.n_shared
+
+
+def _count_saved(store: SnapshotStore, snap: HostSnapshot, n: int, seconds: float) -> None:
+    """Count `n` of `snap`'s tokens brought back in `seconds` instead of prefilled."""
+    per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
+    store.count(tokens_saved=n, restore_s=seconds, seconds_saved=per_token * n - seconds)
 
 def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
     """Put `snapshot` in the store unless its exact tokens are stored already (then mark it used).
@@ -178,13 +191,7 @@ def place_after(store: SnapshotStore, engine: Engine, seq: KvSequence, tokens: l
     """
     n0 = len(seq.tokens)
     layout = engine.state_layout
-    for match in store.matches(layout, tokens):
-        k = match.n_shared
-        if k < n0 + MIN_SHARED:
-            break  # NOTE: longest first: the rest are shorter still
-        snap = store.get(match.key, layout)
-        if snap is None or list(snap.tokens[:k]) != tokens[:k]:
-            continue
+    for key, snap, k in _stored(store, layout, tokens, least=n0 + MIN_SHARED):
         t0 = time.perf_counter()
         try:
             cells = select(decode(snap.state), n0, k)
@@ -196,10 +203,8 @@ def place_after(store: SnapshotStore, engine: Engine, seq: KvSequence, tokens: l
             log.info("no room to place a stored part (%s); prefilling it instead", exc)
             return 0
         except KvforkError as exc:
-            log.warning("could not place cells of snapshot %s: %s", match.key, exc)
+            log.warning("could not place cells of snapshot %s: %s", key, exc)
             continue
-        seconds = time.perf_counter() - t0
-        per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
-        store.count(tokens_saved=k - n0, restore_s=seconds, seconds_saved=per_token * (k - n0) - seconds)
+        _count_saved(store, snap, k - n0, time.perf_counter() - t0)
         return k - n0
     return 0

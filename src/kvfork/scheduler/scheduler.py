@@ -464,10 +464,7 @@ class Scheduler:
         if not self.has_work:
             return 0
         n = 0
-        while self.prefixes.idle_cells() > 0:
-            victim = self.prefixes.evict(frees_cells=True, demotable=True)
-            if victim is None:
-                break
+        while (victim := self.prefixes.evict(frees_cells=True, demotable=True)) is not None:
             self.release(victim)
             n += 1
         return n
