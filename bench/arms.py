@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adapter_ops import KvforkAdapters, LlamaCppAdapters
+from restore_ops import KvforkRestore, LlamaCppRestore
+
 __all__ = ["Arm", "Arms", "KINDS", "llama_rates", "rotate"]
 
 KINDS = ("kvfork", "kvfork-exact", "llama.cpp")
@@ -118,15 +121,19 @@ class Arms(dict):
 
 
 # -- the children ---------------------------------------------------------------------------------
-class KvforkChild:
+class KvforkChild(KvforkRestore, KvforkAdapters):
     """kvfork's Engine in fast (default) or exact mode, used as a user would."""
 
     def __init__(self, model: str, exact: bool, threads: int, n_ctx: int, n_seq_max: int,
                  repack: bool | None = None, flash_attn: str | None = None) -> None:
         from kvfork import Engine
 
-        self.engine = Engine(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=threads, exact=exact,
-                             progress=False, repack=repack, flash_attn=flash_attn)
+        def make_engine(store: Any = None) -> Engine:
+            return Engine(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=threads, exact=exact,
+                          progress=False, repack=repack, flash_attn=flash_attn, store=store)
+
+        self.make_engine = make_engine  # NOTE: restore_ops makes a second context, a replica, with it
+        self.engine = make_engine()
         self.info = {"settings": {k: getattr(self.engine.config, k) for k in
                                   ("exact", "kv_type", "flash_attn", "repack", "n_batch", "n_ubatch", "n_threads")},
                      "tiled_mm": os.environ.get("GGML_CPU_TILED_MM", "on (ggml default)")}
@@ -135,6 +142,7 @@ class KvforkChild:
         """The exact tokens of each agent's prompt (what every arm is given), and the shared part's length."""
         e = self.engine
         return {"prompts": [e.prompt_tokens(doc, i, system=system) for i in instructions],
+                "prefix": e.tokenize(e.layout(doc, system).prefix, add_bos=True, special=True),  # what prefill computes
                 "shared_tokens": len(e.prompt_tokens(doc, "", system=system)) - len(e.tokenize("", special=True))}
 
     def agents(self, doc: str, system: str | None, instructions: list[str], max_tokens: int,
@@ -214,7 +222,7 @@ class KvforkChild:
                 "ttft_s": [o.ttft_s for o in outs]}
 
 
-class LlamaCppChild:
+class LlamaCppChild(LlamaCppRestore, LlamaCppAdapters):
     """llama-cpp-python's `Llama` with llama.cpp's defaults: the system users run today."""
 
     def __init__(self, model: str, threads: int, n_ctx: int, flash_attn: bool | None = None) -> None:
@@ -223,6 +231,7 @@ class LlamaCppChild:
         from kvfork.models import resolve_model
 
         own = {} if flash_attn is None else {"flash_attn": flash_attn}  # None: Llama's own default (off)
+        self.lora_settings = {"model": str(resolve_model(model)), "n_ctx": n_ctx, "threads": threads, **own}
         self.llm = llama_cpp.Llama(str(resolve_model(model)), n_ctx=n_ctx, n_threads=threads,
                                    n_threads_batch=threads, verbose=False, **own)
         c = self.llm.context_params

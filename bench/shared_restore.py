@@ -1,73 +1,82 @@
-"""Issue 20: a prefix prefilled on one replica, restored on another from the shared snapshot tier.
+"""Issue 20: a prefix prefilled on one replica, restored on another from the shared snapshot tier, against
+llama.cpp prefilling it (issue 16): kvfork fast, kvfork exact and llama.cpp side by side, each in its own
+process (bench/arms.py).
 
-    python bench/shared_restore.py [--repeats 3] [--url file:///tmp/kvfork-shared]
+    python bench/shared_restore.py [--repeats 3] [--threads 2]
 
-Two engines in this process stand for two replicas: each has its own context and its own store (RAM and
-disk folders of its own) and both name the same shared tier (a local folder by default; any fsspec URL).
-Per repeat, a document with a new first line (~3,500 tokens of the bundled report): replica A prefills it
-(timed) and its store writes it to the shared tier; replica B then prefills the same document, which
-finds it in the shared tier and restores it instead (timed: lookup, read, checks, state load). Reported:
-both times, their ratio (target <= 2%), and whether B's greedy reply equals A's. Default model, fast mode.
+In each kvfork process two engines stand for two replicas: each has its own context and its own store (RAM
+and disk folders of its own), and both name the same shared tier (a local folder, `file://`). Per repeat, a
+document with a new first line (~3,500 tokens of the bundled report under the benchmarks' system prompt), the
+arms in rotated order: replica A prefills it (timed) and its store writes it to the shared tier; replica B
+then gets the same document, finds it in the shared tier and restores it (timed: lookup, read, checks, state
+load); B's greedy reply must equal A's. llama.cpp (llama-cpp-python's Llama, its defaults) prefills the same
+tokens: what a replica without the shared tier computes. Reported: median (min-max) of each time, restore /
+prefill within an arm (target <= 2%), and restore / llama.cpp's prefill within each repeat.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from workload import document
+from arms import OUT, Arms, rotate
+from restore_ops import ASK
+from workload import SYSTEM, document, fmt, provenance, stats
 
-from kvfork import Engine, SnapshotStore, StoreConfig, resolve_model
+from kvfork.config import default_threads
+from kvfork.models import resolve_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--url", default=None, help="the shared tier (default: a new local folder)")
-    ap.add_argument("--out", type=Path, default=Path("bench/out/shared_restore.json"))
+    ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args()
-    path = resolve_model(args.model)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.url or (Path(tmp) / "shared").as_uri()
-        stores = [SnapshotStore(Path(tmp) / name, config=StoreConfig(url=url, shared_refresh_s=0.0))
-                  for name in ("a", "b")]
-        with Engine(path, n_ctx=8192, store=stores[0], progress=False) as a, \
-                Engine(path, n_ctx=8192, store=stores[1], progress=False) as b:
-            for r in range(args.repeats):
-                doc = document(f"shared-{r}-{time.time_ns()}")
-                t0 = time.perf_counter()
-                with a.prefill(doc) as snap:
-                    t_prefill = time.perf_counter() - t0
-                    n_tokens = snap.n_tokens
-                    want = snap.fan_out(["Summarize the incident in one sentence."], max_tokens=16)[0].tokens
-                assert stores[0].flush(timeout=120)
-                t0 = time.perf_counter()
-                with b.prefill(doc) as snap:
-                    t_restore = time.perf_counter() - t0
-                    computed = snap.sequence.n_prompt_computed
-                    got = snap.fan_out(["Summarize the incident in one sentence."], max_tokens=16)[0].tokens
-                rows.append({"repeat": r, "tokens": n_tokens, "prefill_s": t_prefill, "restore_s": t_restore,
-                             "ratio": t_restore / t_prefill, "computed_on_b": computed, "same_reply": got == want})
-                print(f"repeat {r}: {n_tokens} tokens, prefill on A {t_prefill:.2f} s, restore on B "
-                      f"{t_restore:.3f} s ({100 * t_restore / t_prefill:.2f}%), B computed {computed} tokens, "
-                      f"same reply: {got == want}", flush=True)
-        shared = stores[1].stats()
-        for store in stores:
-            store.close()
-    ratios = [row["ratio"] for row in rows]
-    summary = {"model": args.model, "url_scheme": url.split("://")[0], "rows": rows,
-               "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-               "hits_shared_on_b": shared.hits_shared}
-    print(f"restore / prefill: {100 * summary['ratio_median']:.2f}% (median; {100 * min(ratios):.2f}-"
-          f"{100 * max(ratios):.2f}), B's shared hits {shared.hits_shared}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1))
+    rows: dict[str, list[dict]] = {}
+    with Arms(resolve_model(args.model), threads=args.threads, n_ctx=8192, n_seq_max=4) as arms:
+        settings = {kind: arm.info for kind, arm in arms.items()}
+        for r in range(args.repeats):
+            doc = document(f"shared-{r}-{time.time_ns()}")
+            given = arms["kvfork"].call("prompts", doc=doc, system=SYSTEM, instructions=[ASK])
+            prefix = given["prefix"]
+            for kind in rotate(list(arms), r):
+                if kind == "llama.cpp":
+                    row = arms[kind].call("prefill", tokens=prefix)
+                else:
+                    row = arms[kind].call("restore", doc=doc, system=SYSTEM, tier="shared")
+                    assert row.pop("tokens") == prefix, "the arms prefilled different tokens"
+                    assert row["hits"] == 1 and row["computed_on_b"] < 64, row  # B restored it
+                rows.setdefault(kind, []).append(row)
+                print(f"repeat {r + 1} {kind:12s} prefill {row['prefill_s']:6.2f} s"
+                      + (f"  restore on B {row['restore_s']:.3f} s, same reply {row['same_reply']}"
+                         if "restore_s" in row else ""), flush=True)
+
+    base = rows["llama.cpp"]
+    summary: dict = {"llama.cpp": {"prefill_s": stats([b["prefill_s"] for b in base])}}
+    for kind in ("kvfork", "kvfork-exact"):
+        runs = rows[kind]
+        summary[kind] = {
+            "prefill_s": stats([x["prefill_s"] for x in runs]),
+            "restore_s": stats([x["restore_s"] for x in runs]),
+            "restore_over_own_prefill": stats([x["restore_s"] / x["prefill_s"] for x in runs]),
+            "restore_over_llamacpp_prefill": stats([x["restore_s"] / b["prefill_s"]
+                                                    for x, b in zip(runs, base, strict=True)]),
+            "same_reply": sum(x["same_reply"] for x in runs), "repeats": len(runs)}
+    out = {"provenance": provenance(), "settings": settings, "document_tokens": len(prefix), "url_scheme": "file",
+           "summary": summary, "rows": rows}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "shared_restore.json").write_text(json.dumps(out, indent=1))
+    print(f"\n{len(prefix)} prefix tokens, {args.repeats} repeats, median (min-max)")
+    print("| arm | prefill on A | restore on B | restore / own prefill | restore / llama.cpp prefill | same reply |")
+    print("|---|---|---|---|---|---|")
+    print(f"| llama.cpp (prefills on every replica) | {fmt(summary['llama.cpp']['prefill_s'], ' s')} | | | | |")
+    for kind in ("kvfork", "kvfork-exact"):
+        s = summary[kind]
+        print(f"| {kind} | {fmt(s['prefill_s'], ' s')} | {fmt(s['restore_s'], ' s', digits=3)}"
+              f" | {fmt(s['restore_over_own_prefill'], '%', 100, 2)}"
+              f" | {fmt(s['restore_over_llamacpp_prefill'], '%', 100, 2)} | {s['same_reply']}/{s['repeats']} |")
 
 
 if __name__ == "__main__":
