@@ -17,9 +17,10 @@ same prompt: greedy agreement (teacher-forced argmax equals exact's greedy token
 KL(exact || mode) of the next-token distributions over exact's reply.
 
 The baseline (issue 16): llama.cpp (llama-cpp-python's Llama with its defaults, in its own process,
-bench/arms.py) computes each agent's prompt of the exact chain from scratch, greedy: its time to first
+bench/arms.py) computes each downstream agent's prompt of the exact chain from scratch, greedy: its time to first
 token and its answers. Every mode's downstream TTFT speedup is taken against it within each sample; the
-speedup against kvfork's exact mode stays as an extra column. `--no-llamacpp` skips it.
+speedup against kvfork's exact mode stays as an extra column. Beside it, kvfork with `exact=True` (its own
+process) computes the same prompts: what exact mode costs. `--no-baselines` skips both.
 
 Writes bench/out/reuse_eval.json, docs/reuse.md's table (bench/out/reuse_eval.md) and docs/img/reuse.png.
 """
@@ -55,6 +56,8 @@ AGENTS = {
 }
 ROOT = Path(__file__).resolve().parents[1]  # outputs land in the repository whatever the working folder
 
+# NOTE: systems run in their own processes on the exact chain's prompts, and their rows' names
+BASELINES = {"llama.cpp": "llama.cpp, from scratch", "kvfork-exact": "kvfork exact=True, recompute"}
 Slots = dict[str, list]  # slot name -> its parts (token lists and Segments)
 
 
@@ -111,7 +114,7 @@ def run_agent(engine: Engine, agent: str, parts: list, mode: str, config: ReuseC
 
 def one_sample(engine: Engine, task: Task, modes: list[str], config: ReuseConfig,
                refs: dict) -> tuple[dict, dict[str, list[int]]]:
-    """Every mode's records for one task, and the prompt tokens of each agent in the exact chain."""
+    """Every mode's records for one task, and the prompt tokens of each downstream agent in the exact chain."""
     out: dict = {m: {} for m in modes}
     prompts: dict[str, list[int]] = {}
     doc = engine.tokenize(task.document, special=False)
@@ -123,7 +126,6 @@ def one_sample(engine: Engine, task: Task, modes: list[str], config: ReuseConfig
         for mode in modes:
             replies = {"clerk": reply_slot(engine, clerk["branch"], "clerk", config.min_segment)}
             out[mode]["clerk"] = _record(engine, clerk, task, refs, flat(build(engine, "clerk", task, {"doc": [doc]})))
-            prompts.setdefault("clerk", list(flat(build(engine, "clerk", task, {"doc": [doc]}))))
             for agent in ("auditor", "reporter"):
                 slots = {"doc": [doc_seg], **replies}
                 parts = build(engine, agent, task, slots)
@@ -141,12 +143,13 @@ def one_sample(engine: Engine, task: Task, modes: list[str], config: ReuseConfig
     return out, prompts
 
 
-def llamacpp_sample(engine: Engine, llama: Arm, task: Task, prompts: dict[str, list[int]]) -> dict:
-    """llama.cpp (its defaults, its own process) on the exact chain's prompts, each computed from scratch:
-    time to first token and the answer, per agent."""
+def baseline_sample(engine: Engine, arm: Arm, task: Task, prompts: dict[str, list[int]]) -> dict:
+    """A system in its own process (llama.cpp, or kvfork exact=True) on the exact chain's downstream
+    prompts, each computed whole: time to first token and the answer, per agent."""
     out = {}
-    for agent, prompt in prompts.items():
-        row = llama.call("scratch", prompts=[prompt], max_tokens=AGENTS[agent][2])
+    for agent in ("auditor", "reporter"):
+        prompt = prompts[agent]
+        row = arm.call("scratch", prompts=[prompt], max_tokens=AGENTS[agent][2])
         tokens = row["tokens"][0]
         cut = next((i for i, t in enumerate(tokens) if engine.model.is_eog(t)), len(tokens))
         text = engine.detokenize(tokens[:cut])  # NOTE: the child keeps every token to max_tokens; a reply ends at EOS
@@ -210,11 +213,16 @@ def summarize(samples: list[dict], modes: list[str]) -> dict:
             summary[mode]["ttft_speedup_vs_llamacpp"] = stats(
                 [statistics.median(s["llama.cpp"][a]["ttft_s"] for a in down)
                  / statistics.median(s[mode][a]["ttft_s"] for a in down) for s in samples])
-    if all("llama.cpp" in s for s in samples):
-        recs = [s["llama.cpp"][a] for s in samples for a in AGENTS]
-        summary["llama.cpp"] = {
-            "ttft_downstream_s": stats([s["llama.cpp"][a]["ttft_s"] for s in samples for a in down]),
-            "accuracy": {a: sum(s["llama.cpp"][a]["correct"] for s in samples) / len(samples) for a in AGENTS},
+    for base in BASELINES:
+        if not all(base in s for s in samples):
+            continue
+        recs = [s[base][a] for s in samples for a in down]
+        summary[base] = {
+            "ttft_downstream_s": stats([s[base][a]["ttft_s"] for s in samples for a in down]),
+            "ttft_speedup_vs_llamacpp": stats([statistics.median(s["llama.cpp"][a]["ttft_s"] for a in down)
+                                               / statistics.median(s[base][a]["ttft_s"] for a in down)
+                                               for s in samples]),
+            "accuracy": {a: sum(s[base][a]["correct"] for s in samples) / len(samples) for a in down},
             "accuracy_all": sum(r["correct"] for r in recs) / len(recs)}
     return summary
 
@@ -225,25 +233,26 @@ def markdown(summary: dict, n: int) -> str:
             "|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for mode, s in summary.items():
-        acc = " / ".join(f"{100 * s['accuracy'][a]:.0f}%" for a in AGENTS)
-        if mode == "llama.cpp":
-            rows.append(f"| llama.cpp, from scratch | 0% | {fmt(s['ttft_downstream_s'], ' s', digits=2)} | 1.00x | |"
-                        f" {acc} | | | |")
+        acc = " / ".join(f"{100 * s['accuracy'][a]:.0f}%" if a in s["accuracy"] else "-" for a in AGENTS)
+        if mode in BASELINES:
+            rows.append(f"| {BASELINES[mode]} | 0% | {fmt(s['ttft_downstream_s'], ' s', digits=2)}"
+                        f" | {fmt(s['ttft_speedup_vs_llamacpp'], 'x', digits=2)} | | {acc} | | | |")
             continue
         fb = f", {s['segments_fallback']} of {s['segments']} segments fell back" if mode == "kvcomm" else ""
         vs = fmt(s["ttft_speedup_vs_llamacpp"], "x", digits=2) if "ttft_speedup_vs_llamacpp" in s else "not run"
         rows.append(f"| {mode} | {100 * s['reuse_rate']:.1f}%{fb} | {fmt(s['ttft_downstream_s'], ' s', digits=2)}"
                     f" | {vs} | {fmt(s['ttft_speedup'], 'x', digits=2)} | {acc} | {100 * s['agreement']:.1f}%"
                     f" | {s['kl']:.4f} (max {s['kl_max']:.3f}) | {100 * s['same_output']:.0f}% |")
-    return head + "\n".join(rows) + (f"\n\n{n} samples; downstream agents = auditor and reporter. llama.cpp computes"
-                                      " the exact chain's prompts from scratch (its defaults, its own process).\n")
+    return head + "\n".join(rows) + (f"\n\n{n} samples; downstream agents = auditor and reporter. llama.cpp and"
+                                      " kvfork exact=True compute the exact chain's downstream prompts, each in its"
+                                      " own process.\n")
 
 
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    modes = [m for m in summary if m != "llama.cpp"]
+    modes = [m for m in summary if m not in BASELINES]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     axes[0].bar(modes, [summary[m]["ttft_speedup"]["median"] for m in modes], color="#4878a8")
     axes[0].axhline(3, ls="--", color="grey")
@@ -266,22 +275,22 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=ReuseConfig.temperature)
     ap.add_argument("--gamma", type=float, default=ReuseConfig.gamma)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp baseline (its own process)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip llama.cpp and kvfork exact=True")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/reuse_eval.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/reuse.png")
     args = ap.parse_args()
     modes = ["exact"] + [m for m in args.modes if m != "exact"]
     config = ReuseConfig(temperature=args.temperature, gamma=args.gamma)
     engine = Engine(args.model, n_ctx=8192, n_threads=args.threads, progress=False)
-    llama = None if args.no_llamacpp else Arm("llama.cpp", engine.model_path, threads=args.threads, n_ctx=8192,
-                                              n_seq_max=1)
+    arms = {} if args.no_baselines else {b: Arm(b, engine.model_path, threads=args.threads, n_ctx=8192, n_seq_max=4)
+                                         for b in BASELINES}
     tasks = make_tasks(args.samples, args.records)
     samples, refs = [], {}
     for i, task in enumerate(tasks):
         t0 = time.perf_counter()
         sample, prompts = one_sample(engine, task, modes, config, refs)
-        if llama is not None:
-            sample["llama.cpp"] = llamacpp_sample(engine, llama, task, prompts)
+        for base, arm in arms.items():
+            sample[base] = baseline_sample(engine, arm, task, prompts)
         samples.append(sample)
         refs.clear()
         line = "  ".join(f"{m}: " + "".join("+" if samples[-1][m][a]["correct"] else "-" for a in AGENTS)
@@ -299,8 +308,8 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(table)
     plot(summary, args.plot)
     engine.close()
-    if llama is not None:
-        llama.close()
+    for arm in arms.values():
+        arm.close()
 
 
 if __name__ == "__main__":
