@@ -10,8 +10,12 @@ report with a new first line):
    s2 on the other replica (B);
 2. once A's request is done (and, with the shared tier, its snapshot written), agent 2 asks about the same
    document under session s2, so B serves it (TTFT_2).
-With `--snapshot-url` (arm "shared") B restores the document from the shared tier; without it ("none")
-B prefills it again. Reported: TTFT_2 / TTFT_1 (target <= 2% with the shared tier), the replicas' prefill
+With `--snapshot-url` (arms "shared", fast mode, and "exact-shared", `--exact`) B restores the document from
+the shared tier; without it ("none") B prefills it again.
+3. the baseline (issue 16): llama.cpp's own `llama-server` (its defaults, `-np 1`, same model file and
+   threads, started before the first arm and idle until asked) gets agent 2's request in the same repeat:
+   a replica of a cluster that does not share prefills, seeing the document for the first time (TTFT_L).
+Reported: TTFT_2 / TTFT_1 (target <= 2% with the shared tier), TTFT_2 / TTFT_L, the replicas' prefill
 counters (prompt tokens computed over the distinct document tokens: amplification), and restores.
 """
 
@@ -29,10 +33,12 @@ from pathlib import Path
 import httpx
 import ray
 from ray import serve
-from workload import document
+from servers import Server, llama_server
+from workload import document, fmt, stats
 
 from kvfork.cluster.app import APP_NAME, build_app, cluster_options, replica_options
 from kvfork.cluster.replica import EngineReplica
+from kvfork.models import resolve_model
 
 QUESTIONS = ("Summarize the incident in one sentence.", "Which system failed first?")
 
@@ -68,9 +74,9 @@ def counters(url: str) -> dict[str, float]:
     return out
 
 
-def run_arm(url: str, args: argparse.Namespace, shared: str | None) -> list[dict]:
+def run_arm(url: str, args: argparse.Namespace, shared: str | None, exact: bool, llama: Server) -> list[dict]:
     options = replica_options(cluster_options(model=args.model, threads=args.threads, n_ctx=8192,
-                                              snapshot_url=shared, model_name="qwen"))
+                                              snapshot_url=shared, model_name="qwen", exact=exact))
     app = build_app(EngineReplica, {"options": options}, replicas=2, model=args.model, replica_cpus=0)
     serve.run(app, name=APP_NAME, route_prefix="/")
     rows = []
@@ -94,10 +100,13 @@ def run_arm(url: str, args: argparse.Namespace, shared: str | None) -> list[dict
             time.sleep(1.5)  # NOTE: the replicas' routing stats (polled every 0.5 s) reach /metrics
             after = counters(url)
             delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-            rows.append({"repeat": r, "ttft1_s": ttft1, "ttft2_s": ttft2, "ratio": ttft2 / ttft1, **delta})
+            ttft_l, _ = ask(llama.base_url.removesuffix("/v1"), doc, QUESTIONS[1], f"s2-{r}")
+            rows.append({"repeat": r, "ttft1_s": ttft1, "ttft2_s": ttft2, "ratio": ttft2 / ttft1,
+                         "ttft_llama_server_s": ttft_l, "ratio_llama_server": ttft2 / ttft_l, **delta})
             print(f"  repeat {r}: TTFT on A {ttft1:.2f} s, on B {ttft2:.3f} s ({100 * ttft2 / ttft1:.1f}%),"
-                  f" prefill computed {delta.get('prefill_computed', 0):.0f}, restores"
-                  f" {delta.get('restores_shared', 0):.0f}", flush=True)
+                  f" llama-server {ttft_l:.2f} s ({100 * ttft2 / ttft_l:.1f}%), prefill computed"
+                  f" {delta.get('prefill_computed', 0):.0f}, restores {delta.get('restores_shared', 0):.0f}",
+                  flush=True)
     finally:
         serve.delete(APP_NAME)
     return rows
@@ -115,19 +124,36 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config={"log_level": "WARNING"})
     url = f"http://127.0.0.1:{args.port}"
     summary: dict = {"model": args.model, "threads_per_replica": args.threads, "replicas": 2, "arms": {}}
+    llama = llama_server(resolve_model(args.model), args.threads, 1, 8192,
+                         log=args.out.parent / "cluster-llama-server.log").__enter__()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for arm, shared in (("shared", (Path(tmp) / "shared").as_uri()), ("none", None)):
+            # NOTE: exact first: its replicas set process-wide ggml switches, best in fresh worker processes
+            for arm, shared, exact in (("exact-shared", (Path(tmp) / "exact").as_uri(), True),
+                                       ("shared", (Path(tmp) / "shared").as_uri(), False), ("none", None, False)):
                 print(f"arm {arm}:", flush=True)
-                rows = run_arm(url, args, shared)
+                rows = run_arm(url, args, shared, exact, llama)
                 ratios = [row["ratio"] for row in rows]
                 summary["arms"][arm] = {"rows": rows, "ratio_median": statistics.median(ratios),
-                                        "ratio_min": min(ratios), "ratio_max": max(ratios)}
+                                        "ratio_min": min(ratios), "ratio_max": max(ratios),
+                                        "ratio": stats(ratios),
+                                        "ratio_llama_server": stats([row["ratio_llama_server"] for row in rows]),
+                                        "ttft_a_s": stats([row["ttft1_s"] for row in rows]),
+                                        "ttft_b_s": stats([row["ttft2_s"] for row in rows]),
+                                        "ttft_llama_server_s": stats([row["ttft_llama_server_s"] for row in rows])}
                 print(f"arm {arm}: TTFT on B / TTFT on A {100 * statistics.median(ratios):.2f}% (median;"
                       f" {100 * min(ratios):.2f}-{100 * max(ratios):.2f})", flush=True)
     finally:
+        llama.__exit__(None, None, None)
         serve.shutdown()
         ray.shutdown()
+    print("| arm | TTFT on A | TTFT on B | llama-server, cold | B / A | B / llama-server | computed per repeat |")
+    print("|---|---|---|---|---|---|---|")
+    for arm, a in summary["arms"].items():
+        computed = [row.get("prefill_computed", 0) for row in a["rows"]]
+        print(f"| {arm} | {fmt(a['ttft_a_s'], ' s')} | {fmt(a['ttft_b_s'], ' s', digits=3)}"
+              f" | {fmt(a['ttft_llama_server_s'], ' s')} | {fmt(a['ratio'], '%', 100, 2)}"
+              f" | {fmt(a['ratio_llama_server'], '%', 100, 2)} | {min(computed):.0f}-{max(computed):.0f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
 

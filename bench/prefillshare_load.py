@@ -46,6 +46,8 @@ on a freshly started server, warmed up by one untimed session whose note is not 
     although another adapter computed it. Its `cached_tokens` are reported as the server reports them.
   * server-context.cpp:419-424 (`can_batch_with`): only slots with equal adapter sets share a batch;
     others wait for a later iteration (kvfork, too, runs one llama_decode per adapter per step).
+- kvfork-exact: `kvfork serve --exact` with the same options: what exact mode costs beside fast mode
+  (issue 16). `--arms kvfork llama-server` leaves it out.
 - kvfork-unbounded (opt-in, `--arms kvfork llama-server kvfork-unbounded`): kvfork serve with
   `--max-running 256`, i.e. as it was before EngineConfig.max_running: every request it holds decodes at
   once. Side by side with the default (16), it shows what bounding the batch does under overload.
@@ -96,7 +98,9 @@ from kvfork.engine.llama import LlamaModel  # noqa: E402
 from kvfork.models import resolve_model  # noqa: E402
 from kvfork.train.gguf_lora import PREFILL_KEY, random_lora_gguf  # noqa: E402
 
-ARMS = ("kvfork", "llama-server")
+# NOTE: exact mode's cost beside fast mode (issue 16): `kvfork serve --exact`
+EXACT = "kvfork-exact"
+ARMS = ("kvfork", EXACT, "llama-server")
 # NOTE: kvfork as it was before EngineConfig.max_running: every request decodes at once (opt-in arm)
 UNBOUNDED = "kvfork-unbounded"
 # NOTE: kvfork as it was before e99ab1e: no host-RAM tier, idle prefixes stay in the context (opt-in arm)
@@ -244,6 +248,8 @@ def start_server(arm: str, s: Settings, adapters: dict[str, Path], log: Path) ->
             extra += ["--max-running", "256"]  # NOTE: above any load here: no request ever waits for a place
         if arm == LIVE:
             extra += ["--store-ram-mb", "0"]
+        if arm == EXACT:
+            extra += ["--exact"]
         return kvfork_server(s.model_path, s.threads, s.n_ctx, extra=extra, log=log)
     # NOTE: a template *name* is a built-in template only without jinja (with jinja, the default, llama-server
     # would render the name itself as a jinja template)
@@ -602,7 +608,7 @@ def main() -> None:
     result = {"settings": asdict(s), "rates": args.rates, "repeats": args.repeats, "summary": summary,
               "provenance": provenance(), "wall_s": time.perf_counter() - t_start,
               "runs": {arm: {str(rate): rows for rate, rows in by_rate.items()} for arm, by_rate in runs.items()}}
-    if set(ARMS) <= set(args.arms):
+    if {"kvfork", "llama-server"} <= set(args.arms):
         result["verdict"] = verdict(args.rates, summary)
         result["table"] = table(args.rates, summary, s)
         print(result["table"])
