@@ -7,6 +7,8 @@ Each kvfork restore is measured as a second replica would see it: engine A (the 
 new document and its store writes it; engine B (a second context in the same child, same settings, a store
 of its own on the same folder or the same shared URL) then gets the same document and restores it instead
 of computing it (B never saw it: a new document per repeat, so nothing is live in B's prefix cache).
+`side_by_side`, `summarize` and `table` are the parent's side, shared by bench/snapshot_restore.py (tier
+"disk") and bench/shared_restore.py (tier "shared").
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KvforkRestore", "LlamaCppRestore", "ASK"]
+__all__ = ["ASK", "KvforkRestore", "LlamaCppRestore", "side_by_side", "summarize", "table"]
 
 ASK = "Summarize the incident in one sentence."
 
@@ -135,3 +137,77 @@ class LlamaCppRestore:
         got, ttft_after_load, _ = self._one(prompt, max_tokens, reset=False)  # type: ignore[attr-defined]
         return {"prefill_s": prefill_s, "save_s": save_s, "load_s": load_s, "file_bytes": file_bytes,
                 "ttft_after_load_s": ttft_after_load, "same_reply": got == want, "reply": want}
+
+
+# -- the parent's side: bench/snapshot_restore.py and bench/shared_restore.py ------------------------
+def side_by_side(tier: str, model: str, repeats: int, threads: int,
+                 after: Any = None) -> tuple[dict[str, list[dict]], list[int], dict, Any]:
+    """Per repeat a document with a new first line; every arm in rotated order. kvfork fast and exact:
+    A prefills, B restores through `tier`. llama.cpp: tier "disk", its own state file saved and loaded;
+    tier "shared", a prefill of the same tokens (what a replica without the shared tier does).
+    Returns each arm's rows, the prefix tokens, each arm's settings, and `after(arms, doc)` (run last)."""
+    from arms import Arms, rotate  # NOTE: here, not at the top: arms.py imports this module for its children
+    from workload import SYSTEM, document
+
+    from kvfork.models import resolve_model
+
+    rows: dict[str, list[dict]] = {}
+    with Arms(resolve_model(model), threads=threads, n_ctx=8192, n_seq_max=4) as arms:
+        settings = {kind: arm.info for kind, arm in arms.items()}
+        for r in range(repeats):
+            doc = document(f"{tier}-{r}-{time.time_ns()}")
+            given = arms["kvfork"].call("prompts", doc=doc, system=SYSTEM, instructions=[ASK])
+            prefix, (prompt,) = given["prefix"], given["prompts"]
+            for kind in rotate(list(arms), r):
+                if kind != "llama.cpp":
+                    row = arms[kind].call("restore", doc=doc, system=SYSTEM, tier=tier)
+                    assert row.pop("tokens") == prefix, "the arms prefilled different tokens"
+                    assert row["hits"] == 1 and row["computed_on_b"] < 64, row  # B restored it
+                elif tier == "disk":
+                    row = arms[kind].call("state_file", prefix=prefix, prompt=prompt)
+                    row["restore_s"] = row["load_s"]
+                else:
+                    row = arms[kind].call("prefill", tokens=prefix)
+                rows.setdefault(kind, []).append(row)
+                print(f"repeat {r + 1} {kind:12s} prefill {row['prefill_s']:6.2f} s"
+                      + (f"  restore {row['restore_s']:.3f} s" if "restore_s" in row else "")
+                      + (f"  same reply {row['same_reply']}" if "same_reply" in row else ""), flush=True)
+        extra = after(arms, doc) if after else None
+    return rows, prefix, settings, extra
+
+
+def summarize(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per arm: prefill and restore times, restore over the arm's own prefill and over llama.cpp's (within
+    each repeat), the file's size, and how many replies after a restore matched."""
+    from workload import stats
+
+    base = rows["llama.cpp"]
+    out: dict[str, dict] = {}
+    for kind, runs in rows.items():
+        s: dict[str, Any] = {"prefill_s": stats([x["prefill_s"] for x in runs]), "repeats": len(runs)}
+        if "restore_s" in runs[0]:
+            s["restore_s"] = stats([x["restore_s"] for x in runs])
+            s["restore_over_own_prefill"] = stats([x["restore_s"] / x["prefill_s"] for x in runs])
+            s["restore_over_llamacpp_prefill"] = stats([x["restore_s"] / b["prefill_s"]
+                                                        for x, b in zip(runs, base, strict=True)])
+            s["file_mb"] = runs[0]["file_bytes"] / 1e6
+            s["same_reply"] = sum(x["same_reply"] for x in runs)
+        out[kind] = s
+    return out
+
+
+def table(summary: dict[str, dict], n_tokens: int) -> str:
+    """The markdown table of `summarize`'s figures."""
+    from workload import fmt
+
+    lines = [f"{n_tokens} prefix tokens, median (min-max)",
+             "| arm | prefill | restore | file | restore / own prefill | restore / llama.cpp prefill | same reply |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, s in summary.items():
+        if "restore_s" not in s:
+            lines.append(f"| {kind} (prefills) | {fmt(s['prefill_s'], ' s')} | | | | | |")
+            continue
+        lines.append(f"| {kind} | {fmt(s['prefill_s'], ' s')} | {fmt(s['restore_s'], ' s', digits=3)}"
+                     f" | {s['file_mb']:.1f} MB | {fmt(s['restore_over_own_prefill'], '%', 100, 2)}"
+                     f" | {fmt(s['restore_over_llamacpp_prefill'], '%', 100, 2)} | {s['same_reply']}/{s['repeats']} |")
+    return "\n".join(lines)

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-from arms import OUT, Arms, rotate
-from restore_ops import ASK
-from workload import SYSTEM, document, fmt, provenance, stats
+from arms import OUT
+from restore_ops import side_by_side, summarize, table
+from workload import provenance
 
 from kvfork.config import default_threads
-from kvfork.models import resolve_model
 
 
 def main() -> None:
@@ -34,49 +32,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args()
-    rows: dict[str, list[dict]] = {}
-    with Arms(resolve_model(args.model), threads=args.threads, n_ctx=8192, n_seq_max=4) as arms:
-        settings = {kind: arm.info for kind, arm in arms.items()}
-        for r in range(args.repeats):
-            doc = document(f"shared-{r}-{time.time_ns()}")
-            given = arms["kvfork"].call("prompts", doc=doc, system=SYSTEM, instructions=[ASK])
-            prefix = given["prefix"]
-            for kind in rotate(list(arms), r):
-                if kind == "llama.cpp":
-                    row = arms[kind].call("prefill", tokens=prefix)
-                else:
-                    row = arms[kind].call("restore", doc=doc, system=SYSTEM, tier="shared")
-                    assert row.pop("tokens") == prefix, "the arms prefilled different tokens"
-                    assert row["hits"] == 1 and row["computed_on_b"] < 64, row  # B restored it
-                rows.setdefault(kind, []).append(row)
-                print(f"repeat {r + 1} {kind:12s} prefill {row['prefill_s']:6.2f} s"
-                      + (f"  restore on B {row['restore_s']:.3f} s, same reply {row['same_reply']}"
-                         if "restore_s" in row else ""), flush=True)
-
-    base = rows["llama.cpp"]
-    summary: dict = {"llama.cpp": {"prefill_s": stats([b["prefill_s"] for b in base])}}
-    for kind in ("kvfork", "kvfork-exact"):
-        runs = rows[kind]
-        summary[kind] = {
-            "prefill_s": stats([x["prefill_s"] for x in runs]),
-            "restore_s": stats([x["restore_s"] for x in runs]),
-            "restore_over_own_prefill": stats([x["restore_s"] / x["prefill_s"] for x in runs]),
-            "restore_over_llamacpp_prefill": stats([x["restore_s"] / b["prefill_s"]
-                                                    for x, b in zip(runs, base, strict=True)]),
-            "same_reply": sum(x["same_reply"] for x in runs), "repeats": len(runs)}
+    rows, prefix, settings, _ = side_by_side("shared", args.model, args.repeats, args.threads)
+    summary = summarize(rows)
     out = {"provenance": provenance(), "settings": settings, "document_tokens": len(prefix), "url_scheme": "file",
            "summary": summary, "rows": rows}
     OUT.mkdir(exist_ok=True)
     (OUT / "shared_restore.json").write_text(json.dumps(out, indent=1))
-    print(f"\n{len(prefix)} prefix tokens, {args.repeats} repeats, median (min-max)")
-    print("| arm | prefill on A | restore on B | restore / own prefill | restore / llama.cpp prefill | same reply |")
-    print("|---|---|---|---|---|---|")
-    print(f"| llama.cpp (prefills on every replica) | {fmt(summary['llama.cpp']['prefill_s'], ' s')} | | | | |")
-    for kind in ("kvfork", "kvfork-exact"):
-        s = summary[kind]
-        print(f"| {kind} | {fmt(s['prefill_s'], ' s')} | {fmt(s['restore_s'], ' s', digits=3)}"
-              f" | {fmt(s['restore_over_own_prefill'], '%', 100, 2)}"
-              f" | {fmt(s['restore_over_llamacpp_prefill'], '%', 100, 2)} | {s['same_reply']}/{s['repeats']} |")
+    print("\n" + table(summary, len(prefix)))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-from arms import OUT, Arms, rotate
-from restore_ops import ASK
-from workload import SYSTEM, document, fmt, provenance, stats
+from arms import OUT
+from restore_ops import side_by_side, summarize, table
+from workload import SYSTEM, fmt, provenance, stats
 
 from kvfork.config import default_threads
-from kvfork.models import resolve_model
 
 
 def main() -> None:
@@ -39,37 +37,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--lookups", type=int, default=200)
     args = ap.parse_args()
-    rows: dict[str, list[dict]] = {}
-    with Arms(resolve_model(args.model), threads=args.threads, n_ctx=8192, n_seq_max=4) as arms:
-        settings = {kind: arm.info for kind, arm in arms.items()}
-        for r in range(args.repeats):
-            doc = document(f"restore-{r}-{time.time_ns()}")
-            given = arms["kvfork"].call("prompts", doc=doc, system=SYSTEM, instructions=[ASK])
-            prefix, (prompt,) = given["prefix"], given["prompts"]
-            for kind in rotate(list(arms), r):
-                if kind == "llama.cpp":
-                    row = arms[kind].call("state_file", prefix=prefix, prompt=prompt)
-                    row["restore_s"] = row["load_s"]
-                else:
-                    row = arms[kind].call("restore", doc=doc, system=SYSTEM, tier="disk")
-                    assert row.pop("tokens") == prefix, "the arms prefilled different tokens"
-                    assert row["hits"] == 1 and row["computed_on_b"] < 64, row  # B restored it
-                rows.setdefault(kind, []).append(row)
-                print(f"repeat {r + 1} {kind:12s} prefill {row['prefill_s']:6.2f} s  restore {row['restore_s']:.3f} s"
-                      f"  same reply {row['same_reply']}", flush=True)
-        lookup = arms["kvfork"].call("lookup", doc=doc, system=SYSTEM, n_lookups=args.lookups)
 
-    base = rows["llama.cpp"]
-    summary = {}
-    for kind, runs in rows.items():
-        summary[kind] = {
-            "prefill_s": stats([x["prefill_s"] for x in runs]),
-            "restore_s": stats([x["restore_s"] for x in runs]),
-            "restore_over_own_prefill": stats([x["restore_s"] / x["prefill_s"] for x in runs]),
-            "restore_over_llamacpp_prefill": stats([x["restore_s"] / b["prefill_s"]
-                                                    for x, b in zip(runs, base, strict=True)]),
-            "file_mb": runs[0]["file_bytes"] / 1e6,
-            "same_reply": sum(x["same_reply"] for x in runs), "repeats": len(runs)}
+    def lookup_in(arms: dict, doc: str) -> dict:
+        return arms["kvfork"].call("lookup", doc=doc, system=SYSTEM, n_lookups=args.lookups)
+
+    rows, prefix, settings, lookup = side_by_side("disk", args.model, args.repeats, args.threads, lookup_in)
+    summary = summarize(rows)
     summary["kvfork"]["restore_target_met"] = summary["kvfork"]["restore_over_own_prefill"]["median"] <= 0.02
     lookup_ms = stats([s * 1e3 for s in lookup["seconds"]])
     out = {"provenance": provenance(), "settings": settings, "document_tokens": len(prefix),
@@ -78,13 +51,7 @@ def main() -> None:
                       "match_tokens": lookup["match_tokens"], "target_met": lookup_ms["median"] < 5}}
     OUT.mkdir(exist_ok=True)
     (OUT / "snapshot_restore.json").write_text(json.dumps(out, indent=1))
-    print(f"\n{len(prefix)} prefix tokens, {args.repeats} repeats, median (min-max)")
-    print("| arm | prefill | restore | file | restore / own prefill | restore / llama.cpp prefill | same reply |")
-    print("|---|---|---|---|---|---|---|")
-    for kind, s in summary.items():
-        print(f"| {kind} | {fmt(s['prefill_s'], ' s')} | {fmt(s['restore_s'], ' s', digits=3)} | {s['file_mb']:.1f} MB"
-              f" | {fmt(s['restore_over_own_prefill'], '%', 100, 2)}"
-              f" | {fmt(s['restore_over_llamacpp_prefill'], '%', 100, 2)} | {s['same_reply']}/{s['repeats']} |")
+    print("\n" + table(summary, len(prefix)))
     print(f"lookup, {lookup['request_tokens']:,}-token request, {lookup['entries']} entries:"
           f" {fmt(lookup_ms, ' ms', digits=2)}")
 
