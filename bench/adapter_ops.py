@@ -63,7 +63,8 @@ class LlamaCppAdapters:
     """Mixed into LlamaCppChild: one Llama per fine-tuned decoder, as llama-cpp-python loads a LoRA."""
 
     llm: Any
-    lora_settings: dict[str, Any]  # the child's model path, n_ctx and threads
+    model_path: str
+    llama_kwargs: dict[str, Any]  # the child's own Llama settings (n_ctx, threads, flash attention)
 
     def lora_scratch(self, prompts: list[list[int]], adapters: list[str], max_tokens: int) -> dict[str, Any]:
         """Each prompt computed whole by the Llama of its adapter, one after another, greedy, every decoder
@@ -72,13 +73,9 @@ class LlamaCppAdapters:
 
         if not hasattr(self, "_loras"):
             self._loras: dict[str, Any] = {}
-        s = self.lora_settings
         for path in adapters:  # NOTE: loading is not timed, as kvfork's load_adapters is not
             if path not in self._loras:
-                own = {k: v for k, v in s.items() if k == "flash_attn"}
-                self._loras[path] = llama_cpp.Llama(s["model"], n_ctx=s["n_ctx"], n_threads=s["threads"],
-                                                    n_threads_batch=s["threads"], lora_path=path, verbose=False,
-                                                    **own)
+                self._loras[path] = llama_cpp.Llama(self.model_path, lora_path=path, **self.llama_kwargs)
         t0 = time.perf_counter()
         ttft, tokens = [], []
         for prompt, path in zip(prompts, adapters, strict=True):

@@ -231,9 +231,11 @@ class LlamaCppChild(LlamaCppRestore, LlamaCppAdapters):
         from kvfork.models import resolve_model
 
         own = {} if flash_attn is None else {"flash_attn": flash_attn}  # None: Llama's own default (off)
-        self.lora_settings = {"model": str(resolve_model(model)), "n_ctx": n_ctx, "threads": threads, **own}
-        self.llm = llama_cpp.Llama(str(resolve_model(model)), n_ctx=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False, **own)
+        # NOTE: what every Llama of this child is made with (adapter_ops makes one per LoRA decoder)
+        self.model_path = str(resolve_model(model))
+        self.llama_kwargs = {"n_ctx": n_ctx, "n_threads": threads, "n_threads_batch": threads, "verbose": False,
+                             **own}
+        self.llm = llama_cpp.Llama(self.model_path, **self.llama_kwargs)
         c = self.llm.context_params
         self.info = {"settings": {"llama_cpp_python": llama_cpp.__version__, "n_ctx": c.n_ctx, "n_batch": c.n_batch,
                                   "n_ubatch": c.n_ubatch, "type_k": c.type_k, "flash_attn_type": c.flash_attn_type,

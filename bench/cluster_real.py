@@ -25,7 +25,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -133,16 +132,13 @@ def main() -> None:
                                        ("shared", (Path(tmp) / "shared").as_uri(), False), ("none", None, False)):
                 print(f"arm {arm}:", flush=True)
                 rows = run_arm(url, args, shared, exact, llama)
-                ratios = [row["ratio"] for row in rows]
-                summary["arms"][arm] = {"rows": rows, "ratio_median": statistics.median(ratios),
-                                        "ratio_min": min(ratios), "ratio_max": max(ratios),
-                                        "ratio": stats(ratios),
+                ratio = stats([row["ratio"] for row in rows])
+                summary["arms"][arm] = {"rows": rows, "ratio": ratio,
                                         "ratio_llama_server": stats([row["ratio_llama_server"] for row in rows]),
                                         "ttft_a_s": stats([row["ttft1_s"] for row in rows]),
                                         "ttft_b_s": stats([row["ttft2_s"] for row in rows]),
                                         "ttft_llama_server_s": stats([row["ttft_llama_server_s"] for row in rows])}
-                print(f"arm {arm}: TTFT on B / TTFT on A {100 * statistics.median(ratios):.2f}% (median;"
-                      f" {100 * min(ratios):.2f}-{100 * max(ratios):.2f})", flush=True)
+                print(f"arm {arm}: TTFT on B / TTFT on A {fmt(ratio, '%', 100, 2)}", flush=True)
     finally:
         llama.__exit__(None, None, None)
         serve.shutdown()

@@ -113,6 +113,7 @@ def _count_saved(store: SnapshotStore, snap: HostSnapshot, n: int, seconds: floa
     per_token = snap.prefill_s / snap.n_tokens if snap.n_tokens else 0.0
     store.count(tokens_saved=n, restore_s=seconds, seconds_saved=per_token * n - seconds)
 
+
 def remember(store: SnapshotStore, snapshot: Snapshot) -> None:
     """Put `snapshot` in the store unless its exact tokens are stored already (then mark it used).
 
