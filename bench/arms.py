@@ -128,9 +128,9 @@ class KvforkChild(KvforkRestore, KvforkAdapters):
                  repack: bool | None = None, flash_attn: str | None = None) -> None:
         from kvfork import Engine
 
-        def make_engine(store: Any = None) -> Engine:
+        def make_engine(store: Any = None, **config: Any) -> Engine:
             return Engine(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=threads, exact=exact,
-                          progress=False, repack=repack, flash_attn=flash_attn, store=store)
+                          progress=False, repack=repack, flash_attn=flash_attn, store=store, **config)
 
         self.make_engine = make_engine  # NOTE: restore_ops makes a second context, a replica, with it
         self.engine = make_engine()
@@ -208,6 +208,21 @@ class KvforkChild(KvforkRestore, KvforkAdapters):
                 b.close()
         snap.close()
         return {"rows": rows}
+
+    def beside(self, held: list[str], prompt: list[int], max_tokens: int, park: bool | None = None) -> dict[str, Any]:
+        """A new prompt (prefill, then max_tokens greedy tokens) in an engine that holds snapshots of `held`
+        documents it does not use; then the first held snapshot forked again (brought back if parked).
+        park: EngineConfig.park_idle (None: the mode's). A new engine each call, so each starts alike."""
+        with self.make_engine(**({} if park is None else {"park_idle": park})) as e:
+            snaps = [e.prefill(d, chat=False) for d in held]
+            out = e.generate(prompt, max_tokens=max_tokens, ignore_eos=True)
+            parked = sum(s.parked for s in snaps)
+            t0 = time.perf_counter()
+            with snaps[0].fork():
+                back = time.perf_counter() - t0
+            return {"ttft_s": out.ttft_s, "step_s": (out.total_s - out.ttft_s) / (len(out.tokens) - 1),
+                    "tokens": list(out.tokens), "held_tokens": sum(s.n_tokens for s in snaps), "parked": parked,
+                    "back_s": back, "park_idle": e.config.park_idle}
 
     def prefill(self, doc: str, system: str | None) -> dict[str, Any]:
         """The shared prefill alone (as `kvfork demo` does it): seconds and tokens."""

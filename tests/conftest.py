@@ -65,18 +65,18 @@ def adapter_files(gemma_path, tmp_path_factory):
 
 
 @pytest.fixture
-def fake_engine():
+def fake_engine(tmp_path):
     """fake_engine(**EngineConfig fields): an Engine on FakeModel + FakeBackend (no weights); closed after the test."""
-    from pathlib import Path
-
     from kvfork.config import EngineConfig
 
     made = []
+    path = tmp_path / "fake.gguf"  # NOTE: a file, so that state layouts (restores) can fingerprint it
+    path.write_bytes(b"GGUF fake model")
 
     def make(**config) -> Engine:
         cfg = EngineConfig(**{"n_ctx": 4096, **config})
         model = FakeModel()
-        engine = Engine.on(Path("fake.gguf"), model, FakeBackend(cfg.n_ctx, cfg.n_batch, model=model), cfg)
+        engine = Engine.on(path, model, FakeBackend(cfg.n_ctx, cfg.n_batch, model=model), cfg)
         made.append(engine)
         return engine
 

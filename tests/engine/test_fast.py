@@ -141,3 +141,40 @@ def test_every_capability_runs_in_fast_mode(gemma_path, adapter_files, tmp_path)
                 store=SnapshotStore(tmp_path / "store")) as again:
         with again.prefill(doc) as snap:  # restored from the store's disk tier, not prefilled
             assert again.store.stats().hits_disk == 1 and again.store.stats().tokens_saved == snap.n_tokens
+
+
+_PARK_PROBE = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    from kvfork import Engine
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    doc, other, follow, model, template = json.loads(sys.argv[1])
+    with Engine(model, n_ctx=4096, progress=False, chat_template=template) as engine:
+        snap = engine.prefill(doc, chat=False)
+        tokens = engine.tokenize(follow)
+        before = engine.next_token_logits(snap, tokens)
+        with engine.prefill(other, chat=False):
+            parked = snap.parked
+        after = engine.next_token_logits(snap, tokens)  # its cells back, elsewhere in the context
+        a, b = log_softmax(after), log_softmax(before)
+        kl = (np.exp(b) * (b - a)).sum(-1)
+        print(json.dumps({"parked": parked, "back": not snap.parked, "mean_kl": float(kl.mean()),
+                          "max_kl": float(kl.max()), "top1": float((a.argmax(-1) == b.argmax(-1)).mean())}))
+''')
+
+
+def test_a_parked_snapshot_computes_what_it_did_before_up_to_rounding(gemma_path):
+    """An idle snapshot parked while another prompt prefills (EngineConfig.park_idle) and restored for its next
+    use: teacher-forced next-token distributions after it agree with those before, within fast mode's tolerances."""
+    env = {k: v for k, v in os.environ.items() if k != "GGML_CPU_TILED_MM"}  # NOTE: as a user's process
+    args = [long_text(20), "An unrelated maintenance note. " * 60, long_text(2), str(gemma_path), "gemma"]
+    proc = subprocess.run([sys.executable, "-c", _PARK_PROBE, json.dumps(args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["parked"] and out["back"], out
+    assert out["mean_kl"] <= MEAN_KL and out["max_kl"] <= MAX_KL and out["top1"] >= TOP1, out

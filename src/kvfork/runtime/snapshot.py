@@ -26,11 +26,14 @@ class Snapshot:
 
     Forking is zero-copy: a branch's sequence id is added to the snapshot's cells. Closing the
     snapshot frees its cells once the last branch that shares them is closed.
+    A parked snapshot (`park`) holds its cells in host RAM instead; any use brings them back first.
     """
 
     def __init__(self, engine: Engine, seq: KvSequence, layout: ChatLayout | None, prefill_s: float) -> None:
         self._engine = engine
         self._seq = seq
+        self._parked: HostSnapshot | None = None  # its cells while parked (then _seq is released)
+        self._pinned = False  # whether its sequence was a locked prefix-cache entry (pinned again on return)
         self.layout = layout
         self.prefill_s = prefill_s  # seconds the prefill took (0 for a restore)
         self.reuse: ReuseReport | None = None  # set by Engine.compose: what was reused, placed, computed
@@ -41,8 +44,14 @@ class Snapshot:
 
     @property
     def sequence(self) -> KvSequence:
-        """The scheduler's sequence behind this snapshot (read it; only the scheduler changes it)."""
+        """The scheduler's sequence behind this snapshot, its cells brought back first if it is parked
+        (read it; only the scheduler changes it)."""
+        self.unpark()
         return self._seq
+
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
 
     @property
     def tokens(self) -> list[int]:
@@ -51,6 +60,19 @@ class Snapshot:
     @property
     def n_tokens(self) -> int:
         return len(self._seq.tokens)
+
+    def park(self) -> bool:
+        """Move this snapshot's cells to host RAM and free them in the context, until its next use; did it?
+
+        Not while a branch shares its cells, it shares another's, or it is running: those cells stay.
+        The engine parks idle snapshots itself before other work (EngineConfig.park_idle).
+        """
+        if self._parked is None:
+            parked = self._engine.park(self)
+            if parked is None:
+                return False
+            self._parked, self._pinned = parked
+        return True
 
     @property
     def chat(self) -> bool:
@@ -97,12 +119,22 @@ class Snapshot:
             for branch in branches:
                 branch.close()
 
+    def unpark(self) -> None:
+        """Bring a parked snapshot's cells back into the context now (any use does). Raises
+        ContextOverflow where there is no room; it stays parked then."""
+        if self._parked is not None:
+            self._seq = self._engine.unpark(self._parked, pin=self._pinned)
+            self._parked = None
+
     def to_host(self) -> HostSnapshot:
         """Copy this snapshot's cells to host memory (it stays live): save it, or restore it elsewhere
         with `Engine.restore`."""
+        if self._parked is not None:
+            return self._parked
         return warm.capture(self)
 
     def close(self) -> None:
+        self._parked = None  # NOTE: a parked snapshot's sequence is released already
         self._engine.release(self)
 
     def __enter__(self) -> Snapshot:
