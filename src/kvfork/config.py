@@ -137,7 +137,7 @@ class EngineConfig:
 
 # NOTE: fast = llama.cpp's context defaults (llama_context_default_params) without flash attention or
 # repacked weights (both measured slower on CPUs, see above).
-# park_idle (Engine._park_idle): exact mode keeps snapshots where they are, since a restored one's cells
+# park_idle (runtime/parking.py): exact mode keeps snapshots where they are, since a restored one's cells
 # move in the cache, and cell order is what exact mode's attention sums depend on (docs/exactness.md).
 _FAST: dict[str, object] = {"kv_type": "f16", "flash_attn": "off", "repack": False, "park_idle": True}
 _EXACT: dict[str, object] = {"kv_type": "q8_0", "flash_attn": "on", "repack": False, "park_idle": False}

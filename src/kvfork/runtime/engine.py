@@ -6,7 +6,6 @@ import functools
 import os
 import threading
 import time
-import weakref
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ from kvfork.reuse.composer import Composer, Part, Segment
 from kvfork.reuse.config import ReuseConfig
 from kvfork.runtime import warm
 from kvfork.runtime.branch import Branch
+from kvfork.runtime.parking import Parking
 from kvfork.runtime.snapshot import Snapshot
 from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
-from kvfork.scheduler.prefix_cache import MIN_SHARED, common_prefix
 from kvfork.scheduler.scheduler import Scheduler
 from kvfork.scheduler.scoring import next_token_logits
 from kvfork.store.host import HostSnapshot
@@ -38,9 +37,6 @@ from kvfork.store.store import SnapshotStore
 __all__ = ["Engine"]
 
 _PROGRESS_MIN_TOKENS = 1024
-# NOTE: parking and bringing back a 3,500-token snapshot costs ~0.1 s (capture + restore), about what
-# its idle cells cost ~10 decode steps or ~25 prompt tokens computed beside them (see EngineConfig.park_idle)
-_PARK_MIN_WORK = 32
 
 
 class Engine:
@@ -100,7 +96,7 @@ class Engine:
         # NOTE: serializes every use of the context; the server's loop holds it around each step.
         self.lock = threading.RLock()
         self._composer: Composer | None = None
-        self._snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # the ones _park_idle may park
+        self.parking = Parking(self)  # idle snapshots to host RAM while other work runs (EngineConfig.park_idle)
 
     # -- text and prompts ------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
@@ -182,7 +178,7 @@ class Engine:
             )
         t0 = time.perf_counter()
         with self.lock:
-            self._unpark_for(tokens)
+            self.parking.before_prefill(tokens)
             seq = self.scheduler.sequence_for(tokens)  # NOTE: a fork of a prefix in the context, or a restore
             try:
                 if seq.n_pending or seq.seq_id is None:
@@ -194,7 +190,7 @@ class Engine:
                 self.scheduler.release(seq)  # NOTE: also unpins a live parent this prefill forked
                 raise
             self.scheduler.prefixes.pin(seq)  # NOTE: the Snapshot owns it; later prefills fork it
-        snapshot = self._hold(Snapshot(self, seq, layout, time.perf_counter() - t0))
+        snapshot = self.parking.hold(Snapshot(self, seq, layout, time.perf_counter() - t0))
         if self.store is not None:
             warm.remember(self.store, snapshot)
         return snapshot
@@ -208,7 +204,7 @@ class Engine:
         """
         t0 = time.perf_counter()
         seq = warm.adopt(self, host, keep)
-        return self._hold(Snapshot(self, seq, host.chat, time.perf_counter() - t0))
+        return self.parking.hold(Snapshot(self, seq, host.chat, time.perf_counter() - t0))
 
     @functools.cached_property
     def state_layout(self) -> StateLayout:
@@ -305,7 +301,7 @@ class Engine:
             seq, report = self.composer.compose(parts, agent, config)
         # NOTE: not put in the prefix cache: its placed cells are approximate, and a later exact
         # prefill of the same tokens must not fork them.
-        snapshot = self._hold(Snapshot(self, seq, None, time.perf_counter() - t0))
+        snapshot = self.parking.hold(Snapshot(self, seq, None, time.perf_counter() - t0))
         snapshot.reuse = report
         return snapshot
 
@@ -359,57 +355,9 @@ class Engine:
             if not seq.released:
                 self.scheduler.release(seq)
 
-    def park(self, snapshot: Snapshot) -> tuple[HostSnapshot, bool] | None:
-        """Copy an idle snapshot's cells to host RAM and free them here: (the copy, whether its sequence
-        was pinned in the prefix cache); None where they must stay (a branch shares them, they share
-        another's, it is running or closed). What Snapshot.park does."""
-        with self.lock:
-            seq = snapshot.sequence
-            if seq.released or seq.seq_id is None or seq.status is not SeqStatus.IDLE or seq.children \
-                    or seq.parent is not None or seq.n_pending:
-                return None
-            host = warm.capture(snapshot)
-            pinned = seq in self.scheduler.prefixes
-            self.scheduler.release(seq)
-            return host, pinned
-
-    def unpark(self, host: HostSnapshot, *, pin: bool) -> KvSequence:
-        """A parked snapshot's sequence, restored (and pinned in the prefix cache again if it was).
-        Raises ContextOverflow where there is no room; the snapshot stays parked then."""
-        with self.lock:
-            seq = warm.adopt(self, host)
-            if pin:
-                self.scheduler.prefixes.pin(seq)
-            return seq
-
-    def _unpark_for(self, tokens: list[int]) -> None:
-        """Bring back the parked snapshot sharing the most of `tokens` (MIN_SHARED at least), so that the
-        prefix cache forks it rather than a prefill computing its tokens again."""
-        shared = {s: common_prefix(s.tokens, tokens) for s in list(self._snapshots) if s.parked}
-        best = max(shared, key=shared.__getitem__, default=None)
-        if best is not None and shared[best] >= MIN_SHARED:
-            try:
-                best.unpark()
-            except ContextOverflow:
-                pass  # NOTE: no room to bring it back: the prefill computes those tokens instead
-
-    def _hold(self, snapshot: Snapshot) -> Snapshot:
-        self._snapshots.add(snapshot)
-        return snapshot
-
-    def _park_idle(self, seqs: list[KvSequence]) -> None:
-        """Before a run that computes at least _PARK_MIN_WORK tokens, park every snapshot it does not use
-        (EngineConfig.park_idle: without flash attention their cells cost each token computed here)."""
-        if not self.config.park_idle:
-            return
-        if sum(s.n_pending + max(0, s.params.max_tokens - len(s.generated)) for s in seqs) < _PARK_MIN_WORK:
-            return
-        for snapshot in list(self._snapshots):
-            snapshot.park()  # NOTE: one that `seqs` fork is skipped (its children), as are running ones
-
     def _run(self, seqs: list[KvSequence], progress: bool = False) -> None:
         """Step the scheduler until every sequence in `seqs` has ended its turn."""
-        self._park_idle(seqs)
+        self.parking.before_run(seqs)
         bar = tqdm(total=sum(s.n_pending for s in seqs), unit="tok", desc="prefill", disable=None) if progress else None
         done_before = sum(s.n_in_kv for s in seqs)
         try:

@@ -67,12 +67,13 @@ class Snapshot:
         Not while a branch shares its cells, it shares another's, or it is running: those cells stay.
         The engine parks idle snapshots itself before other work (EngineConfig.park_idle).
         """
-        if self._parked is None:
-            parked = self._engine.park(self)
-            if parked is None:
-                return False
-            self._parked, self._pinned = parked
-        return True
+        with self._engine.lock:  # NOTE: one thread parks or brings it back at a time
+            if self._parked is None:
+                parked = self._engine.parking.park(self)
+                if parked is None:
+                    return False
+                self._parked, self._pinned = parked
+            return True
 
     @property
     def chat(self) -> bool:
@@ -122,9 +123,10 @@ class Snapshot:
     def unpark(self) -> None:
         """Bring a parked snapshot's cells back into the context now (any use does). Raises
         ContextOverflow where there is no room; it stays parked then."""
-        if self._parked is not None:
-            self._seq = self._engine.unpark(self._parked, pin=self._pinned)
-            self._parked = None
+        with self._engine.lock:
+            if self._parked is not None:
+                self._seq = self._engine.parking.unpark(self._parked, pin=self._pinned)
+                self._parked = None
 
     def to_host(self) -> HostSnapshot:
         """Copy this snapshot's cells to host memory (it stays live): save it, or restore it elsewhere

@@ -1,0 +1,89 @@
+"""Parking: an Engine's idle snapshots wait in host RAM while other work runs (EngineConfig.park_idle)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+from kvfork.errors import ContextOverflow
+from kvfork.runtime import warm
+from kvfork.scheduler.kv_sequence import KvSequence, SeqStatus
+from kvfork.scheduler.prefix_cache import MIN_SHARED, common_prefix
+from kvfork.store.host import HostSnapshot
+
+if TYPE_CHECKING:
+    from kvfork.runtime.engine import Engine
+    from kvfork.runtime.snapshot import Snapshot
+
+__all__ = ["Parking"]
+
+# NOTE: parking and bringing back a 3,500-token snapshot costs ~0.1 s (capture + restore) at most, about what
+# its idle cells cost ~10 decode steps or ~25 prompt tokens computed beside them (see EngineConfig.park_idle)
+MIN_WORK = 32
+
+
+class Parking:
+    """The snapshots an engine gave out, and which of them wait in host RAM.
+
+    A parked snapshot's sequence is released (its cells freed) and its cells kept as a HostSnapshot by the
+    Snapshot; its next use restores them (`unpark`), pinned in the prefix cache again if they were. Only
+    a snapshot no branch shares and that shares no other's cells is parked: freeing it frees its cells.
+    Contract: every call holds the engine's lock (they take it).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._held: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # the ones `before_run` may park
+        self._shared: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # parked ones that were prefix-cache entries
+
+    def hold(self, snapshot: Snapshot) -> Snapshot:
+        self._held.add(snapshot)
+        return snapshot
+
+    def park(self, snapshot: Snapshot) -> tuple[HostSnapshot, bool] | None:
+        """Copy an idle snapshot's cells to host RAM and free them here: (the copy, whether its sequence
+        was pinned in the prefix cache); None where they must stay (a branch shares them, they share
+        another's, it is running or closed). What Snapshot.park does."""
+        engine = self.engine
+        with engine.lock:
+            seq = snapshot.sequence
+            if seq.released or seq.seq_id is None or seq.status is not SeqStatus.IDLE or seq.children \
+                    or seq.parent is not None or seq.n_pending:
+                return None
+            host = warm.capture(snapshot)
+            pinned = seq in engine.scheduler.prefixes
+            engine.scheduler.release(seq)
+            if pinned:
+                self._shared.add(snapshot)
+            return host, pinned
+
+    def unpark(self, host: HostSnapshot, *, pin: bool) -> KvSequence:
+        """A parked snapshot's sequence, restored (and pinned in the prefix cache again if it was).
+        Raises ContextOverflow where there is no room; the snapshot stays parked then."""
+        engine = self.engine
+        with engine.lock:
+            seq = warm.adopt(engine, host)
+            if pin:
+                engine.scheduler.prefixes.pin(seq)
+            return seq
+
+    def before_run(self, seqs: list[KvSequence]) -> None:
+        """Before a run that computes at least MIN_WORK tokens, park every snapshot it does not use
+        (EngineConfig.park_idle: without flash attention their cells cost each token computed here)."""
+        if not self.engine.config.park_idle:
+            return
+        if sum(s.n_pending + max(0, s.params.max_tokens - len(s.generated)) for s in seqs) < MIN_WORK:
+            return
+        for snapshot in list(self._held):
+            snapshot.park()  # NOTE: one that `seqs` fork is skipped (its children), as are running ones
+
+    def before_prefill(self, tokens: list[int]) -> None:
+        """Bring back the parked snapshot sharing the most of `tokens` (MIN_SHARED at least) that was a
+        prefix-cache entry, so that the cache forks it rather than a prefill computing its tokens again."""
+        shared = {s: common_prefix(s.tokens, tokens) for s in list(self._shared) if s.parked}
+        best = max(shared, key=shared.__getitem__, default=None)
+        if best is not None and shared[best] >= MIN_SHARED:
+            try:
+                best.unpark()
+            except ContextOverflow:
+                pass  # NOTE: no room to bring it back: the prefill computes those tokens instead
