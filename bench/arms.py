@@ -211,10 +211,11 @@ class KvforkChild(KvforkRestore, KvforkAdapters):
 
     def beside(self, held: list[str], prompt: list[int], max_tokens: int, park: bool | None = None) -> dict[str, Any]:
         """A new prompt (prefill, then max_tokens greedy tokens) in an engine that holds snapshots of `held`
-        documents it does not use; then the first held snapshot forked again (brought back if parked).
-        park: EngineConfig.park_idle (None: the mode's). A new engine each call, so each starts alike."""
+        documents (chat layout: the template's head is common to them) it does not use; then the first held
+        snapshot forked again (brought back if parked). park: EngineConfig.park_idle (None: the mode's).
+        A new engine each call, so each starts alike."""
         with self.make_engine(**({} if park is None else {"park_idle": park})) as e:
-            snaps = [e.prefill(d, chat=False) for d in held]
+            snaps = [e.prefill(d) for d in held]
             out = e.generate(prompt, max_tokens=max_tokens, ignore_eos=True)
             parked = sum(s.parked for s in snaps)
             t0 = time.perf_counter()

@@ -11,8 +11,9 @@ and brings one back when it is forked again.
 
 Each repeat, each system in its own process (bench/arms.py), arms in rotated order:
 - kvfork fast (park_idle, the default), kvfork fast with park_idle=False, kvfork exact (which keeps them:
-  see EngineConfig): a new engine prefills --held documents (the report with its own first line, the
-  second and later ones cut to half) and keeps their snapshots; then computes a new prompt of --new
+  see EngineConfig): a new engine prefills --held documents in the model's chat layout (the report with its
+  own first line, the second and later ones cut to half; the template's head is common to them, so a later
+  one forks the first's) and keeps their snapshots; then computes a new prompt of --new
   tokens (the report's end, under a line unique to the repeat: nothing shared) and --tokens greedy tokens;
   then forks the first held snapshot again (timed: the restore, where it was parked);
 - llama.cpp: llama-cpp-python's `Llama` with its defaults, the same new prompt from scratch.

@@ -25,6 +25,22 @@ def test_an_idle_snapshot_is_parked_while_another_prompt_runs_and_returns_for_it
     assert after.reused_tokens == a.n_tokens  # forked from the restored cells, not prefilled again
 
 
+def test_a_document_whose_template_head_a_later_prompt_forked_is_parked_all_the_same(fake_engine):
+    engine, ref = fake_engine(), fake_engine()
+    decoded = engine.ctx.decodes  # the fake backend's record of every batch
+    system = "You are a careful analyst. Answer from the report only, briefly and precisely."
+    a = engine.prefill(DOC, system=system)
+    n = sum(len(b) for b in decoded)
+    b = engine.prefill(OTHER, system=system)
+    # a was parked first: forked for its system prompt, it would have stayed in the context for their sake
+    assert a.parked and sum(len(x) for x in decoded) - n == b.n_tokens
+    assert engine.scheduler.table.cells_reserved() == b.n_tokens
+    out = a.fan_out(["When?"], max_tokens=32)[0]
+    assert out.tokens == ref.generate(ref.prompt_tokens(DOC, "When?", system=system), max_tokens=32).tokens
+    engine.prefill(OTHER + " Appendix: the fan was replaced.", system=system)  # extends b: b comes back
+    assert not b.parked
+
+
 def test_a_short_run_parks_nothing(fake_engine):
     engine = fake_engine()
     a = engine.prefill(DOC)

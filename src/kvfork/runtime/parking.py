@@ -25,9 +25,11 @@ MIN_WORK = 32
 class Parking:
     """The snapshots an engine gave out, and which of them wait in host RAM.
 
-    A parked snapshot's sequence is released (its cells freed) and its cells kept as a HostSnapshot by the
-    Snapshot; its next use restores them (`unpark`), pinned in the prefix cache again if they were. Only
-    a snapshot no branch shares and that shares no other's cells is parked: freeing it frees its cells.
+    A parked snapshot's sequence is released and its cells kept as a HostSnapshot by the Snapshot; its next
+    use restores them (`unpark`), pinned in the prefix cache again if they were. Releasing it frees the cells
+    no other sequence holds; those its forks share stay with them (BranchTable's hand-over), and a restore
+    copies them again. So a snapshot is parked only where that frees at least half of its cells: a document
+    whose chat template's first tokens a later prompt forked, yes; one its own branches share, no.
     Contract: every call holds the engine's lock (they take it).
     """
 
@@ -47,9 +49,12 @@ class Parking:
         engine = self.engine
         with engine.lock:
             seq = snapshot.sequence
-            if seq.released or seq.seq_id is None or seq.status is not SeqStatus.IDLE or seq.children \
-                    or seq.parent is not None or seq.n_pending:
+            if seq.released or seq.seq_id is None or seq.status is not SeqStatus.IDLE or seq.n_pending \
+                    or any(c.seq_id is None for c in seq.children):  # NOTE: a fork waiting for its id pins it
                 return None
+            shared = max([seq.n_shared, *(c.n_shared for c in seq.children)])
+            if 2 * shared > len(seq.tokens):
+                return None  # NOTE: it would free less than half of its cells, and copy the rest again
             host = warm.capture(snapshot)
             pinned = seq in engine.scheduler.prefixes
             engine.scheduler.release(seq)
@@ -78,12 +83,24 @@ class Parking:
             snapshot.park()  # NOTE: one that `seqs` fork is skipped (its children), as are running ones
 
     def before_prefill(self, tokens: list[int]) -> None:
-        """Bring back the parked snapshot sharing the most of `tokens` (MIN_SHARED at least) that was a
-        prefix-cache entry, so that the cache forks it rather than a prefill computing its tokens again."""
-        shared = {s: common_prefix(s.tokens, tokens) for s in list(self._shared) if s.parked}
+        """Before a prefill of `tokens`: bring back the parked snapshot that was a prefix-cache entry and
+        shares the most of them, where that is at least half of it (and MIN_SHARED), so that the cache forks
+        it rather than the prefill computing its tokens again; park the live ones it shares less than half of.
+        NOTE: a document forked for its chat template's first tokens (the same system prompt) would stay in
+        the context for a few tokens' sake (a fork waiting for its id pins it), and one brought back for
+        them would be parked again at the next run, its cells copied out and in: the prefill computes them.
+        """
+        common = {s: common_prefix(s.tokens, tokens) for s in list(self._held)}
+        half = {s: 2 * n >= s.n_tokens for s, n in common.items()}
+        shared = {s: common[s] for s in list(self._shared) if s.parked and half.get(s)}
         best = max(shared, key=shared.__getitem__, default=None)
         if best is not None and shared[best] >= MIN_SHARED:
             try:
                 best.unpark()
             except ContextOverflow:
                 pass  # NOTE: no room to bring it back: the prefill computes those tokens instead
+        work = len(tokens) - max([n for s, n in common.items() if half[s]], default=0)
+        if self.engine.config.park_idle and work >= MIN_WORK:
+            for snapshot, most in half.items():
+                if not most:
+                    snapshot.park()

@@ -64,7 +64,8 @@ class Snapshot:
     def park(self) -> bool:
         """Move this snapshot's cells to host RAM and free them in the context, until its next use; did it?
 
-        Not while a branch shares its cells, it shares another's, or it is running: those cells stay.
+        Not while it is running, or where its forks share half of its cells or more (they would stay, and
+        a restore would copy them again).
         The engine parks idle snapshots itself before other work (EngineConfig.park_idle).
         """
         with self._engine.lock:  # NOTE: one thread parks or brings it back at a time
