@@ -66,7 +66,7 @@ class EngineConfig:
     values.
 
     park_idle (fast mode): a snapshot the caller holds but is not using moves to host RAM while other
-    work runs, and comes back (a restore, ~0.05 s for 3,500 tokens) when it is next forked. NOTE:
+    work runs, and comes back (a restore, ~0.01 s for 3,500 tokens) when it is next used. NOTE:
     llama.cpp's unified cache attends over every cell up to the highest one in use, masked per
     sequence, so without flash attention an idle snapshot's cells cost every token computed beside them:
     with 5,300 idle cells a 570-token prefill took 2.4x and a decode step 1.6x as long as in an empty

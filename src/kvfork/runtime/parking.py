@@ -44,8 +44,8 @@ class Parking:
 
     def park(self, snapshot: Snapshot) -> tuple[HostSnapshot, bool] | None:
         """Copy an idle snapshot's cells to host RAM and free them here: (the copy, whether its sequence
-        was pinned in the prefix cache); None where they must stay (a branch shares them, they share
-        another's, it is running or closed). What Snapshot.park does."""
+        was pinned in the prefix cache); None where they stay (it is running or closed, a fork waits for
+        its id, or its forks or its parent share half of its cells or more). What Snapshot.park does."""
         engine = self.engine
         with engine.lock:
             seq = snapshot.sequence
