@@ -27,15 +27,17 @@ TOP1 = 0.90  # teacher-forced: the fork's greedy choice equals the scratch run's
 GREEDY_QWEN = 0.95  # the same on the default model
 RUNS_QWEN = 0.5  # free-running greedy tokens agreeing before the first difference
 
-_PROBE = textwrap.dedent('''
+_PRELUDE = '''
     import json, sys
     import numpy as np
     from kvfork import Engine
-    from kvfork.errors import EngineError
 
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
+'''
+_PROBE = textwrap.dedent(_PRELUDE + '''
+    from kvfork.errors import EngineError
 
     doc, questions, model, template, n, chat = json.loads(sys.argv[1])
     kw = dict(n_ctx=4096, n_seq_max=16, progress=False, chat_template=template)
@@ -143,14 +145,7 @@ def test_every_capability_runs_in_fast_mode(gemma_path, adapter_files, tmp_path)
             assert again.store.stats().hits_disk == 1 and again.store.stats().tokens_saved == snap.n_tokens
 
 
-_PARK_PROBE = textwrap.dedent('''
-    import json, sys
-    import numpy as np
-    from kvfork import Engine
-
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+_PARK_PROBE = textwrap.dedent(_PRELUDE + '''
 
     doc, other, follow, model, template = json.loads(sys.argv[1])
     with Engine(model, n_ctx=4096, progress=False, chat_template=template) as engine:

@@ -37,15 +37,16 @@ class Parking:
         self.engine = engine
         self._held: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # the ones `before_run` may park
         self._shared: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # parked ones that were prefix-cache entries
+        # NOTE: only these come back for a prefill, and they are pinned in the prefix cache again
 
     def hold(self, snapshot: Snapshot) -> Snapshot:
         self._held.add(snapshot)
         return snapshot
 
-    def park(self, snapshot: Snapshot) -> tuple[HostSnapshot, bool] | None:
-        """Copy an idle snapshot's cells to host RAM and free them here: (the copy, whether its sequence
-        was pinned in the prefix cache); None where they stay (it is running or closed, a fork waits for
-        its id, or its forks or its parent share half of its cells or more). What Snapshot.park does."""
+    def park(self, snapshot: Snapshot) -> HostSnapshot | None:
+        """Copy an idle snapshot's cells to host RAM and free them here: the copy; None where they stay (it
+        is running or closed, a fork waits for its id, or its forks or its parent share half of its cells
+        or more). What Snapshot.park does."""
         engine = self.engine
         with engine.lock:
             seq = snapshot.sequence
@@ -56,19 +57,19 @@ class Parking:
             if 2 * shared > len(seq.tokens):
                 return None  # NOTE: it would free less than half of its cells, and copy the rest again
             host = warm.capture(snapshot)
-            pinned = seq in engine.scheduler.prefixes
-            engine.scheduler.release(seq)
-            if pinned:
+            if seq in engine.scheduler.prefixes:
                 self._shared.add(snapshot)
-            return host, pinned
+            engine.scheduler.release(seq)
+            return host
 
-    def unpark(self, host: HostSnapshot, *, pin: bool) -> KvSequence:
-        """A parked snapshot's sequence, restored (and pinned in the prefix cache again if it was).
-        Raises ContextOverflow where there is no room; the snapshot stays parked then."""
+    def unpark(self, snapshot: Snapshot, host: HostSnapshot) -> KvSequence:
+        """A parked snapshot's sequence, restored from `host` (and pinned in the prefix cache again if it
+        was). Raises ContextOverflow where there is no room; the snapshot stays parked then."""
         engine = self.engine
         with engine.lock:
             seq = warm.adopt(engine, host)
-            if pin:
+            if snapshot in self._shared:
+                self._shared.discard(snapshot)
                 engine.scheduler.prefixes.pin(seq)
             return seq
 
@@ -92,7 +93,7 @@ class Parking:
         """
         common = {s: common_prefix(s.tokens, tokens) for s in list(self._held)}
         half = {s: 2 * n >= s.n_tokens for s, n in common.items()}
-        shared = {s: common[s] for s in list(self._shared) if s.parked and half.get(s)}
+        shared = {s: common[s] for s in list(self._shared) if s.parked and half.get(s)}  # NOTE: not closed ones
         best = max(shared, key=shared.__getitem__, default=None)
         if best is not None and shared[best] >= MIN_SHARED:
             try:

@@ -33,7 +33,6 @@ class Snapshot:
         self._engine = engine
         self._seq = seq
         self._parked: HostSnapshot | None = None  # its cells while parked (then _seq is released)
-        self._pinned = False  # whether its sequence was a locked prefix-cache entry (pinned again on return)
         self.layout = layout
         self.prefill_s = prefill_s  # seconds the prefill took (0 for a restore)
         self.reuse: ReuseReport | None = None  # set by Engine.compose: what was reused, placed, computed
@@ -70,11 +69,8 @@ class Snapshot:
         """
         with self._engine.lock:  # NOTE: one thread parks or brings it back at a time
             if self._parked is None:
-                parked = self._engine.parking.park(self)
-                if parked is None:
-                    return False
-                self._parked, self._pinned = parked
-            return True
+                self._parked = self._engine.parking.park(self)
+            return self._parked is not None
 
     @property
     def chat(self) -> bool:
@@ -126,7 +122,7 @@ class Snapshot:
         ContextOverflow where there is no room; it stays parked then."""
         with self._engine.lock:
             if self._parked is not None:
-                self._seq = self._engine.parking.unpark(self._parked, pin=self._pinned)
+                self._seq = self._engine.parking.unpark(self, self._parked)
                 self._parked = None
 
     def to_host(self) -> HostSnapshot:
