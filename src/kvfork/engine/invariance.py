@@ -24,7 +24,7 @@ from kvfork.engine.llama import LlamaContext, LlamaModel
 
 __all__ = ["SIZES", "Case", "check"]
 
-SIZES = (2, 7, 8, 16, 63, 64, 65, 512)
+SIZES = (2, 4, 7, 8, 16, 63, 64, 65, 512)
 LAYOUTS = ("contiguous", "interleaved")
 _TEXT = (
     "The pump station log for the north district recorded pressure readings every hour. On the second day the"

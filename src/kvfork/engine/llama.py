@@ -85,8 +85,9 @@ def _require_exact_kernels() -> None:
     """Make every batch shape and cell layout round the same (exact mode), or refuse.
 
     With kvfork's patched build, GGML_CPU_BATCH_INVARIANT=1 routes every batch through one tiled
-    flash-attention kernel whose result depends only on a query's visible cells in order, forces the tiled
-    K-quant matmul for every row count and tinyBLAS for one row: exact at nearly llama.cpp's default speed.
+    flash-attention kernel whose result depends only on a query's visible cells in order, and gives every
+    row count the tiled K-quant matmul's bits and tinyBLAS's (docs/kernels-patch.md): exact at llama.cpp's
+    default speed.
     Without it (or when the switch comes too late), the slow exact settings: q8_0 flash attention (the one
     attention path that is batch-invariant upstream) and vec_dot for K-quant weights at every batch size.
     NOTE: ggml's CPU backend multiplies K-quant weights (Q4_K, Q6_K, ...) by batches of 8 rows or more
@@ -462,6 +463,7 @@ class LlamaContext:
         self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
         self.n_batch = config.n_batch
         self.n_swa: int = model.n_swa
+        self.invariant = config.exact and _exact_kernels == "batch-invariant"
         self.mem = llama_cpp.llama_get_memory(ptr)
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._adapters: tuple[tuple[int, float], ...] = ()  # the active set, as (adapter pointer, scale)
