@@ -13,7 +13,8 @@ __all__ = ["EXACT_HELP", "EngineConfig", "ServerConfig", "StoreConfig", "check_u
 # NOTE: one wording for every command that builds an engine (run, demo, pipeline, snapshot, serve)
 EXACT_HELP = (
     "forks and restores give exactly the tokens of a from-scratch run (q8_0 KV cache, batch-invariant"
-    " kernels; prefill ~2x slower on CPUs); default: llama.cpp's fastest settings, equal up to rounding"
+    " kernels: llama.cpp's speed with `kvfork build`, ~2x slower prefill without); default: llama.cpp's"
+    " fastest settings, equal up to rounding"
 )
 
 FlashAttn = Literal["auto", "on", "off"]
@@ -57,11 +58,14 @@ class EngineConfig:
       kernels llama.cpp picks depend on the batch and on where cells sit), so long greedy outputs can
       part ways at near-ties.
     - exact (exact=True): a forked or restored branch produces exactly the tokens of a from-scratch
-      run. NOTE: it takes q8_0 KV + flash attention "on" (the only attention path in ggml's CPU backend
-      that rounds the same for any batch shape), no repacked weights (their Q4_K matmul differs between
-      one and several rows), and ggml's tiled K-quant matmul off (a process-wide switch, see
-      engine/llama.py); the scheduler frees finished branches' cells only between turns and the server
-      never leaves a fork fewer than 16 tokens to prefill. It prefills about 2x slower on this CPU.
+      run. NOTE: it takes q8_0 KV + flash attention "on" and no repacked weights (their Q4_K matmul
+      differs between one and several rows). On kvfork's patched llama.cpp (`kvfork build`,
+      docs/kernels-patch.md) every batch shape and cell layout then rounds alike at llama.cpp's default
+      speed. On a stock llama-cpp-python it falls back to the one attention path that rounds the same for
+      any batch shape there and ggml's tiled K-quant matmul off (a process-wide switch, see
+      engine/llama.py), which prefills about 2x slower, and a fork is never left fewer than 16 tokens to
+      prefill (prefix_cache.MIN_SUFFIX). Either way the scheduler frees finished branches' cells only
+      between turns (cell order still counts).
     kv_type, flash_attn, repack and park_idle left None take the mode's values; exact mode refuses other
     values.
 

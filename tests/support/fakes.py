@@ -59,6 +59,7 @@ class FakeBackend:
     def __init__(self, n_ctx: int = 4096, n_batch: int = 512, n_vocab: int = 64, n_swa: int = 0,
                  model: FakeModel | None = None) -> None:
         self.n_ctx, self.n_batch, self.n_vocab, self.n_swa = n_ctx, n_batch, n_vocab, n_swa
+        self.invariant = False  # NOTE: as llama.cpp's fallback kernels: exact mode keeps its MIN_SUFFIX rule
         self.model = model  # an Engine's fake model: its vocabulary replaces the letters below
         if model is not None:
             self.n_vocab = model.n_vocab

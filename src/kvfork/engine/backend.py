@@ -43,6 +43,9 @@ class Backend(Protocol):
     n_ctx: int
     n_batch: int
     n_swa: int  # the model's sliding window (0: full attention everywhere)
+    # every batch shape and cell layout rounds alike (exact mode on kvfork's patched kernels): a prompt's
+    # tokens compute the same bits in a chunk of any size
+    invariant: bool
 
     def decode(self, batch: Batch) -> None: ...
 

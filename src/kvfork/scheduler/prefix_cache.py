@@ -30,8 +30,9 @@ MIN_SHARED = 16
 # NOTE: a fork that leaves only a few prompt tokens to prefill computes them as a tiny ubatch, and
 # llama.cpp's CPU kernels for 3-7 rows round differently from the same rows inside a long prompt:
 # measured on gemma3-270m (q8_0 KV, flash attention), suffixes of 3-6 tokens (once 7) flipped a greedy
-# token against a from-scratch run; 1-2 and 8-16 did not. So in exact mode such forks back off to leave
-# this many (fast mode promises agreement up to rounding only, and forks as late as it can).
+# token against a from-scratch run; 1-2 and 8-16 did not. So in exact mode on those kernels such forks
+# back off to leave this many (fast mode promises agreement up to rounding only, and forks as late as it
+# can; kvfork's patched kernels round every chunk size alike, so exact mode on them does too).
 MIN_SUFFIX = 16
 
 
@@ -124,11 +125,11 @@ class PrefixCache:
     that point; where the model has a sliding window it is offered only where `can_trim` holds.
     """
 
-    def __init__(self, n_swa: int, *, exact: bool, min_shared: int = MIN_SHARED) -> None:
+    def __init__(self, n_swa: int, *, exact: bool, invariant: bool = False, min_shared: int = MIN_SHARED) -> None:
         self.lower: LowerTier | None = None  # evicted entries are demoted there (the engine sets its store)
         self.n_swa = n_swa
         self.min_shared = min_shared
-        self.min_suffix = MIN_SUFFIX if exact else 0
+        self.min_suffix = MIN_SUFFIX if exact and not invariant else 0  # see MIN_SUFFIX
         self._roots: dict[Hashable, _Node] = {}  # one tree per namespace (see `insert`)
         self._where: dict[KvSequence, _Node] = {}
         self._spaces: dict[KvSequence, Hashable] = {}  # entry -> its namespace

@@ -39,7 +39,8 @@ class Scheduler:
         self.exact = config.exact
         self.max_running = config.max_running
         self.table = BranchTable(backend, config.n_seq_max)
-        self.prefixes = PrefixCache(backend.n_swa, exact=config.exact)  # what new prompts may share
+        # what new prompts may share
+        self.prefixes = PrefixCache(backend.n_swa, exact=config.exact, invariant=backend.invariant)
         self.waiting: deque[KvSequence] = deque()
         self.running: list[KvSequence] = []
         self._samplers: dict[KvSequence, TokenSampler] = {}
