@@ -20,6 +20,10 @@ also measures kvfork with flash attention and with repacked weights: see EngineC
 `reset()` before each, so nothing of the previous agent's prompt is reused; op "scratch" with
 `keep_prefix=True` instead lets `Llama.generate` reuse the previous call's longest common prefix, as one
 `Llama` object does by itself.
+
+KVFORK_BENCH_PATCHED=DIR (a `kvfork build --target DIR`) puts the patched llama-cpp-python in front of the
+kvfork-exact child only: the other arms keep the installed one. Each kvfork child reports the kernels its
+exact mode ran on ("batch-invariant" or "fallback") in its settings.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from restore_ops import KvforkRestore, LlamaCppRestore
 __all__ = ["Arm", "Arms", "KINDS", "llama_rates", "rotate"]
 
 KINDS = ("kvfork", "kvfork-exact", "llama.cpp")
+# a folder holding `kvfork build --target DIR`'s llama-cpp-python: the kvfork-exact child (only) imports it first
+PATCHED_ENV = "KVFORK_BENCH_PATCHED"
 OUT = Path(__file__).resolve().parent / "out"
 
 
@@ -63,6 +69,9 @@ class Arm:
                  extra: tuple[str, ...] = ()) -> None:
         env = dict(os.environ)
         env.pop("GGML_CPU_TILED_MM", None)  # NOTE: each child starts as a user's process would
+        patched = os.environ.get(PATCHED_ENV)
+        if patched and kind == "kvfork-exact":  # NOTE: only exact mode gets `kvfork build`'s llama-cpp-python
+            env["PYTHONPATH"] = os.pathsep.join([patched, *filter(None, [env.get("PYTHONPATH")])])
         argv = [sys.executable, __file__, "--kind", kind, "--model", str(model), "--threads", str(threads),
                 "--n-ctx", str(n_ctx), "--n-seq-max", str(n_seq_max), *extra]
         self.kind = " ".join((kind, *extra))
@@ -127,6 +136,7 @@ class KvforkChild(KvforkRestore, KvforkAdapters):
     def __init__(self, model: str, exact: bool, threads: int, n_ctx: int, n_seq_max: int,
                  repack: bool | None = None, flash_attn: str | None = None) -> None:
         from kvfork import Engine
+        from kvfork.engine.llama import exact_kernels
 
         def make_engine(store: Any = None, **config: Any) -> Engine:
             return Engine(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=threads, exact=exact,
@@ -136,7 +146,8 @@ class KvforkChild(KvforkRestore, KvforkAdapters):
         self.engine = make_engine()
         self.info = {"settings": {k: getattr(self.engine.config, k) for k in
                                   ("exact", "kv_type", "flash_attn", "repack", "n_batch", "n_ubatch", "n_threads")},
-                     "tiled_mm": os.environ.get("GGML_CPU_TILED_MM", "on (ggml default)")}
+                     "tiled_mm": os.environ.get("GGML_CPU_TILED_MM", "on (ggml default)"),
+                     "exact_kernels": exact_kernels()}
 
     def prompts(self, doc: str, system: str | None, instructions: list[str]) -> dict[str, Any]:
         """The exact tokens of each agent's prompt (what every arm is given), and the shared part's length."""
