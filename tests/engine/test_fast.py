@@ -69,7 +69,8 @@ _PROBE = textwrap.dedent(_PRELUDE + '''
 
 
 def _probe(doc: str, questions: list[str], model: str, template: str | None, n: int, chat: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "GGML_CPU_TILED_MM"}  # NOTE: as a user's process
+    # NOTE: as a user's process: ggml's switches unset
+    env = {k: v for k, v in os.environ.items() if k not in ("GGML_CPU_TILED_MM", "GGML_CPU_BATCH_INVARIANT")}
     proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps([doc, questions, model, template, n, chat])],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,7 +166,8 @@ _PARK_PROBE = textwrap.dedent(_PRELUDE + '''
 def test_a_parked_snapshot_computes_what_it_did_before_up_to_rounding(gemma_path):
     """An idle snapshot parked while another prompt prefills (EngineConfig.park_idle) and restored for its next
     use: teacher-forced next-token distributions after it agree with those before, within fast mode's tolerances."""
-    env = {k: v for k, v in os.environ.items() if k != "GGML_CPU_TILED_MM"}  # NOTE: as a user's process
+    # NOTE: as a user's process: ggml's switches unset
+    env = {k: v for k, v in os.environ.items() if k not in ("GGML_CPU_TILED_MM", "GGML_CPU_BATCH_INVARIANT")}
     args = [long_text(20), "An unrelated maintenance note. " * 60, long_text(2), str(gemma_path), "gemma"]
     proc = subprocess.run([sys.executable, "-c", _PARK_PROBE, json.dumps(args)], capture_output=True, text=True,
                           env=env, timeout=600)

@@ -13,6 +13,7 @@ import pytest
 
 from kvfork import Engine
 from kvfork.runtime.warm import StoreTier
+from kvfork.scheduler.prefix_cache import MIN_SUFFIX, common_prefix
 from kvfork.store.store import SnapshotStore
 from tests.support.snap import ENGINE_KW, MODEL
 
@@ -67,7 +68,11 @@ def test_a_stored_part_after_a_live_prefix_is_placed_on_a_fork_of_it(engine: Eng
             assert snap.sequence.parent is head.sequence  # the head's cells are shared, not copied
             assert snap.fan_out([ASK], max_tokens=12, temperature=0)[0].tokens == _answer(engine, more)
         saved = stored.store.stats().tokens_saved - before.tokens_saved  # type: ignore[union-attr]
-        assert n_doc - n_head - 8 <= saved <= n_doc - n_head  # NOTE: tokens at either cut may differ
+        # NOTE: the head's last token may tokenize otherwise inside the longer text (the fork then shares one
+        # token less), and exact mode on llama.cpp's own kernels backs the placed part off by MIN_SUFFIX
+        n_live = common_prefix(head.tokens, stored.tokenize(more, add_bos=True))
+        assert n_live >= n_head - 1
+        assert n_doc - n_live - MIN_SUFFIX <= saved <= n_doc - n_live
 
 
 def test_demotion_skips_an_entry_the_store_holds_all_but_a_little_of(engine: Engine, short_doc: str) -> None:
