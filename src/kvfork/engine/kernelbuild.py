@@ -4,7 +4,8 @@
 Steps: pip downloads the sdist of the pinned version and its sha256 is checked; the patch is applied to the
 unpacked tree (dry run first); pip builds and installs that tree (into --target DIR, or this environment);
 a fresh interpreter then loads the new build, which must list BATCH_INVARIANT = 1, and runs the invariance
-self-test (kvfork.engine.invariance) on gemma3-270m when it is pulled. About 6 minutes on 2 cores.
+self-test (kvfork.engine.invariance) on gemma3-270m when it is pulled. About 6 minutes on 2 idle cores (11 measured
+under load).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"llama-cpp-python {SDIST_VERSION} source: sha256 {SDIST_SHA256[:16]}... ok", file=sys.stderr)
         tree = apply_patch(sdist, folder, patch_file())
         print(f"applied {PATCH_NAME}; building for {'any x86-64-v3 CPU' if args.portable else 'this CPU'}"
-              f" into {target or 'this environment'} (~6 minutes on 2 cores) ...", file=sys.stderr, flush=True)
+              f" into {target or 'this environment'} (6-11 minutes on 2 cores) ...", file=sys.stderr, flush=True)
         build(tree, target=target, portable=args.portable)
     report = self_test(target, None if args.skip_test else _model_for_test())
     if "BATCH_INVARIANT = 1" not in report["system_info"]:
