@@ -40,6 +40,8 @@ from typing import Any
 from adapter_ops import KvforkAdapters, LlamaCppAdapters
 from restore_ops import KvforkRestore, LlamaCppRestore
 
+from kvfork.engine.kernelbuild import pythonpath_first
+
 __all__ = ["Arm", "Arms", "KINDS", "llama_rates", "rotate"]
 
 KINDS = ("kvfork", "kvfork-exact", "llama.cpp")
@@ -71,7 +73,7 @@ class Arm:
         env.pop("GGML_CPU_TILED_MM", None)  # NOTE: each child starts as a user's process would
         patched = os.environ.get(PATCHED_ENV)
         if patched and kind == "kvfork-exact":  # NOTE: only exact mode gets `kvfork build`'s llama-cpp-python
-            env["PYTHONPATH"] = os.pathsep.join([patched, *filter(None, [env.get("PYTHONPATH")])])
+            env = pythonpath_first(env, patched)
         argv = [sys.executable, __file__, "--kind", kind, "--model", str(model), "--threads", str(threads),
                 "--n-ctx", str(n_ctx), "--n-seq-max", str(n_seq_max), *extra]
         self.kind = " ".join((kind, *extra))

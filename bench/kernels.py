@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvfork.engine.kernelbuild import pythonpath_first
+
 ARMS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "defaults": ({}, dict(kv_type="f16", flash_attn="auto", repack=True)),
     "defaults-fa-off": ({}, dict(kv_type="f16", flash_attn="off", repack=True)),
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             env = {k: v for k, v in os.environ.items() if k not in SWITCHES}
             env.update(ARMS[name][0])
             if args.pythonpath:
-                env["PYTHONPATH"] = os.pathsep.join([args.pythonpath, *filter(None, [env.get("PYTHONPATH")])])
+                env = pythonpath_first(env, args.pythonpath)
             cmd = [sys.executable, __file__, "--arm", name, "--model", args.model, "--tokens", str(args.tokens),
                    "--threads", str(args.threads), "--fanout", args.fanout]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True)

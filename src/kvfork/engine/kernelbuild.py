@@ -25,7 +25,7 @@ from kvfork.engine.buildcheck import PORTABLE_CMAKE_ARGS
 from kvfork.errors import EngineError
 
 __all__ = ["SDIST_SHA256", "SDIST_VERSION", "add_build_command", "apply_patch", "build", "fetch_sdist",
-           "patch_file", "self_test"]
+           "patch_file", "pythonpath_first", "self_test"]
 
 # NOTE: the patch is written against the llama.cpp this exact file vendors (0c1e570); pyproject pins the version
 SDIST_VERSION = "0.3.36"
@@ -103,11 +103,14 @@ def build(tree: Path, *, target: Path | None, portable: bool) -> None:
         raise EngineError("pip could not build the patched llama-cpp-python (its output above says why)")
 
 
+def pythonpath_first(env: dict[str, str], folder: str | Path) -> dict[str, str]:
+    """`env` with `folder` (a `kvfork build --target` install) first on PYTHONPATH, for a child process."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [env.get("PYTHONPATH")])])}
+
+
 def self_test(target: Path | None, model: Path | None, threads: int = 2) -> dict:
     """Load the build in a fresh interpreter (PYTHONPATH=target first) and run the invariance check on `model`."""
-    env = dict(os.environ)
-    if target is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(target), *filter(None, [env.get("PYTHONPATH")])])
+    env = pythonpath_first(dict(os.environ), target) if target is not None else dict(os.environ)
     env.pop("GGML_CPU_BATCH_INVARIANT", None)  # exact mode sets it itself on a patched build
     if model is None:
         code = "import json; from kvfork.engine.llama import system_info; " \
