@@ -108,9 +108,53 @@ def test_short_matches_and_retries():
         p.choose("q1", route(DOC_A), [], now=0)
 
 
+def test_with_a_shared_tier_agents_still_coalesce_while_their_document_prefills():
+    p = policy(shared_tier=True)
+    first = p.choose("q0", route(DOC_A + [0] * 40, session="pipe-0"), ["r1", "r2", "r3"], now=0.0)
+    assert first.reason == "fallback"
+    # another pipeline on the same document, before the first finished: nothing is in the tier yet, so any
+    # other replica would compute the whole document again
+    d = p.choose("q1", route(DOC_A + [1] * 40, session="pipe-1"), ["r1", "r2", "r3"], now=0.1)
+    assert (d.replica, d.reason, d.matched_tokens) == (first.replica, "coalesced", 640)
+    assert p.work(first.replica) == 640 + 40 + 32 + 40 + 32
+
+
+def test_with_a_shared_tier_a_hot_document_spreads_over_replicas_by_restoring():
+    p = policy(shared_tier=True, restore_ratio=0.02)
+    p.report("r1", route_keys(ROOT, DOC_A))
+    first = p.choose("q0", route(DOC_A + [0] * 40, session="pipe-0"), ["r1", "r2", "r3"], now=0.0)
+    assert (first.replica, first.reason) == ("r1", "prefix")
+    p.completed("q0")  # it finished: its prompt is in the tier
+    placed = {"r1"}
+    for i in range(1, 3):  # idle replicas, but r1 has had all the work lately: the others restore the document
+        d = p.choose(f"q{i}", route(DOC_A + [i] * 40, session=f"pipe-{i}"), ["r1", "r2", "r3"], now=float(i))
+        assert d.reason == "restored" and d.matched_tokens == 640 and d.replica not in placed
+        assert p.work(d.replica) == pytest.approx(40 + 32 + 640 * 0.02)  # a restore, not a prefill
+        placed.add(d.replica)
+        p.completed(f"q{i}")
+    # a request that never finished (it expired, or its replica died) put nothing in the tier
+    q = policy(shared_tier=True, inflight_ttl_s=1.0)
+    q.choose("x0", route(DOC_B, session="s"), ["r1", "r2"], now=0.0)
+    q.choose("x1", route([1] * 10), ["r1", "r2"], now=5.0)
+    assert q.choose("x2", route(DOC_B), ["r1", "r2"], now=6.0).reason != "restored"
+
+
+def test_with_a_shared_tier_a_busy_replica_is_passed_over_past_the_balance_margin():
+    p = policy(shared_tier=True, balance_tokens=100)
+    p.report("r1", route_keys(ROOT, DOC_A))
+    p.report("r2", route_keys(ROOT, DOC_A))
+    p.choose("busy", route(DOC_B, max_tokens=1000), ["r1"], now=0.0)  # r1 has 1,640 tokens queued
+    d = p.choose("q0", route(DOC_A + [0] * 40), ["r1", "r2"], now=0.0)
+    assert (d.replica, d.reason) == ("r2", "prefix")
+
+
 @pytest.mark.parametrize("knob", ["block_size", "min_match_blocks", "max_recent_keys"])
 def test_bad_knobs_are_refused(knob):
     with pytest.raises(InvalidParameter, match=knob):
         RouterConfig(**{knob: 0})
     with pytest.raises(InvalidParameter, match="spill_tokens"):
         RouterConfig(spill_tokens=-1)
+    with pytest.raises(InvalidParameter, match="restore_ratio"):
+        RouterConfig(restore_ratio=1.5)
+    with pytest.raises(InvalidParameter, match="balance_halflife_s"):
+        RouterConfig(balance_halflife_s=0)

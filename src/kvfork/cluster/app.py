@@ -156,7 +156,9 @@ def _start(args: argparse.Namespace, *, blocking: bool) -> DeploymentHandle | No
     options = replica_options(args)
     options["threads"] = threads
     resolve_model(args.model)  # NOTE: pull once here, before every replica would
-    router_kwargs = {} if args.spill_tokens is None else {"spill_tokens": args.spill_tokens}
+    router_kwargs: dict[str, Any] = {} if args.spill_tokens is None else {"spill_tokens": args.spill_tokens}
+    if args.snapshot_url is not None:
+        router_kwargs["shared_tier"] = True  # NOTE: every replica restores what any wrote: place by load
     if not ray.is_initialized():
         ray.init(address=args.cluster, include_dashboard=False, log_to_driver=bool(args.verbose),
                  configure_logging=False, logging_level=logging.INFO if args.verbose else logging.ERROR)

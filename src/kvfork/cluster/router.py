@@ -58,6 +58,8 @@ class KvforkRouter(RequestRouter):
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
+        # NOTE: Serve does not say whether it succeeded; a failed one counted as in the shared tier costs at
+        # worst one prefill where a restore was expected
         self.policy.completed(internal_request_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
