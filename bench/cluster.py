@@ -1,6 +1,6 @@
 """Issue 20, requirement 7 (stub replicas): routing policies compared on a skewed multi-agent workload.
 
-    python bench/cluster.py --replicas 4 8 --repeats 3          # the full run
+    python bench/cluster.py --replicas 4 8 --repeats 3 --rate-per-replica 0.3 0.6 1.0 --smg-python VENV/bin/python
     python bench/cluster.py --quick                             # R=4, 1 repeat, 12 pipelines (~2 min)
 
 Workload (the same seeds for every arm): D documents of `--doc-tokens` distinct token ids each; pipelines
@@ -13,7 +13,11 @@ Arms, each a fresh Serve application over R StubReplicas (cluster/stub.py: it sl
 token it does not hold and `decode_s` per decode step; an LRU of `--capacity-blocks` route blocks):
 round_robin, pow2 (Serve's default), ray_prefix (Ray's PrefixCacheAffinityRouter), kvfork, and kvfork +
 shared (StubReplica shared_dir = a fresh folder: a prefix another replica computed is restored at 2% of its
-prefill time). SMG's cache-aware policy is not run (see the report's "not done").
+prefill time); and smg: SMG (sglang-router, `--policy cache_aware`, its defaults) in front of the same
+stubs served as plain HTTP servers (bench/stub_http.py), prompts sent as text ("t<id>" words) since its tree
+matches characters (`--smg-python`: a python with sglang-router installed; the arm is skipped without one).
+The Ray arms' router, and kvfork_shared's tier-aware placement, are the same code `kvfork serve --replicas`
+runs (`--snapshot-url` turns the latter on).
 
 Figures per arm (median over repeats, min-max):
 - amplification = sum of the replicas' prefill_computed / (tokens of the distinct documents the run used
@@ -39,6 +43,8 @@ import random
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,14 +53,14 @@ from typing import Any
 import httpx
 import ray
 from ray import serve
-from servers import free_port
+from servers import Server, free_port
 from workload import provenance, stats
 
 from kvfork.cluster import app as cluster_app
 from kvfork.cluster.app import APP_NAME, build_app
 from kvfork.cluster.stub import StubReplica
 
-ARMS = ("round_robin", "pow2", "ray_prefix", "kvfork", "kvfork_shared")
+ARMS = ("round_robin", "pow2", "ray_prefix", "smg", "kvfork", "kvfork_shared")
 # NOTE: `ray.serve.llm.request_router` imports vLLM or SGLang first (neither is installed here); the router
 # itself lives in a module that needs neither.
 RAY_PREFIX_DIRECT = ("ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router"
@@ -62,11 +68,11 @@ RAY_PREFIX_DIRECT = ("ray.llm._internal.serve.routing_policies.prefix_aware.pref
 
 
 # -- workload ----------------------------------------------------------------------------------------------
-def make_workload(args: argparse.Namespace, replicas: int, seed: int) -> dict[str, Any]:
+def make_workload(args: argparse.Namespace, replicas: int, rate_per_replica: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     docs = [[rng.randrange(1000, 30000) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
     weights = [1.0 / (i + 1) ** args.zipf for i in range(args.docs)]
-    rate = args.rate_per_replica * replicas
+    rate = rate_per_replica * replicas
     t, pipelines = 0.0, []
     for p in range(args.pipelines):
         t += rng.expovariate(rate)
@@ -80,8 +86,11 @@ def make_workload(args: argparse.Namespace, replicas: int, seed: int) -> dict[st
 
 
 # -- client ------------------------------------------------------------------------------------------------
-async def agent(client: httpx.AsyncClient, url: str, prompt: list[int], session: str, max_tokens: int) -> dict:
-    body = {"model": "stub", "prompt": prompt, "max_tokens": max_tokens, "stream": True}
+async def agent(client: httpx.AsyncClient, url: str, prompt: list[int], session: str, max_tokens: int,
+                text: bool = False) -> dict:
+    # NOTE: SMG's cache-aware policy matches the prompt's characters: it gets the same tokens as "t<id>" words
+    body = {"model": "stub", "prompt": " ".join(f"t{t}" for t in prompt) if text else prompt,
+            "max_tokens": max_tokens, "stream": True}
     t0 = time.perf_counter()
     ttft = None
     try:
@@ -102,21 +111,23 @@ async def agent(client: httpx.AsyncClient, url: str, prompt: list[int], session:
     return {"ok": ttft is not None, "sent": t0, "done": time.perf_counter(), "ttft": ttft}
 
 
-async def pipeline(client: httpx.AsyncClient, url: str, wl: dict, p: dict, start: float, max_tokens: int) -> dict:
+async def pipeline(client: httpx.AsyncClient, url: str, wl: dict, p: dict, start: float, max_tokens: int,
+                   text: bool) -> dict:
     await asyncio.sleep(max(0.0, start + p["at"] - time.perf_counter()))
     doc = wl["docs"][p["doc"]]
-    results = await asyncio.gather(*(agent(client, url, doc + s, p["id"], max_tokens) for s in p["suffixes"]))
+    results = await asyncio.gather(*(agent(client, url, doc + s, p["id"], max_tokens, text) for s in p["suffixes"]))
     ok = all(r["ok"] for r in results)
     first = min(r["sent"] for r in results)
     return {"id": p["id"], "ok": ok, "results": results,
             "makespan": max(r["done"] for r in results) - first if ok else None}
 
 
-async def drive(url: str, wl: dict, max_tokens: int) -> list[dict]:
+async def drive(url: str, wl: dict, max_tokens: int, text: bool = False) -> list[dict]:
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
         start = time.perf_counter() + 0.2
-        return await asyncio.gather(*(pipeline(client, url, wl, p, start, max_tokens) for p in wl["pipelines"]))
+        return await asyncio.gather(*(pipeline(client, url, wl, p, start, max_tokens, text)
+                                      for p in wl["pipelines"]))
 
 
 # -- replicas' counters and the router's decisions ---------------------------------------------------------
@@ -145,15 +156,49 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- one arm -----------------------------------------------------------------------------------------------
+def run_smg(replicas: int, wl: dict, args: argparse.Namespace) -> tuple[list[dict], dict[str, dict], float]:
+    """SMG (sglang-router, its cache-aware policy with its defaults) in front of R stub HTTP servers
+    (bench/stub_http.py: the same StubReplica as the Ray arms, as plain servers): no Ray on this path."""
+    probe = subprocess.run([args.smg_python, "-c", "import sglang_router"], capture_output=True)
+    if probe.returncode != 0:
+        raise RuntimeError(f"{args.smg_python} has no sglang_router: pip install sglang-router (a venv of its"
+                           " own is fine) and pass --smg-python that venv's python")
+    ports = [free_port() for _ in range(replicas)]
+    stub_argv = [sys.executable, str(Path(__file__).with_name("stub_http.py")), "--ports", *map(str, ports),
+                 "--prefill-s", str(args.prefill_s), "--decode-s", str(args.decode_s),
+                 "--capacity-blocks", str(args.capacity_blocks)]
+    router_port = free_port()
+    smg_argv = [args.smg_python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                "--port", str(router_port), "--policy", "cache_aware", "--log-level", "warn",
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+                "--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)]
+    logs = Path(tempfile.mkdtemp(prefix="kvfork-smg-"))
+    with Server("stub replicas", stub_argv, ports[0], ready_path="/health", log=logs / "stubs.log"):
+        for port in ports[1:]:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).raise_for_status()
+        with Server("smg", smg_argv, router_port, ready_path="/health", log=logs / "smg.log"):
+            t0 = time.perf_counter()
+            pipes = asyncio.run(drive(f"http://127.0.0.1:{router_port}", wl, args.max_tokens, text=True))
+            wall = time.perf_counter() - t0
+            counters = {str(p): httpx.get(f"http://127.0.0.1:{p}/stub/stats", timeout=30).json() for p in ports}
+    return pipes, counters, wall
+
+
 def run_arm(arm: str, replicas: int, wl: dict, args: argparse.Namespace, url: str) -> dict:
+    if arm == "smg":
+        pipes, counters, wall = run_smg(replicas, wl, args)
+        return measure(pipes, counters, {}, wl, wall)
     kwargs: dict[str, Any] = {"prefill_s": args.prefill_s, "decode_s": args.decode_s,
                               "capacity_blocks": args.capacity_blocks}
     shared = None
+    router_kwargs: dict[str, Any] = {}
     if arm == "kvfork_shared":
         shared = tempfile.mkdtemp(prefix="kvfork-stub-shared-")
         kwargs["shared_dir"] = shared
+        router_kwargs["shared_tier"] = True  # NOTE: as `kvfork serve --replicas N --snapshot-url` sets it
     router = "kvfork" if arm.startswith("kvfork") else arm
-    app = build_app(StubReplica, kwargs, replicas=replicas, model=args.model, router=router, replica_cpus=0)
+    app = build_app(StubReplica, kwargs, replicas=replicas, model=args.model, router=router,
+                    router_kwargs=router_kwargs, replica_cpus=0)
     serve.run(app, name=APP_NAME, route_prefix="/")
     try:
         t0 = time.perf_counter()
@@ -165,6 +210,10 @@ def run_arm(arm: str, replicas: int, wl: dict, args: argparse.Namespace, url: st
         serve.delete(APP_NAME)
         if shared:
             shutil.rmtree(shared, ignore_errors=True)
+    return measure(pipes, counters, reasons, wl, wall)
+
+
+def measure(pipes: list[dict], counters: dict[str, dict], reasons: dict[str, float], wl: dict, wall: float) -> dict:
     results = [r for p in pipes for r in p["results"]]
     ttfts = [r["ttft"] for r in results if r["ok"]]
     spans = [p["makespan"] for p in pipes if p["ok"]]
@@ -212,8 +261,8 @@ def cell(s: dict | None, digits: int = 2, scale: float = 1.0) -> str:
 
 def markdown(summary: dict) -> str:
     lines = []
-    for r, arms in summary["results"].items():
-        lines += [f"\n### R = {r} stub replicas\n",
+    for label, arms in summary["results"].items():
+        lines += [f"\n### {label}\n",
                   "| arm | amplification | TTFT p50 (ms) | TTFT p95 (ms) | makespan p50 (s) | makespan p95 (s) |"
                   " imbalance | restores | decisions | failed |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -265,13 +314,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--zipf", type=float, default=1.1, help="document popularity skew s")
     ap.add_argument("--pipelines", type=int, default=32, help="pipelines per run")
-    ap.add_argument("--rate-per-replica", type=float, default=0.3, help="pipelines/s per replica (Poisson)")
+    ap.add_argument("--rate-per-replica", type=float, nargs="+", default=[0.3],
+                    help="pipelines/s per replica (Poisson); several: a load sweep, each its own table")
     ap.add_argument("--prefill-s", type=float, default=2e-4, help="stub seconds per prompt token computed")
     ap.add_argument("--decode-s", type=float, default=5e-3, help="stub seconds per decode step")
     ap.add_argument("--capacity-blocks", type=int, default=1024,
                     help="each replica's LRU of 32-token route blocks (1024 = ~9 documents)")
     ap.add_argument("--seed", type=int, default=20)
     ap.add_argument("--model", default="gemma3-270m", help="the ingress's vocabulary (prompts are token ids)")
+    ap.add_argument("--smg-python", default=sys.executable,
+                    help="a python with sglang-router installed (SMG), for the smg arm")
     ap.add_argument("--quick", action="store_true", help="R=4, 1 repeat, 12 pipelines")
     ap.add_argument("--tag", default=None, help="output name: bench/out/cluster-<tag>.json/.md")
     args = ap.parse_args()
@@ -296,9 +348,10 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     summary: dict[str, Any] = {"settings": settings, "provenance": provenance(), "results": {}, "runs": {}}
     try:
-        for r in args.replicas:
-            summary["results"][r], summary["runs"][r] = {}, {}
-            workloads = [make_workload(args, r, args.seed + k) for k in range(args.repeats)]
+        for r, rate in [(r, rate) for r in args.replicas for rate in args.rate_per_replica]:
+            label = f"R = {r} stub replicas, {rate:g} pipelines/s per replica"
+            summary["results"][label], summary["runs"][label] = {}, {}
+            workloads = [make_workload(args, r, rate, args.seed + k) for k in range(args.repeats)]
             for k, wl in enumerate(workloads):
                 print(f"R={r} repeat {k}: {args.pipelines} pipelines at {wl['rate']:.2f}/s over"
                       f" {wl['distinct_docs']} distinct documents; denominator {wl['denominator_tokens']} tokens",
@@ -310,7 +363,7 @@ def main() -> None:
                         run = run_arm(arm, r, wl, args, url)
                     except Exception as exc:  # noqa: BLE001 - an arm that cannot start is reported, not hidden
                         print(f"  {arm}: failed to run: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                        summary["results"][r][arm] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
+                        summary["results"][label][arm] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
                         break
                     runs.append(run)
                     print(f"  R={r} {arm} #{k}: amp {run['amplification']:.2f}, TTFT p95"
@@ -318,15 +371,16 @@ def main() -> None:
                           f" imbalance {run['imbalance'] or 0:.2f}, restores {run['restores_shared']:.0f},"
                           f" failed {run['failed']}, {run['decisions'] or ''} ({run['wall_s']:.1f} s)", flush=True)
                 if runs:
-                    summary["runs"][r][arm] = runs
-                    summary["results"][r][arm] = summarize(runs)
+                    summary["runs"][label][arm] = runs
+                    summary["results"][label][arm] = summarize(runs)
     finally:
         serve.shutdown()
         ray.shutdown()
     md = markdown(summary)
     head = (f"Stub replicas; settings: {json.dumps(settings)}\n\nDenominator of amplification: tokens of the"
             " distinct documents a run used + every request's suffix tokens. Median over repeats (min-max).\n"
-            "SMG cache-aware: not run.\n")
+            "smg: SMG (sglang-router) with its cache-aware policy and defaults, in front of the same stubs as"
+            " plain HTTP servers (bench/stub_http.py), prompts as text; no Ray on its path.\n")
     out = Path(__file__).parent / "out" / f"cluster-{tag}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))
