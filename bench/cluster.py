@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -92,23 +93,28 @@ async def agent(client: httpx.AsyncClient, url: str, prompt: list[int], session:
     body = {"model": "stub", "prompt": " ".join(f"t{t}" for t in prompt) if text else prompt,
             "max_tokens": max_tokens, "stream": True}
     t0 = time.perf_counter()
-    ttft = None
+    ttft, replica = None, None
+
+    def failed(error: str) -> dict:
+        return {"ok": False, "sent": t0, "done": time.perf_counter(), "error": error, "replica": replica}
+
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body,
                                  headers={"x-session-id": session}) as reply:
+            replica = reply.headers.get("x-kvfork-replica")  # NOTE: the stubs name themselves before prefilling
             if reply.status_code != 200:
                 await reply.aread()
-                return {"ok": False, "sent": t0, "error": f"HTTP {reply.status_code}"}
+                return failed(f"HTTP {reply.status_code}")
             async for line in reply.aiter_lines():
                 if not line.startswith("data: "):
                     continue
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 if '"error"' in line and line != "data: [DONE]":
-                    return {"ok": False, "sent": t0, "error": line[:200]}
+                    return failed(line[:200])
     except Exception as exc:  # noqa: BLE001 - counted as failed
-        return {"ok": False, "sent": t0, "error": f"{type(exc).__name__}: {exc}"}
-    return {"ok": ttft is not None, "sent": t0, "done": time.perf_counter(), "ttft": ttft}
+        return failed(f"{type(exc).__name__}: {exc}")
+    return {"ok": ttft is not None, "sent": t0, "done": time.perf_counter(), "ttft": ttft, "replica": replica}
 
 
 async def pipeline(client: httpx.AsyncClient, url: str, wl: dict, p: dict, start: float, max_tokens: int,
@@ -116,6 +122,8 @@ async def pipeline(client: httpx.AsyncClient, url: str, wl: dict, p: dict, start
     await asyncio.sleep(max(0.0, start + p["at"] - time.perf_counter()))
     doc = wl["docs"][p["doc"]]
     results = await asyncio.gather(*(agent(client, url, doc + s, p["id"], max_tokens, text) for s in p["suffixes"]))
+    for r in results:
+        r["doc"] = p["doc"]
     ok = all(r["ok"] for r in results)
     first = min(r["sent"] for r in results)
     return {"id": p["id"], "ok": ok, "results": results,
@@ -197,20 +205,69 @@ def run_arm(arm: str, replicas: int, wl: dict, args: argparse.Namespace, url: st
         kwargs["shared_dir"] = shared
         router_kwargs["shared_tier"] = True  # NOTE: as `kvfork serve --replicas N --snapshot-url` sets it
     router = "kvfork" if arm.startswith("kvfork") else arm
+    if router == "kvfork":
+        router_kwargs.update(json.loads(args.router_kwargs))
     app = build_app(StubReplica, kwargs, replicas=replicas, model=args.model, router=router,
                     router_kwargs=router_kwargs, replica_cpus=0)
     serve.run(app, name=APP_NAME, route_prefix="/")
+    killer = Killer(url, args.kill_at) if args.kill_at is not None else None
     try:
         t0 = time.perf_counter()
+        if killer is not None:
+            killer.start()
         pipes = asyncio.run(drive(url, wl, args.max_tokens))
         wall = time.perf_counter() - t0
+        if killer is not None:
+            killer.join()
         counters = replica_counters()
         reasons = decisions(url) if router == "kvfork" else {}
     finally:
         serve.delete(APP_NAME)
         if shared:
             shutil.rmtree(shared, ignore_errors=True)
-    return measure(pipes, counters, reasons, wl, wall)
+    out = measure(pipes, counters, reasons, wl, wall)
+    if killer is not None:
+        out["kill"] = killer.outcome(pipes)
+    return out
+
+
+class Killer(threading.Thread):
+    """Kills the engine replica with the most work routed to it, `at` seconds into the run (the failure
+    target: only requests in flight on it are lost, each answered with an error within 5 s)."""
+
+    def __init__(self, url: str, at: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.at = url, at
+        self.victim: str | None = None
+        self.killed_at: float | None = None
+
+    def run(self) -> None:
+        time.sleep(self.at)
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        work = {m.group(1): float(m.group(2))
+                for m in re.finditer(r'kvfork_replica_work_tokens\{replica="([^"]+)"\} (\S+)', text)}
+        if not work:
+            return
+        self.victim = max(work, key=work.__getitem__)
+        self.killed_at = time.perf_counter()
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#kvfork-engine#{self.victim}", namespace="serve"),
+                 no_restart=True)
+
+    def outcome(self, pipes: list[dict]) -> dict:
+        results = [r for p in pipes for r in p["results"]]
+        if self.killed_at is None:
+            return {"victim": None}
+        on_victim = [r for r in results if r.get("replica") == self.victim and r["sent"] < self.killed_at < r["done"]]
+        failed = [r for r in results if not r["ok"]]
+        return {
+            "victim": self.victim, "killed_at_s": self.at, "in_flight_on_victim": len(on_victim),
+            "failed": len(failed),
+            "failed_in_flight_on_victim": sum(1 for r in failed if r in on_victim),
+            "failed_elsewhere": sum(1 for r in failed if r not in on_victim),
+            "error_after_kill_max_s": max((r["done"] - self.killed_at for r in failed if r in on_victim),
+                                          default=None),
+            "ok_after_kill": sum(1 for r in results if r["ok"] and r["sent"] > self.killed_at),
+        }
 
 
 def measure(pipes: list[dict], counters: dict[str, dict], reasons: dict[str, float], wl: dict, wall: float) -> dict:
@@ -220,6 +277,7 @@ def measure(pipes: list[dict], counters: dict[str, dict], reasons: dict[str, flo
     busy = [c.get("busy_s", 0.0) for c in counters.values()]
     computed = sum(c.get("prefill_computed", 0.0) for c in counters.values())
     errors = [r["error"] for r in results if not r["ok"]]
+    t_first = min((r["sent"] for r in results), default=0.0)
     return {
         "amplification": computed / wl["denominator_tokens"], "prefill_computed": computed,
         "prefill_reused": sum(c.get("prefill_reused", 0.0) for c in counters.values()),
@@ -229,6 +287,9 @@ def measure(pipes: list[dict], counters: dict[str, dict], reasons: dict[str, flo
         "busy_s": busy, "restores_shared": sum(c.get("restores_shared", 0.0) for c in counters.values()),
         "decisions": reasons, "failed": len(errors), "errors": errors[:5], "requests": len(results),
         "replicas_reporting": len(counters), "wall_s": wall,
+        # NOTE: every request, for looking into a tail: document, replica (stubs name it), sent, TTFT
+        "requests_log": [{"doc": r["doc"], "replica": r.get("replica"), "sent": round(r["sent"] - t_first, 4),
+                          "ttft": r.get("ttft"), "ok": r["ok"]} for r in results],
     }
 
 
@@ -276,6 +337,18 @@ def markdown(summary: dict) -> str:
                          f" {cell(s.get('makespan_p95'))} | {cell(s.get('imbalance'))} |"
                          f" {cell(s.get('restores_shared'), 0)} | {dec} | {cell(s.get('failed'), 0)} |")
         lines += targets(arms)
+    for label, arms in summary["runs"].items():
+        for arm, runs in arms.items():
+            for k, run in enumerate(runs):
+                if run.get("kill", {}).get("victim"):
+                    kill = run["kill"]
+                    worst = kill["error_after_kill_max_s"]
+                    lines.append(
+                        f"- {label}, {arm}, repeat {k}: killed the busiest replica at {kill['killed_at_s']:g} s;"
+                        f" {kill['in_flight_on_victim']} requests were in flight on it, {kill['failed']} failed"
+                        f" ({kill['failed_in_flight_on_victim']} of those in flight on it, {kill['failed_elsewhere']}"
+                        f" elsewhere), the last error {'-' if worst is None else f'{worst:.2f} s'} after the kill;"
+                        f" {kill['ok_after_kill']} requests sent after it succeeded")
     return "\n".join(lines) + "\n"
 
 
@@ -322,6 +395,11 @@ def main() -> None:
                     help="each replica's LRU of 32-token route blocks (1024 = ~9 documents)")
     ap.add_argument("--seed", type=int, default=20)
     ap.add_argument("--model", default="gemma3-270m", help="the ingress's vocabulary (prompts are token ids)")
+    ap.add_argument("--router-kwargs", default="{}", metavar="JSON",
+                    help="kvfork arms: RouterConfig fields, e.g. '{\"balance_tokens\": 512}'")
+    ap.add_argument("--kill-at", type=float, default=None, metavar="S",
+                    help="kvfork arms: kill the replica with the most work S seconds into each run and report"
+                         " what was lost (requests in flight on it vs elsewhere, seconds to their errors)")
     ap.add_argument("--smg-python", default=sys.executable,
                     help="a python with sglang-router installed (SMG), for the smg arm")
     ap.add_argument("--quick", action="store_true", help="R=4, 1 repeat, 12 pipelines")
@@ -370,6 +448,8 @@ def main() -> None:
                           f" {1e3 * (run['ttft_p95'] or 0):.0f} ms, makespan p95 {run['makespan_p95'] or 0:.2f} s,"
                           f" imbalance {run['imbalance'] or 0:.2f}, restores {run['restores_shared']:.0f},"
                           f" failed {run['failed']}, {run['decisions'] or ''} ({run['wall_s']:.1f} s)", flush=True)
+                    if "kill" in run:
+                        print(f"    killed: {json.dumps(run['kill'])}", flush=True)
                 if runs:
                     summary["runs"][label][arm] = runs
                     summary["results"][label][arm] = summarize(runs)

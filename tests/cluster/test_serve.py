@@ -22,9 +22,9 @@ DOC_B = list(range(3000, 3000 + 960))
 
 @pytest.fixture()
 def cluster(ray_serve):
-    def start(replicas: int = 2, **stub: float) -> str:
+    def start(replicas: int = 2, router_kwargs: dict | None = None, **stub: object) -> str:
         app = build_app(StubReplica, {"prefill_s": 1e-4, "decode_s": 0.01, **stub}, replicas=replicas,
-                        model="gemma3-270m", replica_cpus=0)
+                        model="gemma3-270m", replica_cpus=0, router_kwargs=router_kwargs)
         serve.run(app, name=APP_NAME, route_prefix="/")
         return ray_serve
 
@@ -83,10 +83,30 @@ def test_agents_of_one_document_meet_on_one_replica_and_it_is_counted(cluster):
 @pytest.mark.timeout(120)
 def test_a_session_keeps_a_pipeline_on_one_replica(cluster):
     url = cluster(replicas=3)
+    served = set()
     for i, doc in enumerate([DOC_A, DOC_B, DOC_A[:500] + DOC_B[:460]]):
-        assert complete(url, doc + [i] * 10, session="pipeline-1").status_code == 200
-    assert sorted(settled(url, "requests", 3).values()) == [0.0, 0.0, 3.0]
+        reply = complete(url, doc + [i] * 10, session="pipeline-1")
+        assert reply.status_code == 200
+        served.add(reply.headers["x-kvfork-replica"])  # NOTE: the stub names the replica that served it
+    requests = settled(url, "requests", 3)
+    assert sorted(requests.values()) == [0.0, 0.0, 3.0]
+    assert served == {r for r, n in requests.items() if n == 3.0}
     assert metrics(url)['kvfork_route_decisions_total{reason="session"}'] >= 2
+
+
+@pytest.mark.timeout(120)
+def test_with_a_shared_tier_a_finished_document_is_restored_on_an_idle_replica(cluster, tmp_path):
+    url = cluster(replicas=2, shared_dir=str(tmp_path), router_kwargs={"shared_tier": True})
+    first = complete(url, DOC_A + [0] * 40, session="pipeline-0")
+    assert first.status_code == 200
+    # the first replica holds the document, but has had all the work: the second restores it from the tier
+    second = complete(url, DOC_A + [1] * 40, session="pipeline-1")
+    assert second.status_code == 200
+    assert first.headers["x-kvfork-replica"] != second.headers["x-kvfork-replica"]
+    assert sorted(settled(url, "requests", 2).values()) == [1.0, 1.0]
+    assert sum(settled(url, "prefill_computed", 960 + 2 * 40).values()) == 960 + 2 * 40  # the document once
+    assert sum(per_replica(metrics(url), "restores_shared").values()) == 1
+    assert metrics(url)['kvfork_route_decisions_total{reason="restored"}'] == 1
 
 
 @pytest.mark.timeout(180)
@@ -111,6 +131,7 @@ def test_killing_a_replica_costs_only_its_in_flight_requests(cluster):
             reply = f.result()
             assert time.monotonic() - killed_at < 5.0  # answered with an error, not left hanging
             assert reply.status_code == 503 or '"replica_unavailable"' in reply.text
+            assert reply.headers.get("x-kvfork-replica", victim) == victim  # NOTE: absent on a 503
         assert all(f.result().status_code == 200 for f in safe)
     # NOTE: the router stopped sending to the dead replica at once; Serve brings the deployment back to 2
     for i in range(4):

@@ -39,6 +39,7 @@ class StubReplica:
         self._engine = asyncio.Lock()  # one prefill at a time, as one llama context computes
         self._working = 0
         self._busy_since = 0.0
+        self.name = _replica_name()
         self.counters = {"prefill_computed": 0.0, "prefill_reused": 0.0, "restores_shared": 0.0, "requests": 0.0,
                          "busy_s": 0.0}
 
@@ -47,9 +48,12 @@ class StubReplica:
         keys: list[str] = list((route or {}).get("keys") or ())
         n_tokens = int((route or {}).get("n_tokens") or 0)
         max_tokens = int((route or {}).get("max_tokens") or 1)
-        await self._prefill(keys, n_tokens)
         stream = bool(body.get("stream"))
-        yield ResponseStart(200, (("content-type", "text/event-stream" if stream else "application/json"),))
+        # NOTE: the status and headers go first, naming this replica, so a client (bench/cluster.py --kill-at)
+        # knows where a request was in flight; the first chunk still waits for the prefill (TTFT)
+        yield ResponseStart(200, (("content-type", "text/event-stream" if stream else "application/json"),
+                                  ("x-kvfork-replica", self.name)))
+        await self._prefill(keys, n_tokens)
         if stream:
             yield _sse({"choices": [{"index": 0, "text": "x", "finish_reason": None}]})
         self._work_start()
@@ -99,7 +103,8 @@ class StubReplica:
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
             if self.shared is not None:
-                self._publish(keys)
+                # NOTE: write-behind, as the store's shared writer: not on this request's first token
+                asyncio.get_running_loop().run_in_executor(None, self._publish, keys)
         finally:
             for key in todo:
                 if self._pending.get(key) is done:
@@ -145,6 +150,16 @@ class StubReplica:
         self._working -= 1
         if self._working == 0:
             self.counters["busy_s"] += time.monotonic() - self._busy_since
+
+
+def _replica_name() -> str:
+    """Serve's id of this replica (what the router and /metrics call it), or "local" outside Serve."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not in a Serve replica (bench/stub_http.py, tests)
+        return "local"
 
 
 def _sse(obj: dict) -> bytes:
