@@ -35,7 +35,7 @@ from ray import serve
 from servers import Server, llama_server
 from workload import document, fmt, stats
 
-from kvfork.cluster.app import APP_NAME, build_app, cluster_options, replica_options
+from kvfork.cluster.app import APP_NAME, build_app, cluster_options, replica_options, router_options
 from kvfork.cluster.replica import EngineReplica
 from kvfork.models import resolve_model
 
@@ -74,9 +74,11 @@ def counters(url: str) -> dict[str, float]:
 
 
 def run_arm(url: str, args: argparse.Namespace, shared: str | None, exact: bool, llama: Server) -> list[dict]:
-    options = replica_options(cluster_options(model=args.model, threads=args.threads, n_ctx=8192,
-                                              snapshot_url=shared, model_name="qwen", exact=exact))
-    app = build_app(EngineReplica, {"options": options}, replicas=2, model=args.model, replica_cpus=0)
+    cluster_args = cluster_options(model=args.model, threads=args.threads, n_ctx=8192, snapshot_url=shared,
+                                   model_name="qwen", exact=exact)
+    # NOTE: the router as `kvfork serve --replicas 2` runs it (with --snapshot-url: placed by load)
+    app = build_app(EngineReplica, {"options": replica_options(cluster_args)}, replicas=2, model=args.model,
+                    replica_cpus=0, router_kwargs=router_options(cluster_args))
     serve.run(app, name=APP_NAME, route_prefix="/")
     rows = []
     try:

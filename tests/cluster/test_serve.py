@@ -94,6 +94,14 @@ def test_a_session_keeps_a_pipeline_on_one_replica(cluster):
     assert metrics(url)['kvfork_route_decisions_total{reason="session"}'] >= 2
 
 
+def test_kvfork_serve_with_a_shared_tier_places_by_load():
+    from kvfork.cluster.app import cluster_options, router_options
+
+    assert router_options(cluster_options()) == {}
+    assert router_options(cluster_options(snapshot_url="file:///shared", spill_tokens=5)) == {
+        "shared_tier": True, "spill_tokens": 5}
+
+
 @pytest.mark.timeout(120)
 def test_with_a_shared_tier_a_finished_document_is_restored_on_an_idle_replica(cluster, tmp_path):
     url = cluster(replicas=2, shared_dir=str(tmp_path), router_kwargs={"shared_tier": True})

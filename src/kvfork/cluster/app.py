@@ -131,6 +131,14 @@ def replica_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in cluster_only}
 
 
+def router_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The RouterConfig fields `kvfork serve`'s options set (build_app's router_kwargs)."""
+    out: dict[str, Any] = {} if args.spill_tokens is None else {"spill_tokens": args.spill_tokens}
+    if args.snapshot_url is not None:
+        out["shared_tier"] = True  # NOTE: every replica restores what any wrote: place by load
+    return out
+
+
 def run_cluster(replicas: int, *, model: str = DEFAULT_MODEL, cluster: str | None = None, blocking: bool = True,
                 **options: Any) -> DeploymentHandle | None:
     """Start the cluster from Python: `kvfork serve --replicas N` with `options` named as its flags
@@ -156,9 +164,7 @@ def _start(args: argparse.Namespace, *, blocking: bool) -> DeploymentHandle | No
     options = replica_options(args)
     options["threads"] = threads
     resolve_model(args.model)  # NOTE: pull once here, before every replica would
-    router_kwargs: dict[str, Any] = {} if args.spill_tokens is None else {"spill_tokens": args.spill_tokens}
-    if args.snapshot_url is not None:
-        router_kwargs["shared_tier"] = True  # NOTE: every replica restores what any wrote: place by load
+    router_kwargs = router_options(args)
     if not ray.is_initialized():
         ray.init(address=args.cluster, include_dashboard=False, log_to_driver=bool(args.verbose),
                  configure_logging=False, logging_level=logging.INFO if args.verbose else logging.ERROR)
