@@ -51,6 +51,8 @@ class RouterConfig:
     # first (queued work + its own cost there); among replicas within balance_tokens of the best, the one
     # with the least work routed to it lately (a sum decaying with balance_halflife_s) wins, so a hot
     # document spreads over replicas instead of keeping one busy. Without the tier the spill rule applies.
+    # A server writes only prompts it computed 512+ tokens of (server/dispatch.py): a shorter one taken for
+    # published costs at most that much prefill where a restore was expected.
     shared_tier: bool = False
     restore_ratio: float = 0.02
     balance_tokens: int = 256

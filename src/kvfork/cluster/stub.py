@@ -15,6 +15,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class StubReplica:
         self._working = 0
         self._busy_since = 0.0
         self.name = _replica_name()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stub-shared-writer")
         self.counters = {"prefill_computed": 0.0, "prefill_reused": 0.0, "restores_shared": 0.0, "requests": 0.0,
                          "busy_s": 0.0}
 
@@ -103,8 +105,9 @@ class StubReplica:
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
             if self.shared is not None:
-                # NOTE: write-behind, as the store's shared writer: not on this request's first token
-                asyncio.get_running_loop().run_in_executor(None, self._publish, keys)
+                # NOTE: write-behind on one writer thread, as the store's shared writer: not on this request's
+                # first token, and never two writes of one key at once
+                asyncio.get_running_loop().run_in_executor(self._writer, self._publish, keys)
         finally:
             for key in todo:
                 if self._pending.get(key) is done:
