@@ -152,10 +152,14 @@ def replica_counters() -> dict[str, dict[str, float]]:
     return out
 
 
-def decisions(url: str) -> dict[str, float]:
+def by_label(url: str, metric: str, label: str) -> dict[str, float]:
+    """One metric of the ingress's /metrics, its samples by the value of `label`."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'kvfork_route_decisions_total\{reason="(\w+)"\} (\S+)', text)}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(metric + r'\{' + label + r'="([^"]+)"\} (\S+)', text)}
+
+
+def decisions(url: str) -> dict[str, float]:
+    return by_label(url, "kvfork_route_decisions_total", "reason")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -243,9 +247,7 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         time.sleep(self.at)
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
-        work = {m.group(1): float(m.group(2))
-                for m in re.finditer(r'kvfork_replica_work_tokens\{replica="([^"]+)"\} (\S+)', text)}
+        work = by_label(self.url, "kvfork_replica_work_tokens", "replica")
         if not work:
             return
         self.victim = max(work, key=work.__getitem__)
@@ -257,15 +259,14 @@ class Killer(threading.Thread):
         results = [r for p in pipes for r in p["results"]]
         if self.killed_at is None:
             return {"victim": None}
-        on_victim = [r for r in results if r.get("replica") == self.victim and r["sent"] < self.killed_at < r["done"]]
+        killed_at = self.killed_at
+        on_victim = {id(r) for r in results if r.get("replica") == self.victim and r["sent"] < killed_at < r["done"]}
         failed = [r for r in results if not r["ok"]]
+        lost = [r for r in failed if id(r) in on_victim]
         return {
             "victim": self.victim, "killed_at_s": self.at, "in_flight_on_victim": len(on_victim),
-            "failed": len(failed),
-            "failed_in_flight_on_victim": sum(1 for r in failed if r in on_victim),
-            "failed_elsewhere": sum(1 for r in failed if r not in on_victim),
-            "error_after_kill_max_s": max((r["done"] - self.killed_at for r in failed if r in on_victim),
-                                          default=None),
+            "failed": len(failed), "failed_in_flight_on_victim": len(lost), "failed_elsewhere": len(failed) - len(lost),
+            "error_after_kill_max_s": max((r["done"] - killed_at for r in lost), default=None),
             "ok_after_kill": sum(1 for r in results if r["ok"] and r["sent"] > self.killed_at),
         }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -211,12 +211,7 @@ class PrefixPolicy:
         """How many leading route keys `replica` holds (reported, plus the router's recent placements)."""
         reported = self._reported.get(replica, frozenset())
         recent: Mapping[str, float] = {} if reported_only else self._recent.get(replica, {})
-        n = 0
-        for key in keys:
-            if key not in reported and key not in recent:
-                break
-            n += 1
-        return n
+        return _leading(keys, reported, recent)
 
     def _decide(self, route: Route, replicas: list[str], now: float) -> tuple[Decision, float]:
         """The decision and its cost: tokens the chosen replica computes (or restores, weighted) for it."""
@@ -235,11 +230,7 @@ class PrefixPolicy:
 
     def _decide_with_tier(self, route: Route, replicas: list[str], now: float) -> tuple[Decision, float]:
         cfg = self.config
-        published = 0
-        for key in route.keys:
-            if key not in self._published:
-                break
-            published += 1
+        published = _leading(route.keys, self._published)
         if published < cfg.min_match_blocks:
             published = 0
         holders = [(self.matched_blocks(r, route.keys), r) for r in replicas]
@@ -256,8 +247,9 @@ class PrefixPolicy:
             options.append((self.work(replica) + cost, replica, held, cost))
         soonest = min(o[0] for o in options)
         near = [o for o in options if o[0] <= soonest + cfg.balance_tokens]
-        low = min(self.lately(o[1], now) for o in near)
-        _, replica, held, cost = self._rng.choice([o for o in near if self.lately(o[1], now) <= low + 1e-6])
+        lately = {o[1]: self.lately(o[1], now) for o in near}
+        low = min(lately.values())
+        _, replica, held, cost = self._rng.choice([o for o in near if lately[o[1]] <= low + 1e-6])
         best_held = max(o[2] for o in options)
         if held > 0 and held == best_held:
             reported = self.matched_blocks(replica, route.keys, reported_only=True)
@@ -309,3 +301,13 @@ class PrefixPolicy:
                 if expiry >= now:
                     break
                 del recent[key]
+
+
+def _leading(keys: tuple[str, ...], *held: Container[str]) -> int:
+    """How many of `keys`, from the first, are in any of `held`."""
+    n = 0
+    for key in keys:
+        if not any(key in h for h in held):
+            break
+        n += 1
+    return n
