@@ -103,14 +103,20 @@ def train_all(args: argparse.Namespace, folder: Path) -> dict:
 def evaluate(args: argparse.Namespace, folder: Path) -> dict:
     # NOTE: 4 tasks x 3 shared variants x 3 documents = 36 branches, ~200 own tokens each, over 3 prefixes
     engine = Engine(args.model, n_ctx=12288, n_seq_max=48, n_threads=args.threads, progress=False)
+    variants = tuple(v for v in VARIANTS if v in args.variants)
     for task in args.tasks:
-        engine.load_adapter(f"{task}.own", folder / f"{task}.plain.gguf", prefill="adapter")
-        engine.load_adapter(f"{task}.naive", folder / f"{task}.plain.gguf", prefill="base")
-        engine.load_adapter(f"{task}.cache", folder / f"{task}.cache.gguf")
-        assert engine.adapters.get(f"{task}.cache").prefill == "base", "the cache decoder must say it reads base KV"
+        if "plain/own" in variants:
+            engine.load_adapter(f"{task}.own", folder / f"{task}.plain.gguf", prefill="adapter")
+        if "plain/naive" in variants:
+            engine.load_adapter(f"{task}.naive", folder / f"{task}.plain.gguf", prefill="base")
+        if "cache/shared" in variants:
+            engine.load_adapter(f"{task}.cache", folder / f"{task}.cache.gguf")
+            assert engine.adapters.get(f"{task}.cache").prefill == "base", "the cache decoder must read base KV"
     tests = {task: split(task, "test", args.n_test) for task in args.tasks}
-    hits = {task: {v: 0 for v in VARIANTS} for task in args.tasks}
-    shared = [(t, v) for t in args.tasks for v in ("base", "plain/naive", "cache/shared")]
+    hits = {task: {v: 0 for v in variants} for task in args.tasks}
+    # NOTE: fast mode rounds a batch differently from one branch alone, so a shared variant's replies can
+    # depend on which other variants decode beside it (plain/own always runs alone)
+    shared = [(t, v) for t in args.tasks for v in ("base", "plain/naive", "cache/shared") if v in variants]
     adapters = [None if v == "base" else f"{t}.{'naive' if v == 'plain/naive' else 'cache'}" for t, v in shared]
     samples = []
     t0 = time.perf_counter()
@@ -135,7 +141,7 @@ def evaluate(args: argparse.Namespace, folder: Path) -> dict:
         for k, i in enumerate(group):
             mine = outs[k * len(shared):(k + 1) * len(shared)]
             replies = {key: out.text for key, out in zip(shared, mine, strict=True)}
-            for task in args.tasks:
+            for task in args.tasks if "plain/own" in variants else ():
                 prompt = engine.prompt_tokens(documents[k], tests[task][i].instruction)
                 replies[(task, "plain/own")] = engine.generate(prompt, adapter=f"{task}.own",
                                                                max_tokens=args.max_tokens).text
@@ -145,28 +151,34 @@ def evaluate(args: argparse.Namespace, folder: Path) -> dict:
                 hits[task][variant] += ok
                 row[f"{task}|{variant}"] = {"ok": ok, "reply": text}
             samples.append(row)
-        done = {v: sum(hits[t][v] for t in args.tasks) for v in VARIANTS}
+        done = {v: sum(hits[t][v] for t in args.tasks) for v in variants}
         seen = group[-1] + 1 - args.test_from
         print(f"[{group[-1] + 1}/{args.n_test}] {time.perf_counter() - t0:.0f} s  "
-              + "  ".join(f"{v} {done[v]}/{len(args.tasks) * seen}" for v in VARIANTS), flush=True)
+              + "  ".join(f"{v} {done[v]}/{len(args.tasks) * seen}" for v in variants), flush=True)
     engine.close()
     n = args.n_test - args.test_from
-    accuracy = {task: {v: hits[task][v] / n for v in VARIANTS} for task in args.tasks}
-    accuracy["mean"] = {v: sum(accuracy[t][v] for t in args.tasks) / len(args.tasks) for v in VARIANTS}
+    accuracy = {task: {v: hits[task][v] / n for v in variants} for task in args.tasks}
+    accuracy["mean"] = {v: sum(accuracy[t][v] for t in args.tasks) / len(args.tasks) for v in variants}
     return {"accuracy": accuracy, "n_test": args.n_test, "test_from": args.test_from,
             "eval_s": time.perf_counter() - t0, "samples": samples}
 
 
 def combine(files: list[Path], seed: int = 0, draws: int = 10_000) -> dict:
     """Accuracy over the test notes of several eval JSON files (each note once), and per task the
-    difference cache/shared - plain/own with a 95% interval from a paired bootstrap over notes."""
+    difference cache/shared - plain/own with a 95% interval from a paired bootstrap over notes.
+
+    A note's (task, variant) reply is taken from the first file that scored it. Only the tasks scored on
+    every note count, and only the variants scored for all of them on every note."""
     rows: dict[int, dict] = {}
     for f in files:
         for row in json.loads(f.read_text())["samples"]:
-            rows.setdefault(row["i"], row)
+            merged = rows.setdefault(row["i"], {})
+            for key, value in row.items():
+                merged.setdefault(key, value)
     notes = [rows[i] for i in sorted(rows)]
-    tasks = sorted({key.split("|")[0] for row in notes for key in row if "|" in key}, key=ALL_TASKS.index)
-    out: dict = {"n_notes": len(notes), "tasks": {}}
+    tasks = [t for t in ALL_TASKS if all(f"{t}|plain/own" in r and f"{t}|cache/shared" in r for r in notes)]
+    variants = [v for v in VARIANTS if all(f"{t}|{v}" in r for r in notes for t in tasks)]
+    out: dict = {"n_notes": len(notes), "variants": variants, "tasks": {}}
     rng = random.Random(seed)
     for task in [*tasks, "mean"]:
         group = tasks if task == "mean" else [task]
@@ -177,7 +189,7 @@ def combine(files: list[Path], seed: int = 0, draws: int = 10_000) -> dict:
 
         boot = sorted(diff(rng.choices(notes, k=len(notes))) for _ in range(draws))
         acc = {v: sum(r[f"{t}|{v}"]["ok"] for r in notes for t in group) / (len(notes) * len(group))
-               for v in VARIANTS}
+               for v in variants}
         out["tasks"][task] = {"accuracy": acc, "diff": diff(notes),
                               "diff_95": [boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]]}
     return out
@@ -213,6 +225,9 @@ def main() -> None:
     ap.add_argument("--prompt-cache-mb", type=int, default=4096, help="MiB of base prompt KV kept for reuse")
     ap.add_argument("--reuse-adapters", action="store_true", help="skip training where the GGUF exists")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="score these variants only (e.g. plain/own cache/shared, to add test notes where the"
+                    " two are compared; --combine takes the others from earlier files)")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="only print the accuracy over these eval JSON files' notes together (no training or"
                     " evaluation), with cache - plain per task and its 95%% paired-bootstrap interval")
@@ -220,11 +235,11 @@ def main() -> None:
     if args.combine:
         result = combine(args.combine, args.seed)
         print(f"{result['n_notes']} test notes; cache/shared - plain/own, 95% paired bootstrap over notes")
-        print("| task | " + " | ".join(VARIANTS) + " | cache - plain [95%] |")
-        print("|---|" + "---|" * (len(VARIANTS) + 1))
+        print("| task | " + " | ".join(result["variants"]) + " | cache - plain [95%] |")
+        print("|---|" + "---|" * (len(result["variants"]) + 1))
         for task, row in result["tasks"].items():
             lo, hi = row["diff_95"]
-            print(f"| {task} | " + " | ".join(f"{100 * row['accuracy'][v]:.1f}%" for v in VARIANTS)
+            print(f"| {task} | " + " | ".join(f"{100 * row['accuracy'][v]:.1f}%" for v in result["variants"])
                   + f" | {100 * row['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
         return
     if not 0 <= args.test_from < args.n_test:
@@ -243,10 +258,10 @@ def main() -> None:
     name = "eval.json" if not args.test_from else f"eval_{args.test_from}_{args.n_test}.json"
     (args.out / name).write_text(json.dumps(result, indent=2))
     print(f"\naccuracy (held-out test split, notes {args.test_from + 1}-{args.n_test}, greedy):")
-    print("| task | " + " | ".join(VARIANTS) + " |")
-    print("|---|" + "---|" * len(VARIANTS))
+    print("| task | " + " | ".join(row_variants := list(result["accuracy"]["mean"])) + " |")
+    print("|---|" + "---|" * len(row_variants))
     for task, row in result["accuracy"].items():
-        print(f"| {task} | " + " | ".join(f"{100 * row[v]:.0f}%" for v in VARIANTS) + " |")
+        print(f"| {task} | " + " | ".join(f"{100 * row[v]:.0f}%" for v in row_variants) + " |")
     print(f"total {result['total_s'] / 60:.1f} min (evaluation {result['eval_s'] / 60:.1f} min)")
 
 
