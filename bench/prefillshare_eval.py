@@ -38,13 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prefillshare_tasks import ALL_TASKS, HELD_BACK, check, split, write_jsonl  # noqa: E402
+from prefillshare_tasks import ALL_TASKS, HELD_BACK, check, lengthen, split, write_jsonl  # noqa: E402
 from workload import provenance  # noqa: E402
 
 # NOTE: off the path again: bench/kernels.py would shadow the `kernels` package transformers looks for
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from kvfork import Engine  # noqa: E402
+from kvfork.train.config import DEFAULT_TARGETS, SCHEDULES  # noqa: E402
 
 VARIANTS = ("base", "plain/own", "plain/naive", "cache/shared")
 
@@ -58,7 +59,9 @@ def train_all(args: argparse.Namespace, folder: Path) -> dict:
     from kvfork.train.trainer import PromptKV, Trainer
 
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [(t, m) for m in ("plain", "cache") for t in args.tasks
+    # NOTE: a plain decoder is trained only where it is scored or is a cache decoder's teacher
+    modes = ("plain", "cache") if args.distill or {"plain/own", "plain/naive"} & set(args.variants) else ("cache",)
+    todo = [(t, m) for m in modes for t in args.tasks
             if not (args.reuse_adapters and (folder / f"{t}.{m}.gguf").exists())]
     log: dict = {}
     if not todo:
@@ -78,8 +81,9 @@ def train_all(args: argparse.Namespace, folder: Path) -> dict:
             steps = args.cache_steps if mode == "cache" and args.cache_steps else args.steps
             # NOTE: --distill: the cache decoder learns from its task's plain decoder too (trained first)
             teacher = str(folder / f"{task}.plain.gguf") if mode == "cache" and args.distill else None
-            config = TrainConfig(mode=mode, rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, steps=steps,
-                                 seed=args.seed, n_threads=args.threads, prompt_cache_mb=args.prompt_cache_mb,
+            config = TrainConfig(mode=mode, rank=args.rank, alpha=args.alpha or 2.0 * args.rank, lr=args.lr,
+                                 steps=steps, schedule=args.schedule, targets=args.targets, seed=args.seed,
+                                 n_threads=args.threads, prompt_cache_mb=args.prompt_cache_mb,
                                  teacher=teacher, distill=args.distill if teacher else 0.0,
                                  own_tokens=args.own_tokens if mode == "cache" else 1)
             trainer = Trainer(base, config, prompts=shared)
@@ -215,6 +219,17 @@ def main() -> None:
     ap.add_argument("--own-tokens", type=int, default=1,
                     help="cache decoders compute the prompt's last N tokens with their adapter (train-decoder"
                     " --own-tokens; the rest is the shared base KV)")
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="LoRA alpha (default 2 x --rank: scale alpha / rank = 2)")
+    ap.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                    help="learning-rate schedule (train-decoder --schedule)")
+    ap.add_argument("--targets", type=lambda v: tuple(t for t in v.split(",") if t), default=DEFAULT_TARGETS,
+                    help="comma-separated modules LoRA adapts (train-decoder --targets; default all linear ones)")
+    ap.add_argument("--long-share", type=float, default=0.0,
+                    help="share of training notes replaced by long notes (a mix of prompt lengths; the test notes"
+                    " stay short)")
+    ap.add_argument("--long-tokens", type=int, nargs=2, default=(600, 1500), metavar=("LO", "HI"),
+                    help="token range of --long-share's notes")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -248,8 +263,14 @@ def main() -> None:
     t0 = time.perf_counter()
     data = args.out / "data"
     data.mkdir(parents=True, exist_ok=True)
+    if args.long_share:
+        with Engine(args.model, n_ctx=4096, n_threads=args.threads, progress=False) as engine:
+            trains = {t: lengthen(split(t, "train", args.n_train), args.long_share, tuple(args.long_tokens),
+                                  args.seed, engine.tokenize) for t in ALL_TASKS}
+    else:
+        trains = {t: split(t, "train", args.n_train) for t in ALL_TASKS}
     for task in ALL_TASKS:
-        write_jsonl(split(task, "train", args.n_train), data / f"{task}.train.jsonl")
+        write_jsonl(trains[task], data / f"{task}.train.jsonl")
         write_jsonl(split(task, "test", args.n_test), data / f"{task}.test.jsonl")
     training = train_all(args, args.out / "adapters")
     result = evaluate(args, args.out / "adapters")

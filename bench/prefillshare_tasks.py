@@ -54,6 +54,7 @@ __all__ = [
     "check",
     "write_jsonl",
     "long_document",
+    "lengthen",
 ]
 
 TASKS: tuple[str, ...] = ("extract", "arith", "tool")
@@ -496,6 +497,28 @@ def split(task: str, which: str, n: int) -> list[Sample]:
             break
         if note.order not in seen:
             out.append(_sample(task, note))
+    return out
+
+
+def lengthen(samples: list[Sample], share: float, tokens: tuple[int, int], seed: int,
+             tokenize: Callable[[str], list[int]]) -> list[Sample]:
+    """The samples with a `share` of them (chosen by `seed`) replaced by samples of the same task on long
+    notes, of a length drawn uniformly in `tokens` (activity lines around the subject order, as in the
+    serving benchmark's documents): a mix of prompt lengths for training (issue 21's length-mix lever).
+    The long notes are new notes (seeded by `seed` and the sample's index), not the short ones padded."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    lo, hi = tokens
+    if not 0 < lo <= hi:
+        raise ValueError(f"tokens must be 0 < lo <= hi, got {tokens}")
+    rng = random.Random(seed)
+    chosen = set(rng.sample(range(len(samples)), round(share * len(samples))))
+    out = []
+    for i, s in enumerate(samples):
+        if i in chosen:
+            note = make_note(random.Random(seed * 1_000_003 + i), tokenize=tokenize, target_tokens=rng.randint(lo, hi))
+            s = _sample(s.task, note)
+        out.append(s)
     return out
 
 
