@@ -81,8 +81,9 @@ def train_all(args: argparse.Namespace, folder: Path) -> dict:
             steps = args.cache_steps if mode == "cache" and args.cache_steps else args.steps
             # NOTE: --distill: the cache decoder learns from its task's plain decoder too (trained first)
             teacher = str(folder / f"{task}.plain.gguf") if mode == "cache" and args.distill else None
-            config = TrainConfig(mode=mode, rank=args.rank, alpha=args.alpha or 2.0 * args.rank, lr=args.lr,
-                                 steps=steps, schedule=args.schedule, targets=args.targets, seed=args.seed,
+            alpha = 2.0 * args.rank if args.alpha is None else args.alpha
+            config = TrainConfig(mode=mode, rank=args.rank, alpha=alpha, lr=args.lr, steps=steps,
+                                 schedule=args.schedule, targets=args.targets, seed=args.seed,
                                  n_threads=args.threads, prompt_cache_mb=args.prompt_cache_mb,
                                  teacher=teacher, distill=args.distill if teacher else 0.0,
                                  own_tokens=args.own_tokens if mode == "cache" else 1)
