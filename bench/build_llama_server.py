@@ -4,8 +4,9 @@ llama-cpp-python source package, so the peer runs the very llama.cpp version kvf
     python bench/build_llama_server.py            # -> bench/peers/llama-server (prints the path)
 
 The source package is fetched with `pip download --no-binary :all:` (PyPI, nothing else on the
-network); nothing from it is committed (bench/peers/ is git-ignored). CPU build, native
-instructions, no web UI, no HTTPS. Takes ~6 minutes on 2 cores; a second run reuses the binary.
+network); nothing from it is committed (bench/peers/ is git-ignored). CPU build for this CPU's
+instruction sets without AMX (its kernels crash on llama.cpp's default repacked weights, llama.cpp #20824:
+see kvfork/engine/buildcheck.py), no web UI, no HTTPS. Takes ~6 minutes on 2 cores; a second run reuses the binary.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+from kvfork.engine.buildcheck import cmake_args, cpu_flags
 
 PEERS = Path(__file__).resolve().parent / "peers"
 
@@ -43,7 +46,8 @@ def fetch_sources(version: str, into: Path) -> Path:
 def build(src: Path, build_dir: Path, jobs: int) -> Path:
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
-             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON"]
+             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+             *cmake_args(cpu_flags()).split()]  # NOTE: this CPU's sets without AMX, as kvfork's own build
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *flags], check=True)
     subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)], check=True)

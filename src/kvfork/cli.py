@@ -79,13 +79,19 @@ def _doctor(*, fix: bool) -> int:
     if report.ok:
         print(f"llama.cpp build runs on this CPU: {report.system_info.strip()}")
         return 0
-    why = (f"does not load here ({report.crashed})" if report.crashed
-           else f"was built for {', '.join(report.missing)}, which this CPU lacks")
+    if report.crashed:
+        why = f"does not load here ({report.crashed})"
+    elif report.missing:
+        why = f"was built for {', '.join(report.missing)}, which this CPU lacks"
+    else:
+        why = (f"was built with {', '.join(report.crashing)}, whose kernels crash at the first decode with "
+               "repacked weights (llama.cpp #20824)")
     print(f"the installed llama.cpp {why}", file=sys.stderr)
     if not fix:
         print("`kvfork doctor --fix` rebuilds it for this machine (~6 minutes on 2 cores)", file=sys.stderr)
         return 1
-    print("rebuilding llama-cpp-python for any x86-64-v3 CPU ...", file=sys.stderr, flush=True)
+    print("rebuilding llama-cpp-python for this CPU's instruction sets, AMX left out ...", file=sys.stderr,
+          flush=True)
     if rebuild() != 0:
         print("error: the rebuild failed (pip's output above says why)", file=sys.stderr)
         return 2

@@ -3,7 +3,12 @@
 llama-cpp-python builds llama.cpp from source with GGML_NATIVE=ON: the library uses every instruction set
 of the machine that built it. A Python environment (or pip's wheel cache) carried to another machine then
 dies with SIGILL in whichever kernel first uses a missing instruction, often deep into a run. This module
-names the missing sets up front, and `kvfork doctor --fix` rebuilds llama-cpp-python for any x86-64-v3 CPU.
+names the missing sets up front, and `kvfork doctor --fix` rebuilds llama-cpp-python for this CPU's sets.
+
+A native build on a CPU with AMX also compiles in llama.cpp's AMX weight buffer, whose matmul segfaults at the
+first decode (llama.cpp #20824, open upstream). It is used wherever weights are repacked (`repack=True`, and
+llama.cpp's own default): measured here (llama-cpp-python 0.3.36, 2026-12-05) with both catalog models. Such a
+build is reported as crashing, and the rebuild leaves AMX out.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["BuildReport", "cpu_flags", "missing_features", "probe", "rebuild", "PORTABLE_CMAKE_ARGS"]
+__all__ = ["BuildReport", "cpu_flags", "missing_features", "crashing_features", "cmake_args", "probe", "rebuild",
+           "PORTABLE_CMAKE_ARGS"]
 
 # NOTE: the names llama_print_system_info() gives compile-time features, against /proc/cpuinfo's flags
 _FLAG_OF = {
@@ -27,19 +33,31 @@ _FLAG_OF = {
 }
 # NOTE: no -march=native; ggml's defaults then are AVX, AVX2, FMA, F16C and BMI2 (x86-64-v3)
 PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF"
+# NOTE: ggml's CMake switch for each set it compiles in without -march=native, with the cpuinfo flags it needs
+# (GGML_AVX512 passes -mavx512f/cd/vl/dq/bw). The AMX switches stay off: see the module's docstring.
+_CMAKE_OPTION = {
+    "GGML_SSE42": ("sse4_2",), "GGML_AVX": ("avx",), "GGML_AVX2": ("avx2",), "GGML_FMA": ("fma",),
+    "GGML_F16C": ("f16c",), "GGML_BMI2": ("bmi2",), "GGML_AVX_VNNI": ("avx_vnni",),
+    "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+    "GGML_AVX512_VBMI": ("avx512vbmi",), "GGML_AVX512_VNNI": ("avx512_vnni",), "GGML_AVX512_BF16": ("avx512_bf16",),
+}
+# NOTE: compiled-in features whose llama.cpp kernels crash on a CPU that has them (llama.cpp #20824)
+_CRASHING = ("AMX_INT8",)
 
 
 @dataclass(frozen=True)
 class BuildReport:
-    """What a fresh interpreter saw: the build's features, the ones this CPU lacks, or the signal it died of."""
+    """What a fresh interpreter saw: the build's features, the ones this CPU lacks, the ones known to crash here,
+    or the signal it died of."""
 
     system_info: str
     missing: tuple[str, ...]
     crashed: str | None = None
+    crashing: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.crashed is None and not self.missing
+        return self.crashed is None and not self.missing and not self.crashing
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
@@ -55,17 +73,40 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
     return None
 
 
-def missing_features(system_info: str, flags: frozenset[str] | None) -> list[str]:
-    """Features the build was compiled with ("AVX512_BF16 = 1" in the system info) that the CPU lacks."""
-    if flags is None:
-        return []
+def _compiled(system_info: str) -> list[str]:
+    """The features a system info line says are compiled in ("AVX512_BF16 = 1"), as far as cpuinfo names them."""
     compiled = []
     for part in system_info.replace("\n", "|").split("|"):
         name, _, value = part.rpartition("=")
         name = name.split(":")[-1].strip()
         if value.strip() == "1" and name in _FLAG_OF:
             compiled.append(name)
-    return [name for name in compiled if _FLAG_OF[name] not in flags]
+    return compiled
+
+
+def missing_features(system_info: str, flags: frozenset[str] | None) -> list[str]:
+    """Features the build was compiled with ("AVX512_BF16 = 1" in the system info) that the CPU lacks."""
+    if flags is None:
+        return []
+    return [name for name in _compiled(system_info) if _FLAG_OF[name] not in flags]
+
+
+def crashing_features(system_info: str, flags: frozenset[str] | None) -> list[str]:
+    """Features the build was compiled with whose llama.cpp kernels crash on this CPU, which has them (AMX_INT8:
+    the AMX weight buffer's matmul, used whenever weights are repacked). A CPU without them has them as missing."""
+    if flags is None:
+        return []
+    return [name for name in _compiled(system_info) if name in _CRASHING and _FLAG_OF[name] in flags]
+
+
+def cmake_args(flags: frozenset[str] | None) -> str:
+    """CMAKE_ARGS for a build that runs on this CPU: every instruction set ggml can target that it has, AMX left
+    out; x86-64-v3 where the flags are unknown."""
+    if flags is None:
+        return PORTABLE_CMAKE_ARGS
+    switches = [f"-D{option}={'ON' if all(f in flags for f in needs) else 'OFF'}"
+                for option, needs in _CMAKE_OPTION.items()]
+    return " ".join([PORTABLE_CMAKE_ARGS, *switches])
 
 
 def probe(timeout: float = 120.0) -> BuildReport:
@@ -83,16 +124,19 @@ def probe(timeout: float = 120.0) -> BuildReport:
                else f"exit {run.returncode}: {run.stderr.strip()[-300:]}")
         return BuildReport(system_info="", missing=(), crashed=why)
     info = json.loads(run.stdout.strip().splitlines()[-1])
-    return BuildReport(system_info=info, missing=tuple(missing_features(info, cpu_flags())))
+    flags = cpu_flags()
+    return BuildReport(system_info=info, missing=tuple(missing_features(info, flags)),
+                       crashing=tuple(crashing_features(info, flags)))
 
 
 def rebuild() -> int:
-    """Rebuild the installed llama-cpp-python version from source for any x86-64-v3 CPU (~6 min on 2 cores).
+    """Rebuild the installed llama-cpp-python version from source for this CPU's instruction sets, AMX left out
+    (~6 min on 2 cores).
 
     NOTE: --no-cache-dir and --force-reinstall: pip would otherwise reuse the very wheel that does not run here
     (its cache key is the source file, not the build flags)."""
     version = metadata.version("llama-cpp-python")
-    env = dict(os.environ, CMAKE_ARGS=f"{os.environ.get('CMAKE_ARGS', '')} {PORTABLE_CMAKE_ARGS}".strip(),
+    env = dict(os.environ, CMAKE_ARGS=f"{os.environ.get('CMAKE_ARGS', '')} {cmake_args(cpu_flags())}".strip(),
                FORCE_CMAKE="1")
     cmd = [sys.executable, "-m", "pip", "install", "--no-cache-dir", "--force-reinstall", "--no-deps",
            f"llama-cpp-python=={version}"]

@@ -22,7 +22,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from kvfork.config import EngineConfig
 from kvfork.engine.batch import Batch
-from kvfork.engine.buildcheck import cpu_flags, missing_features
+from kvfork.engine.buildcheck import cpu_flags, crashing_features, missing_features
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
 
@@ -136,6 +136,11 @@ class LlamaModel:
     ) -> None:
         set_verbose(verbose)
         _ensure_backend()
+        if repack and (crashing := crashing_features(system_info(), cpu_flags())):
+            raise EngineError(
+                f"repack=True puts weights in a buffer of this build's {', '.join(crashing)} kernels, which crash "
+                "at the first decode (llama.cpp #20824); `kvfork doctor --fix` rebuilds llama-cpp-python without them"
+            )
         params = llama_cpp.llama_model_default_params()
         params.use_extra_bufts = repack
         params.vocab_only = vocab_only  # NOTE: tokenizer and chat template only (a cluster ingress): no context
