@@ -113,7 +113,7 @@ class Trainer:
             past = self._prompt_kv(example, len(example.prompt) - own)
             ids = torch.tensor([example.prompt[-own:] + example.response[:-1]], dtype=torch.long)
             with self._adapter(adapter):
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=n)
+                out = self.model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=n)
         elif mode == "plain":
             ids = torch.tensor([example.prompt + example.response[:-1]], dtype=torch.long)
             with self._adapter(adapter):
@@ -222,7 +222,7 @@ class Trainer:
         self.prompts.base_tokens += len(tokens)
         with torch.no_grad(), self.model.disable_adapter():
             ids = torch.tensor([tokens], dtype=torch.long)
-            return self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1).past_key_values
+            return self.model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=1).cache
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, examples: Sequence[Example], *, progress: bool = True) -> TrainResult:
