@@ -41,9 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefillshare_tasks import ALL_TASKS, HELD_BACK, check, lengthen, split, write_jsonl  # noqa: E402
 from workload import provenance  # noqa: E402
 
-# NOTE: off the path again: bench/kernels.py would shadow the `kernels` package transformers looks for
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from kvfork import Engine  # noqa: E402
 from kvfork.train.config import DEFAULT_TARGETS, SCHEDULES  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Exact mode's kernels against llama.cpp's defaults: prefill of a long document, one-branch decode, fan-out decode.
 
-    python bench/kernels.py --tokens 3500 --reps 3 [--pythonpath /tmp/kvb/target]
+    python bench/kernel_speed.py --tokens 3500 --reps 3 [--pythonpath /tmp/kvb/target]
 
 Arms (each run in its own process: ggml reads its switches once per process; all on the same build, which
 must be kvfork's patched one for the last arm):
