@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +92,11 @@ class Arm:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"{self.kind} child exited with {self.proc.wait()}")
+            code = self.proc.wait()
+            died = f"died of {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+            # NOTE: a native build's AMX kernels segfault with llama.cpp's defaults (engine/buildcheck.py)
+            hint = "; `kvfork doctor` checks the llama.cpp build against this CPU" if code < 0 else ""
+            raise RuntimeError(f"{self.kind} child {died}{hint}")
         reply = json.loads(line)
         if "error" in reply:
             raise RuntimeError(f"{self.kind}: {reply['error']}")
