@@ -88,7 +88,7 @@ def _doctor(*, fix: bool) -> int:
                "repacked weights (llama.cpp #20824)")
     print(f"the installed llama.cpp {why}", file=sys.stderr)
     if not fix:
-        print("`kvfork doctor --fix` rebuilds it for this machine (~6 minutes on 2 cores)", file=sys.stderr)
+        print("`kvfork doctor --fix` rebuilds it for this machine (6-10 minutes on 2 cores)", file=sys.stderr)
         return 1
     print("rebuilding llama-cpp-python for this CPU's instruction sets, AMX left out ...", file=sys.stderr,
           flush=True)

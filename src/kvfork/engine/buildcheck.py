@@ -131,7 +131,7 @@ def probe(timeout: float = 120.0) -> BuildReport:
 
 def rebuild() -> int:
     """Rebuild the installed llama-cpp-python version from source for this CPU's instruction sets, AMX left out
-    (~6 min on 2 cores).
+    (6-10 min on 2 cores: 9 min measured on 2026-12-05).
 
     NOTE: --no-cache-dir and --force-reinstall: pip would otherwise reuse the very wheel that does not run here
     (its cache key is the source file, not the build flags)."""
