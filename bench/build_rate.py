@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import textwrap
 
+from workload import fmt, stats
+
+from kvfork.engine.kernelbuild import pythonpath_first
 from kvfork.models import resolve_model
 
 _PROBE = textwrap.dedent('''
@@ -48,16 +50,10 @@ _PROBE = textwrap.dedent('''
 
 
 def _run(model: str, tokens: int, path: str | None) -> dict:
-    env = dict(os.environ)
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH", "")) if p)
+    env = pythonpath_first(dict(os.environ), path) if path else dict(os.environ)
     out = subprocess.run([sys.executable, "-c", _PROBE, model, str(tokens)], env=env, capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _summary(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def main() -> None:
@@ -67,6 +63,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.tokens < 544:
+        ap.error("--tokens must be at least 544: the decode runs 32 tokens after 512 of them")
     model = str(resolve_model(args.model))
     runs: dict[str, list[dict]] = {"installed": [], "other": []}
     for _ in range(args.repeats):
@@ -74,11 +72,10 @@ def main() -> None:
             runs[name].append(_run(model, args.tokens, path))
     for name, rows in runs.items():
         print(f"{name}: {rows[0]['info'].strip()}")
-        print(f"  prefill of {rows[0]['tokens']} tokens: {_summary([r['prefill'] for r in rows])} tok/s; "
-              f"decode: {_summary([r['decode'] for r in rows])} tok/s")
+        print(f"  prefill of {rows[0]['tokens']} tokens: {fmt(stats([r['prefill'] for r in rows]))} tok/s; "
+              f"decode: {fmt(stats([r['decode'] for r in rows]))} tok/s")
     ratios = [a["prefill"] / b["prefill"] for a, b in zip(runs["installed"], runs["other"], strict=True)]
-    print(f"prefill, installed / other (per repeat): {statistics.median(ratios):.2f}x "
-          f"({min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"prefill, installed / other (per repeat): {fmt(stats(ratios), 'x', digits=2)}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["BuildReport", "cpu_flags", "missing_features", "crashing_features", "cmake_args", "probe", "rebuild",
-           "PORTABLE_CMAKE_ARGS"]
+__all__ = ["BuildReport", "cpu_flags", "missing_features", "crashing_features", "cmake_args", "build_env", "probe",
+           "rebuild", "PORTABLE_CMAKE_ARGS"]
 
 # NOTE: the names llama_print_system_info() gives compile-time features, against /proc/cpuinfo's flags
 _FLAG_OF = {
@@ -109,6 +109,11 @@ def cmake_args(flags: frozenset[str] | None) -> str:
     return " ".join([PORTABLE_CMAKE_ARGS, *switches])
 
 
+def build_env(args: str) -> dict[str, str]:
+    """This process's environment for a pip build of llama-cpp-python: the user's CMAKE_ARGS, then `args`."""
+    return dict(os.environ, CMAKE_ARGS=f"{os.environ.get('CMAKE_ARGS', '')} {args}".strip(), FORCE_CMAKE="1")
+
+
 def probe(timeout: float = 120.0) -> BuildReport:
     """Load llama.cpp in a fresh interpreter (a build for another CPU may kill it) and compare."""
     code = (
@@ -136,8 +141,7 @@ def rebuild() -> int:
     NOTE: --no-cache-dir and --force-reinstall: pip would otherwise reuse the very wheel that does not run here
     (its cache key is the source file, not the build flags)."""
     version = metadata.version("llama-cpp-python")
-    env = dict(os.environ, CMAKE_ARGS=f"{os.environ.get('CMAKE_ARGS', '')} {cmake_args(cpu_flags())}".strip(),
-               FORCE_CMAKE="1")
+    env = build_env(cmake_args(cpu_flags()))
     cmd = [sys.executable, "-m", "pip", "install", "--no-cache-dir", "--force-reinstall", "--no-deps",
            f"llama-cpp-python=={version}"]
     return subprocess.run(cmd, env=env).returncode

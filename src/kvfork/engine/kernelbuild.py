@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from kvfork.engine.buildcheck import PORTABLE_CMAKE_ARGS, cmake_args, cpu_flags
+from kvfork.engine.buildcheck import PORTABLE_CMAKE_ARGS, build_env, cmake_args, cpu_flags
 from kvfork.errors import EngineError
 
 __all__ = ["SDIST_SHA256", "SDIST_VERSION", "add_build_command", "apply_patch", "build", "fetch_sdist",
@@ -92,9 +92,8 @@ def apply_patch(sdist: Path, folder: Path, patch: Path) -> Path:
 def build(tree: Path, *, target: Path | None, portable: bool) -> None:
     """pip build and install the patched tree: into `target` (a folder for PYTHONPATH) or this environment."""
     # NOTE: not -march=native: that compiles in AMX kernels that crash on repacked weights (buildcheck)
-    ours = PORTABLE_CMAKE_ARGS if portable else cmake_args(cpu_flags())
-    env = dict(os.environ, CMAKE_ARGS=f"{os.environ.get('CMAKE_ARGS', '')} {ours}".strip(), FORCE_CMAKE="1",
-               CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1)))
+    env = build_env(PORTABLE_CMAKE_ARGS if portable else cmake_args(cpu_flags()))
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--force-reinstall"]
     if target is not None:
         cmd += ["--upgrade", "--target", str(target)]
