@@ -1,5 +1,5 @@
 """Shared fixtures: the real catalog models, pulled once per machine (~/.cache/kvfork or $KVFORK_CACHE),
-and a fake backend for the logic that needs no model (`pytest -m "not model"` runs only that).
+and a fake backend for the logic that needs no model (`pytest -m "not model and not cluster"` runs only that).
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from tests.support.models import GEMMA
 
 # NOTE: a test that needs one of these fixtures loads a GGUF; it is marked `model`.
 _MODEL_FIXTURES = {"gemma_path", "qwen_path", "model_path"}
+# NOTE: one that needs this one starts a local Ray cluster and deploys on Serve (seconds each); marked `cluster`.
+_CLUSTER_FIXTURES = {"ray_serve"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if _MODEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.model)
+        if _CLUSTER_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.cluster)
 
 # NOTE: one pytest process hosts engines of both modes, and exact mode needs ggml's tiled matmul off,
 # which ggml reads once per process (see engine/llama.py). Fast-mode tests here run without it; the
