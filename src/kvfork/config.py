@@ -207,7 +207,8 @@ class ServerConfig:
     live_prefixes: int | None = None  # idle prefilled prefixes kept in the cache for later requests (LRU)
     min_shared_tokens: int = 16  # a shorter common prefix is not worth its own prefill node
     coalesce_s: float = 0.02  # how long an idle loop waits for more requests, to plan those arriving together at once
-    reuse: str = "exact"  # chat requests' reuse mode unless they ask for another (see kvfork.reuse; opt-in)
+    # chat requests' reuse mode unless they ask for another (see kvfork.reuse; opt-in)
+    reuse: Literal["exact", "shift", "kvcomm", "blend"] = "exact"
     reuse_min_tokens: int = 64  # a message this long becomes a segment other requests may reuse
     reuse_cache_mb: int = 256  # host memory for segments kept for reuse (decoded KV), LRU
 

@@ -365,8 +365,8 @@ class Sampler:
                 llama_cpp.llama_sampler_free(chain)
                 raise InvalidParameter("llama.cpp could not build a grammar for this json_schema or grammar")
             self._cells = (llama_cpp.llama_token_data * n_vocab)()
-            self._view = np.frombuffer(self._cells, dtype=np.dtype([("id", np.int32), ("logit", np.float32),
-                                                                     ("p", np.float32)]))
+            self._view = np.frombuffer(self._cells, dtype=np.dtype([  # type: ignore[call-overload]  # a ctypes buffer
+                ("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
             self._one = (llama_cpp.llama_token_data * 1)()
         # NOTE: without penalties, accepting a token changes nothing in the chain (greedy, top-k/p, temp and
         # dist keep no history), so a grammar's first pick can take llama.cpp's own fast path (see sample).
@@ -400,7 +400,7 @@ class Sampler:
         # NOTE: llama_sampler_sample accepts its pick into the chain: harmless without penalties (see __init__)
         token = int(llama_cpp.llama_sampler_sample(self.ptr, self.ctx.ptr, index)) if fast else \
             self._pick(index, with_grammar=False)
-        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0  # type: ignore[assignment]
         one = llama_cpp.llama_token_data_array(self._one, 1, -1, False)
         llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(one))
         rejected = not np.isfinite(self._one[0].logit)
@@ -447,6 +447,7 @@ class LlamaContext:
     """
 
     def __init__(self, model: LlamaModel, config: EngineConfig) -> None:
+        assert config.flash_attn is not None and config.kv_type is not None  # NOTE: EngineConfig resolved them
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.n_ctx
         params.n_batch = config.n_batch

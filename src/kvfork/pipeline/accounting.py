@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvfork.pipeline.definition import Pipeline
-from kvfork.pipeline.result import AgentResult, PipelineResult
+from kvfork.pipeline.result import AgentResult, PipelineResult, Status
 from kvfork.result import Completion
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def settle(
                 own = run.use.n_tokens - placed
                 reused, computed = reused - own, computed + own
         unshared += shared + computed + placed
-        status = "skipped" if run.skipped else ("failed" if run.error is not None else "ok")
+        status: Status = "skipped" if run.skipped else ("failed" if run.error is not None else "ok")
         agents[run.agent.name] = AgentResult(
             name=run.agent.name,
             status=status,

@@ -138,12 +138,13 @@ class AnchorPool:
             if part.n_cells == 0:
                 parts.append(part)
                 continue
-            used = []
+            used: list[tuple[float, PartDelta]] = []
             for a, w in zip(estimate.anchors, estimate.weights, strict=True):
-                delta = a.deviations[estimate.agent]
-                if w > 1e-4 and i < len(delta) and delta[i] is not None:
-                    used.append((w, delta[i]))
-            index = [delta.index(part.positions) for _, delta in used]
+                deltas = a.deviations[estimate.agent]
+                delta = deltas[i] if i < len(deltas) else None
+                if w > 1e-4 and delta is not None:
+                    used.append((w, delta))
+            index = [d.index(part.positions) for _, d in used]
 
             def mixed(which: str, layer: int, part: CacheState = part, used: list = used, index: list = index
                       ) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Branch"]
 
-_KEEP = object()  # Branch.fork's default: the child keeps its parent's adapter
+
+class _Keep(enum.Enum):
+    ADAPTER = "keep"  # Branch.fork's default: the child keeps its parent's adapter
 
 
 class Branch:
@@ -69,10 +72,10 @@ class Branch:
         """The name of the LoRA decoder that decodes this branch (None: the base model)."""
         return self._seq.adapter.name if self._seq.adapter is not None else None
 
-    def fork(self, *, adapter: str | Adapter | None | object = _KEEP) -> Branch:
+    def fork(self, *, adapter: str | Adapter | None | _Keep = _Keep.ADAPTER) -> Branch:
         """Another branch sharing everything this one holds so far; it keeps this branch's adapter
         unless `adapter` names another one (None there: the base model)."""
-        return self._engine.fork(self, adapter=self._seq.adapter if adapter is _KEEP else adapter)
+        return self._engine.fork(self, adapter=self._seq.adapter if adapter is _Keep.ADAPTER else adapter)
 
     def close(self) -> None:
         self._engine.release(self)

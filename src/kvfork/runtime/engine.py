@@ -62,7 +62,7 @@ class Engine:
         elif overrides:
             raise InvalidParameter("pass either config or keyword overrides, not both")
         path = resolve_model(model)
-        llama = LlamaModel(path, verbose=config.verbose, chat_template=config.chat_template, repack=config.repack)
+        llama = LlamaModel(path, verbose=config.verbose, chat_template=config.chat_template, repack=bool(config.repack))
         try:
             ctx = LlamaContext(llama, config)
         except BaseException:
@@ -209,8 +209,9 @@ class Engine:
     @functools.cached_property
     def state_layout(self) -> StateLayout:
         """What this context's state blobs depend on (model file, KV type, flash attention, llama.cpp)."""
-        return StateLayout.of(self.model_path, self.model.description, self.model.n_swa,
-                              self.config.kv_type, self.config.flash_attn)
+        kv_type, flash_attn = self.config.kv_type, self.config.flash_attn
+        assert kv_type is not None and flash_attn is not None  # NOTE: EngineConfig resolved them
+        return StateLayout.of(self.model_path, self.model.description, self.model.n_swa, kv_type, flash_attn)
 
     def generate(
         self,

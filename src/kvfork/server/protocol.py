@@ -146,7 +146,7 @@ class _Generation(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            ignore_eos=self.ignore_eos, logprobs=self.wanted_logprobs(), json_schema=self.wanted_schema(),
+            ignore_eos=self.ignore_eos, logprobs=self.wanted_logprobs(), json_schema=self.wanted_schema(),  # type: ignore[arg-type]  # NOTE: a dict is taken
         )
 
 

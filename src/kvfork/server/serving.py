@@ -94,14 +94,14 @@ async def serve(request: Request, st: ServerState, body: CompletionRequest | Cha
                 raise event.error or APIError(500, "the request failed")
             elif event.kind == "done" and event.usage is not None:
                 calls: list[list[ToolCall]] = [[] for _ in texts]
+                contents: list[str | None] = list(texts)  # NOTE: None: a reply that is only tool calls
                 if tools is not None:
                     for i, text in enumerate(texts):
-                        content, calls[i] = tools.split(text)
-                        texts[i] = content  # type: ignore[call-overload]
+                        contents[i], calls[i] = tools.split(text)
                         if calls[i]:
                             finish[i] = "tool_calls"
-                return JSONResponse(completion_body(kind, rid, body.model, texts, finish, event.usage, logprobs,
-                                                    calls))
+                return JSONResponse(completion_body(kind, rid, body.model, contents, finish, event.usage,
+                                                    logprobs, calls))
     except BaseException:
         st.loop.cancel(job)
         raise

@@ -168,12 +168,15 @@ class Trainer:
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and _TEACHER in module.lora_A:
                 a, b = by_module.get(name.removeprefix("base_model.model."), (None, None))
+                # NOTE: nn.Linear layers in peft's ModuleDicts (its annotations say Tensor)
+                lora_a: Any = module.lora_A[_TEACHER]
+                lora_b: Any = module.lora_B[_TEACHER]
                 with torch.no_grad():
                     if a is None:  # NOTE: a leaf name the teacher adapts in other layers only: no change here
-                        module.lora_B[_TEACHER].weight.zero_()
+                        lora_b.weight.zero_()
                     else:
-                        module.lora_A[_TEACHER].weight.copy_(torch.from_numpy(a))
-                        module.lora_B[_TEACHER].weight.copy_(torch.from_numpy(b))
+                        lora_a.weight.copy_(torch.from_numpy(a))
+                        lora_b.weight.copy_(torch.from_numpy(b))
         self.model.set_adapter("default")
         self._freeze_teacher()
 
