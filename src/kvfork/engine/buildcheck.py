@@ -110,8 +110,11 @@ def cmake_args(flags: frozenset[str] | None) -> str:
 
 
 def build_env(args: str) -> dict[str, str]:
-    """This process's environment for a pip build of llama-cpp-python: the user's CMAKE_ARGS, then `args`."""
-    return dict(os.environ, CMAKE_ARGS=f"{os.environ.get('CMAKE_ARGS', '')} {args}".strip(), FORCE_CMAKE="1")
+    """This process's environment for a pip build of llama-cpp-python: the user's CMAKE_ARGS, then `args`;
+    every core compiles unless the user set CMAKE_BUILD_PARALLEL_LEVEL."""
+    env = dict(os.environ, CMAKE_ARGS=f"{os.environ.get('CMAKE_ARGS', '')} {args}".strip(), FORCE_CMAKE="1")
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+    return env
 
 
 def probe(timeout: float = 120.0) -> BuildReport:

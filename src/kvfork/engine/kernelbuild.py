@@ -93,7 +93,6 @@ def build(tree: Path, *, target: Path | None, portable: bool) -> None:
     """pip build and install the patched tree: into `target` (a folder for PYTHONPATH) or this environment."""
     # NOTE: not -march=native: that compiles in AMX kernels that crash on repacked weights (buildcheck)
     env = build_env(PORTABLE_CMAKE_ARGS if portable else cmake_args(cpu_flags()))
-    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--force-reinstall"]
     if target is not None:
         cmd += ["--upgrade", "--target", str(target)]
