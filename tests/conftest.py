@@ -9,6 +9,7 @@ import os
 import pytest
 
 from kvfork import Engine, resolve_model
+from kvfork.config import default_threads
 from tests.support.fakes import FakeBackend, FakeModel
 from tests.support.models import GEMMA
 
@@ -25,6 +26,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.model)
         if _CLUSTER_FIXTURES & fixtures:
             item.add_marker(pytest.mark.cluster)
+        # NOTE: with pytest-xdist (`--dist loadgroup`), a module runs on one worker, so its module fixtures
+        # (a training run, a server) are built once; every Ray test shares one worker and one local cluster
+        group = "ray" if _CLUSTER_FIXTURES & fixtures else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core this process may run on, at most 4 (each holds its own engines)."""
+    return max(1, min(4, default_threads()))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker runs on its own share of the cores, so that its engines (whose default n_threads is
+    the affinity mask's size), its torch and its subprocesses do not contend with the other workers' for
+    a core: ggml's threads wait for each other at every op, and a thread that lost its core stalls them all."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index, n = int(worker.removeprefix("gw")), int(count)
+    share = cores[index::n] or [cores[index % len(cores)]]
+    os.sched_setaffinity(0, share)
 
 # NOTE: one pytest process hosts engines of both modes, and exact mode needs ggml's tiled matmul off,
 # which ggml reads once per process (see engine/llama.py). Fast-mode tests here run without it; the
