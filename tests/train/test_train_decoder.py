@@ -3,6 +3,7 @@ llama.cpp against transformers, the CLI end to end, and the settings' checks."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import json
@@ -54,16 +55,23 @@ def data_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(gemma, data_file, tmp_path_factory) -> Trained:
-    """One cache-conditioned training run shared by the tests below (loading the base takes ~10 s)."""
+def base_model():
+    """gemma3-270m in transformers, loaded once (~9 s); each Trainer gets a copy (~2 s: peft injects in place)."""
     from kvfork.train.loader import load_base_model
+
+    return load_base_model("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def trained(gemma, base_model, data_file, tmp_path_factory) -> Trained:
+    """One cache-conditioned training run shared by the tests below."""
     from kvfork.train.trainer import Trainer
 
     examples = load_examples(data_file, gemma)
     # NOTE: one thread: with two on a 2-core machine that runs anything else, every torch op waits ~10 ms
     # at the thread barrier (measured: 15 s per step instead of 0.6 s)
     config = TrainConfig(mode="cache", steps=24, lr=1e-3, warmup=2, n_threads=1, seed=0)
-    trainer = Trainer(load_base_model("gemma3-270m"), config)
+    trainer = Trainer(copy.deepcopy(base_model), config)
     modes = TRAIN_MODES
     before: dict[str, float] = {m: trainer.mean_loss(examples, mode=m) for m in modes}
     off: dict[str, float] = {m: trainer.mean_loss(examples, mode=m, adapter=False) for m in modes}
@@ -251,11 +259,10 @@ def test_random_adapter_loads_and_changes_the_logits(gemma_path, raw_llama, tmp_
 
 # -- distillation from a plain decoder -------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def distilled(gemma, gemma_path, data_file, tmp_path_factory):
+def distilled(gemma, gemma_path, base_model, data_file, tmp_path_factory):
     """A cache decoder distilled (distill=1: the teacher's term alone) from a random plain decoder."""
     import torch
 
-    from kvfork.train.loader import load_base_model
     from kvfork.train.trainer import Trainer
 
     folder = tmp_path_factory.mktemp("teacher")
@@ -264,7 +271,7 @@ def distilled(gemma, gemma_path, data_file, tmp_path_factory):
     examples = load_examples(data_file, gemma)
     config = TrainConfig(mode="cache", steps=16, lr=1e-3, warmup=2, n_threads=1, seed=0, teacher=str(teacher),
                          distill=1.0)
-    trainer = Trainer(load_base_model("gemma3-270m"), config)
+    trainer = Trainer(copy.deepcopy(base_model), config)
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".teacher." in n}
     with torch.no_grad():
         before = [float(trainer.train_loss(i, e)) for i, e in enumerate(examples)]
