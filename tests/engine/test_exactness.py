@@ -44,6 +44,20 @@ def test_gemma_plain_mode_matches_scratch(gemma, gemma_ref):
     snap.close()
 
 
+def test_branches_of_a_snapshot_above_freed_cells_match_scratch(gemma_path, gemma_ref):
+    """A snapshot closed below a live one leaves free cells under it, where llama.cpp writes the next tokens; a
+    branch's tokens written below its prefix's cells would be summed before them (failed here before the
+    scheduler compacted the cache: one of three branches parted from the from-scratch run)."""
+    with Engine(gemma_path, n_ctx=2048, n_seq_max=8, progress=False, **GEMMA) as engine:
+        below = engine.prefill("An unrelated maintenance note. " * 60, chat=False)
+        doc = long_text(30)
+        snap = engine.prefill(doc, chat=False)
+        below.close()
+        tails = [" In summary,", " The most serious issue was", " Next steps:"]
+        for tail, out in zip(tails, snap.fan_out(tails, max_tokens=16), strict=True):
+            assert out.tokens == _reference(gemma_ref, doc, tail, system=None, chat=False, n=16)
+
+
 def test_multi_turn_branch_matches_scratch(gemma, gemma_ref):
     doc = long_text(30)
     snap = gemma.prefill(doc)

@@ -252,6 +252,20 @@ def test_exact_mode_keeps_a_released_branchs_cells_until_the_running_turns_end(f
     assert done.seq_id is None and be.positions(runner.seq_id) == list(range(3 + 3))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_exact_mode_compacts_the_cache_once_after_cells_are_freed_before_writing_more(fake_backend, exact):
+    be = fake_backend()
+    sched = _scheduler(be, exact=exact)
+    first, second = _prefilled(sched, PROMPT), _prefilled(sched, [4, 4, 4])
+    assert be.n_compactions == 0  # nothing freed yet
+    sched.release(first)  # nothing runs: freed now, below `second`'s cells
+    branch = sched.fork(second)
+    sched.submit(branch, SamplingParams(max_tokens=3, ignore_eos=True), append=[9])
+    _run(sched, [branch])
+    assert be.n_compactions == (1 if exact else 0)  # once, before the branch's first decode, not every step
+    assert branch.generated == be.greedy([4, 4, 4, 9], 3)
+
+
 def test_cancel_stops_a_turn_and_the_branch_can_take_another(fake_backend):
     be = fake_backend()
     sched = _scheduler(be)

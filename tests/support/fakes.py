@@ -64,6 +64,7 @@ class FakeBackend:
         if model is not None:
             self.n_vocab = model.n_vocab
         self.cells: list[FakeCell] = []
+        self.n_compactions = 0
         self.decodes: list[Batch] = []
         self.adapters: tuple = ()
         self.adapter_log: list[tuple] = []
@@ -126,6 +127,10 @@ class FakeBackend:
         if len(self.cells) + len(rows) > self.n_ctx:
             raise ContextOverflow("no room in the fake cache to restore this state")
         self.cells += [FakeCell(int(pos), int(token), {seq_id}) for pos, token in rows]
+
+    def compact(self) -> None:
+        """The fake's cells are a list with no holes: only counted (the scheduler's exact-mode rule)."""
+        self.n_compactions += 1
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token) if self.model is not None else token == 0

@@ -63,6 +63,10 @@ class Backend(Protocol):
 
     def state_seq_set(self, seq_id: int, data: bytes) -> None: ...
 
+    def compact(self) -> None:
+        """Move the used cells down into one run, keeping their order, ids, positions and data (no holes
+        left below any of them, so the next tokens go above them all)."""
+
     def is_eog(self, token: int) -> bool:
         """Does `token` end generation (end of sequence or of turn)?"""
 

@@ -563,6 +563,22 @@ class LlamaContext:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.mem, True)
 
+    def compact(self) -> None:
+        """Move every used cell down into one run from cell 0, in the order they are in (their ids,
+        positions and data kept), so that the next tokens go above all of them.
+
+        NOTE: llama.cpp has no defragmentation left; this is its whole-cache state round trip (seq id -1:
+        every used cell once, each with its set of ids, so forks still share; restored from cell 0 on).
+        It copies the used cells out and back: ~25 MB for 4,000 q8_0 tokens of Qwen2.5-0.5B.
+        """
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, -1)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, -1)
+        if written != size:
+            raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes of the whole cache")
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, size, -1) != size:
+            raise EngineError("llama.cpp could not put the KV cache's own cells back; the context is unusable")
+
     # -- state blobs: one sequence's KV cells serialized to bytes -------------------------------
     def state_seq_size(self, seq_id: int) -> int:
         """Bytes of the state blob of `seq_id`'s cells; -1 measures every used cell of the cache once."""

@@ -32,6 +32,8 @@ class BranchTable:
         self._free_ids = list(range(n_seq_max - 1, -1, -1))
         self._live: set[KvSequence] = set()
         self._spent: list[KvSequence] = []  # released, cells kept until free_spent (see release)
+        # cells were freed since the cache was last compacted: free cells may lie below used ones (Scheduler.settle)
+        self.holes = False
         self.fork_seconds = 0.0  # total time spent tagging shared cells (seq_cp): the cost of forking
         self.n_forks = 0
 
@@ -129,8 +131,14 @@ class BranchTable:
         return self._free_ids.pop()
 
     def return_id(self, seq_id: int) -> None:
-        self.backend.seq_rm(seq_id, -1, -1)
+        self.drop_cells(seq_id)  # NOTE: counted as freeing: a restore that failed half-way left cells only it held
         self._free_ids.append(seq_id)
+
+    def drop_cells(self, seq_id: int, p0: int = -1, p1: int = -1, *, frees: bool = True) -> None:
+        """Remove `seq_id` from its cells at positions [p0, p1); `frees`: some of them may have no other id
+        (the cache may have holes below used cells now, see `holes`)."""
+        self.backend.seq_rm(seq_id, p0, p1)
+        self.holes = self.holes or frees
 
     def release(self, seq: KvSequence, *, defer: bool = False) -> None:
         """Free `seq` now (its forks keep the cells they share), or, defer=True, once turns end.
@@ -140,7 +148,8 @@ class BranchTable:
         cells in cache order. Cells freed under a branch that is still decoding would take its next
         tokens below its earlier ones, and its logits would then differ in the last bits from a
         from-scratch run's (measured: up to 0.1 in a log-probability, 10 gemma3-270m branches ending at
-        different lengths). Kept until the running turns end, the cells are reused in order.
+        different lengths). Kept until the running turns end, they are freed at once, and the cache is compacted
+        once before cells are written again (Scheduler.settle), not at every step.
         """
         if seq.released:
             return
@@ -167,7 +176,7 @@ class BranchTable:
         if seq.children:
             self._hand_over(seq)
         if seq.seq_id is not None:
-            self.backend.seq_rm(seq.seq_id, -1, -1)
+            self.drop_cells(seq.seq_id)
             self._free_ids.append(seq.seq_id)
             seq.seq_id = None
         self._live.discard(seq)

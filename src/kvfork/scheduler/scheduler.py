@@ -127,9 +127,10 @@ class Scheduler:
         self._evict_for(seq)
         self.allocate_now(seq, f"to restore {len(tokens):,} tokens")
         try:
+            self.settle()
             self.backend.state_seq_set(seq.seq_id, state)  # type: ignore[arg-type]
             if keep is not None and keep < len(tokens):
-                self.backend.seq_rm(seq.seq_id, keep, -1)  # type: ignore[arg-type]
+                self.table.drop_cells(seq.seq_id, keep, -1)  # type: ignore[arg-type]
                 del seq.tokens[keep:]
         except BaseException:
             self.table.release(seq)
@@ -215,6 +216,7 @@ class Scheduler:
                                       f" context of {self.backend.n_ctx:,}; close branches or raise n_ctx")
             scratch = self.table.borrow_id()
             try:
+                self.settle()
                 self.backend.state_seq_set(scratch, state)
                 self.backend.seq_cp(scratch, seq.seq_id, -1, -1)  # type: ignore[arg-type]
             finally:
@@ -318,6 +320,7 @@ class Scheduler:
         self.backend.set_adapters(() if adapter is None else ((adapter.lora, adapter.scale),))
         self._active = adapter
         try:
+            self.settle()
             self.backend.decode(decode.batch)
         except KvforkError as exc:
             return Outcome(decode, error=exc)
@@ -375,7 +378,8 @@ class Scheduler:
         if start >= seq.n_in_kv:
             return
         if seq.seq_id is not None:
-            self.backend.seq_rm(seq.seq_id, start, -1)
+            # NOTE: cells below n_shared stay with the parent: only the sequence's own ones are freed
+            self.table.drop_cells(seq.seq_id, start, -1, frees=seq.n_in_kv > max(start, seq.n_shared))
         seq.n_in_kv = start
         seq.n_shared = min(seq.n_shared, start)
 
@@ -450,6 +454,20 @@ class Scheduler:
             self.release(victim)
         return True
 
+    def settle(self) -> None:
+        """Exact mode: before cells are written, if cells were freed since the last time, move the used cells
+        down into one run (Backend.compact), so that every sequence's cells stay in position order.
+
+        NOTE: llama.cpp writes new cells into the lowest free cells from the first one freed, and flash
+        attention sums a query's cells in cache order. With cells freed below a live prefix (an earlier
+        snapshot closed, a prefix-cache entry evicted), a fork's next tokens went below the prefix's cells,
+        and its greedy tokens parted from a from-scratch run's (gemma3-270m: one branch of three, test_exactness).
+        Deferring frees while turns run (BranchTable.release) keeps this to once per freeing, not per step.
+        """
+        if self.exact and self.table.holes:
+            self.backend.compact()
+            self.table.holes = False
+
     def park_idle(self) -> int:
         """While there is work to run, move the prefix cache's idle exact entries that no fork shares to
         its lower tier (host RAM); how many went. A later prompt restores one (Scheduler.sequence_for).
@@ -511,7 +529,7 @@ class Scheduler:
             # NOTE: llama.cpp keeps ubatches that succeeded before the failing one; trim them so the
             # sequence's cells again match tokens[:n_in_kv], and the engine stays usable.
             self.prefixes.remove(seq)  # NOTE: a prompt in flight no longer holds the tokens it was indexed by
-            self.backend.seq_rm(seq.seq_id, seq.n_in_kv, -1)  # type: ignore[arg-type]
+            self.table.drop_cells(seq.seq_id, seq.n_in_kv, -1)  # type: ignore[arg-type]
             del seq.tokens[seq.n_in_kv:]
             seq.error = exc
             seq.finish("error")
