@@ -17,6 +17,13 @@ from tests.support.models import GEMMA
 _MODEL_FIXTURES = {"gemma_path", "qwen_path", "model_path"}
 # NOTE: one that needs this one starts a local Ray cluster and deploys on Serve (seconds each); marked `cluster`.
 _CLUSTER_FIXTURES = {"ray_serve"}
+_GROUP = pytest.StashKey[str]()
+
+
+# NOTE: the groups that take a minute or more on 2 cores; xdist hands groups out in collection order, so
+# these start first and no long one starts last while the other workers sit idle
+_LONG_GROUPS = ("tests/train/test_train_decoder.py", "tests/engine/test_fast.py", "tests/engine/test_exactness.py",
+                "ray", "tests/server/test_sharing.py", "tests/engine/test_adapters.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -30,6 +37,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # (a training run, a server) are built once; every Ray test shares one worker and one local cluster
         group = "ray" if _CLUSTER_FIXTURES & fixtures else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+        item.stash[_GROUP] = group
+    items.sort(key=lambda it: _LONG_GROUPS.index(it.stash[_GROUP]) if it.stash[_GROUP] in _LONG_GROUPS
+               else len(_LONG_GROUPS))  # NOTE: stable: the rest keep their order
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
