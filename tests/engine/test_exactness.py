@@ -58,6 +58,20 @@ def test_branches_of_a_snapshot_above_freed_cells_match_scratch(gemma_path, gemm
             assert out.tokens == _reference(gemma_ref, doc, tail, system=None, chat=False, n=16)
 
 
+def test_branches_after_a_compaction_next_to_a_sequence_past_the_window_match_scratch(gemma_path, gemma_ref):
+    """gemma3's sliding-window cache keeps cells that slid out of a long sequence's window, and llama.cpp
+    writes any sequence's new tokens over them; a compaction moves them to the front, so they go first
+    (failed here while the compaction kept them: the forks' tokens went below their prefix's cells)."""
+    with Engine(gemma_path, n_ctx=2048, n_seq_max=8, progress=False, **GEMMA) as engine:
+        past = engine.prefill(long_text(60), chat=False)
+        assert past.n_tokens > engine.model.n_swa + 100
+        snap = engine.prefill("Once upon a time", chat=False)
+        freed = engine.prefill("An unrelated maintenance note. " * 20, chat=False)
+        freed.close()
+        want = _reference(gemma_ref, "Once upon a time", "", system=None, chat=False, n=16)
+        assert [out.tokens for out in snap.fan_out(["", "", ""], max_tokens=16)] == [want] * 3
+
+
 def test_multi_turn_branch_matches_scratch(gemma, gemma_ref):
     doc = long_text(30)
     snap = gemma.prefill(doc)

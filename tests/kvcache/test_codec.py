@@ -139,3 +139,24 @@ def test_q8_0_matches_ggml_reference_quantizer():
     # half a step, plus the fp16 rounding of the scale (127 steps * 2^-11)
     assert (np.abs(back - y).reshape(-1, 32) <= 0.57 * scale[:, None]).all()
     assert from_float32(back, GgmlType.Q8_0) == from_float32(y, GgmlType.Q8_0)  # quantizing again changes nothing
+
+
+def test_cells_out_of_a_sequences_window_leave_the_sliding_window_cache_only():
+    from kvfork.kvcache import CacheState, GgmlType, KvTensor, SeqState
+    from kvfork.kvcache.cells import drop_out_of_window
+
+    def part(positions, ids):
+        rows = np.arange(len(positions), dtype=np.float32)[:, None].repeat(4, 1)
+        return CacheState(1, 0, np.array(positions, dtype=np.int32), ids, False,
+                          (KvTensor(GgmlType.F32, rows),), (KvTensor(GgmlType.F32, rows),))
+
+    # seq 0 holds positions 0..9, seq 1 positions 0..2 (a fork of seq 0's first three: shared cells); window 4
+    positions = list(range(10)) + [2]
+    ids = ((0, 1),) * 2 + ((0,),) * 8 + ((1,),)
+    whole = SeqState(-1, (part(positions, ids), part(positions, ids)))
+    out = drop_out_of_window(whole, 4)
+    assert out.caches[0] is whole.caches[0]  # the full-attention cache keeps every cell
+    # seq 0's next position is 10: its single-id cells 2..6 are 4+ below it, out; 0 and 1 are shared with seq 1
+    assert out.caches[1].positions.tolist() == [0, 1, 7, 8, 9, 2]
+    assert out.caches[1].k[0].values[:, 0].tolist() == [0, 1, 7, 8, 9, 10]  # the K rows go with their cells
+    assert drop_out_of_window(SeqState(-1, (part(positions, ids),)), 4).caches[0].n_cells == 11  # no window cache

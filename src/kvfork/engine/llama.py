@@ -25,6 +25,8 @@ from kvfork.engine.batch import Batch
 from kvfork.engine.buildcheck import cpu_flags, crashing_features, missing_features
 from kvfork.engine.sampling import SamplingParams
 from kvfork.errors import ContextOverflow, EngineError, InvalidModelFile, InvalidParameter
+from kvfork.kvcache.cells import drop_out_of_window
+from kvfork.kvcache.codec import decode, encode
 
 __all__ = ["LlamaModel", "LlamaContext", "LoraAdapter", "Sampler", "batch_invariant_build", "exact_kernels",
            "json_grammar", "set_verbose", "system_info"]
@@ -469,6 +471,7 @@ class LlamaContext:
         self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
         self.n_batch = config.n_batch
         self.n_swa: int = model.n_swa
+        self.n_seq_max = config.n_seq_max
         self.invariant = config.exact and _exact_kernels == "batch-invariant"
         self.mem = llama_cpp.llama_get_memory(ptr)
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
@@ -576,6 +579,13 @@ class LlamaContext:
         written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, -1)
         if written != size:
             raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes of the whole cache")
+        if self.n_swa > 0 and any(self.seq_pos_max(s) >= self.n_swa for s in range(self.n_seq_max)):
+            # NOTE: cells that slid out of a sequence's window would stay below the others, where llama.cpp
+            # writes the next tokens (it may write over them), so they go (measured: a fork's tokens written
+            # below its prefix in the sliding-window cache after a compaction that kept them)
+            data = encode(drop_out_of_window(decode(bytes(buf)), self.n_swa))
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            size = len(data)
         if llama_cpp.llama_state_seq_set_data(self.ptr, buf, size, -1) != size:
             raise EngineError("llama.cpp could not put the KV cache's own cells back; the context is unusable")
 

@@ -16,7 +16,7 @@ import numpy as np
 from kvfork.errors import InvalidParameter
 from kvfork.kvcache.state import CacheState, KvTensor, SeqState
 
-__all__ = ["select", "combine", "shift_positions", "summary", "covers"]
+__all__ = ["select", "combine", "shift_positions", "summary", "covers", "drop_out_of_window"]
 
 
 def _take(t: KvTensor, rows: np.ndarray, transposed: bool) -> KvTensor:
@@ -102,3 +102,25 @@ def covers(state: SeqState, p0: int, p1: int, window: int | None) -> bool:
         if any(p not in have for p in range(lo, p1)):
             return False
     return True
+
+
+def drop_out_of_window(state: SeqState, n_swa: int) -> SeqState:
+    """`state` without the sliding-window cache's cells that llama.cpp may write over: a cell of one sequence
+    whose position is n_swa or more below that sequence's last (llama_hparams::is_masked_swa, standard window).
+
+    NOTE: for a whole-cache blob (caches[1]: the sliding-window cache). No query of that sequence attends to
+    such a cell again, and llama.cpp's find_slot takes one for any sequence's new token, wherever it lies.
+    """
+    if len(state.caches) < 2 or not state.caches[1].n_cells:
+        return state
+    part = state.caches[1]
+    last: dict[int, int] = {}
+    for pos, ids in zip(part.positions.tolist(), part.seq_ids, strict=True):
+        for s in ids:
+            last[s] = max(last.get(s, pos), pos)
+    keep = np.array([len(ids) != 1 or last[ids[0]] + 1 - pos < n_swa
+                     for pos, ids in zip(part.positions.tolist(), part.seq_ids, strict=True)])
+    if keep.all():
+        return state
+    return state.with_caches((state.caches[0], _subset(part, np.flatnonzero(keep)), *state.caches[2:]))
+
