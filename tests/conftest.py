@@ -26,6 +26,7 @@ _LONG_GROUPS = ("tests/train/test_train_decoder.py", "tests/engine/test_fast.py"
                 "ray", "tests/server/test_sharing.py", "tests/engine/test_adapters.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # NOTE: before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
