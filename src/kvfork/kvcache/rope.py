@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from types import EllipsisType
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -22,9 +22,6 @@ from kvfork.errors import InvalidParameter
 from kvfork.kvcache.hadamard import apply_rotation, k_rotation_size
 from kvfork.kvcache.state import CacheState, KvTensor, SeqState
 from kvfork.kvcache.trig import cos_sin
-
-if TYPE_CHECKING:
-    from kvfork.engine.llama import LlamaModel
 
 __all__ = ["RopeType", "RopeParams", "RopeSpec", "rerotate", "rotate_keys"]
 
@@ -70,7 +67,7 @@ class RopeSpec:
     attn_factor: float = 1.0
 
     @classmethod
-    def from_model(cls, model: LlamaModel) -> RopeSpec:
+    def from_model(cls, model: Any) -> RopeSpec:  # NOTE: engine.llama.LlamaModel (engine imports kvcache)
         """Read the spec of a loaded model (rope type from llama.cpp, the rest from its GGUF metadata).
 
         Raises InvalidParameter for models whose keys cannot be re-rotated here (see `check`).
