@@ -123,4 +123,3 @@ def drop_out_of_window(state: SeqState, n_swa: int) -> SeqState:
     if keep.all():
         return state
     return state.with_caches((state.caches[0], _subset(part, np.flatnonzero(keep)), *state.caches[2:]))
-
