@@ -126,20 +126,23 @@ def test_kvcomm_anchor_corrects_placed_kv_and_gate_falls_back(engine):
     assert engine.composer.anchors.n_anchors("doc", "inspector-k") == 3
 
 
-def test_bad_input_is_refused_and_the_engine_stays_usable(engine, gemma_ref):
-    head, doc, tail = _prompt(engine, SYSTEMS[0])
-    seg = engine.segment("doc", doc, head=head)
-    with pytest.raises(InvalidParameter, match="reuse mode"):
-        engine.compose([head, seg, tail], agent="a", reuse="approximate")
-    with pytest.raises(InvalidParameter, match="head"):
-        engine.compose([seg, tail], agent="a", reuse="shift")
-    plain = engine.compose([head, tail], agent="a")
-    with pytest.raises(InvalidParameter, match="capture"):
-        engine.capture_segment(plain, 0, 10_000, "x")
-    plain.close()
-    huge = engine.segment("doc", engine.tokenize(long_text(150)), head=head)  # ~3,000 tokens
-    with pytest.raises(ContextOverflow):
-        engine.compose([head, huge, huge], agent="a", reuse="shift")
-    with engine.compose([head, seg, tail], agent="a", reuse="exact") as snap, snap.fork() as branch:
-        got = branch.generate(max_tokens=6, temperature=0)
+def test_bad_input_is_refused_and_the_engine_stays_usable(gemma_path, gemma_ref):
+    # NOTE: its own small context, so that a segment placed twice overflows it after ~600 computed tokens
+    with Engine(gemma_path, n_ctx=1024, n_seq_max=8, progress=False, **GEMMA) as engine:
+        head, doc, tail = _prompt(engine, SYSTEMS[0])
+        seg = engine.segment("doc", doc, head=head)
+        with pytest.raises(InvalidParameter, match="reuse mode"):
+            engine.compose([head, seg, tail], agent="a", reuse="approximate")
+        with pytest.raises(InvalidParameter, match="head"):
+            engine.compose([seg, tail], agent="a", reuse="shift")
+        plain = engine.compose([head, tail], agent="a")
+        with pytest.raises(InvalidParameter, match="capture"):
+            engine.capture_segment(plain, 0, 10_000, "x")
+        plain.close()
+        huge = engine.segment("log", engine.tokenize(long_text(30)), head=head)
+        assert 2 * len(huge.tokens) + len(head) > engine.config.n_ctx > len(huge.tokens) + len(doc) + 2 * len(head)
+        with pytest.raises(ContextOverflow):
+            engine.compose([head, huge, huge], agent="a", reuse="shift")
+        with engine.compose([head, seg, tail], agent="a", reuse="exact") as snap, snap.fork() as branch:
+            got = branch.generate(max_tokens=6, temperature=0)
     assert got.tokens == gemma_ref.generate(head + doc + tail, max_tokens=6, temperature=0).tokens
