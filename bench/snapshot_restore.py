@@ -5,7 +5,7 @@ Per repeat, a document with a new first line (the bundled report under the bench
 arms in rotated order:
   kvfork fast / exact: engine A prefills it (timed) and its SnapshotStore writes the file; engine B, a second
       context in the same process whose store reads the same folder with no RAM tier, gets the document and
-      restores it (timed: lookup, read, sha256 check, llama_state_seq_set_data); B's greedy reply to one
+      restores it (timed: lookup, read, checksums, llama_state_seq_set_data); B's greedy reply to one
       question must equal A's.
   llama.cpp (llama-cpp-python's Llama, llama.cpp's defaults): the same prefix tokens prefilled (timed), saved
       with llama_state_save_file, the cache cleared, loaded with llama_state_load_file (timed): what a user of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from kvfork import Engine
 from kvfork.errors import SnapshotCorrupt, SnapshotMismatch
-from kvfork.store.fileformat import MAGIC, read_header, read_snapshot, write_snapshot
+from kvfork.store.fileformat import FORMAT_VERSION, MAGIC, read_header, read_snapshot, write_snapshot
 from tests.support.snap import fake_layout, fake_snapshot
 
 TOKENS = list(range(2, 202))
@@ -42,7 +43,7 @@ def test_corrupt_payload_and_tokens(saved: Path) -> None:
     data = bytearray(saved.read_bytes())
     data[-10] ^= 0xFF
     saved.write_bytes(bytes(data))
-    with pytest.raises(SnapshotCorrupt, match="payload is damaged"):
+    with pytest.raises(SnapshotCorrupt, match=r"payload is damaged \(xxh3_128 mismatch\)"):
         read_snapshot(saved)
     head, _ = read_header(saved)
     data[-10] ^= 0xFF
@@ -62,6 +63,32 @@ def test_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "g").write_bytes(garbage_header)
     with pytest.raises(SnapshotCorrupt, match="damaged header"):
         read_snapshot(tmp_path / "g")
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a snapshot file as kvfork wrote it before format version 2: sha256 digests."""
+    data = path.read_bytes()
+    size = struct.unpack("<I", data[12:16])[0]
+    header = json.loads(data[16 : 16 + size])
+    tokens = data[16 + size : 16 + size + 4 * header["n_tokens"]]
+    payload = data[16 + size + 4 * header["n_tokens"] :]
+    del header["payload_xxh3_128"], header["tokens_xxh3_128"]
+    header.update(format=1, payload_sha256=hashlib.sha256(payload).hexdigest(),
+                  tokens_sha256=hashlib.sha256(tokens).hexdigest())
+    blob = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack("<II", 1, len(blob)) + blob + tokens + payload)
+
+
+def test_version_1_files_are_still_read_and_checked(tmp_path: Path) -> None:
+    snap = fake_snapshot(TOKENS, payload=5000)
+    saved = write_snapshot(tmp_path / "a.kvs", snap)
+    _as_version_1(saved)
+    assert read_snapshot(saved, expect=snap.layout) == snap and read_header(saved)[0].version == 1
+    data = bytearray(saved.read_bytes())
+    data[-10] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorrupt, match=r"payload is damaged \(sha256 mismatch\)"):
+        read_snapshot(saved)
 
 
 def test_other_format_version(saved: Path) -> None:
@@ -85,7 +112,7 @@ def test_header_field_missing(saved: Path) -> None:
     header = json.loads(data[16 : 16 + size])
     del header["layout"]["kv_type"]
     blob = json.dumps(header).encode()
-    saved.write_bytes(data[:8] + struct.pack("<II", 1, len(blob)) + blob + data[16 + size :])
+    saved.write_bytes(data[:8] + struct.pack("<II", FORMAT_VERSION, len(blob)) + blob + data[16 + size :])
     with pytest.raises(SnapshotMismatch, match="kv_type"):
         read_snapshot(saved)
 

@@ -4,7 +4,7 @@
     s3://bucket/kvfork         an S3-compatible bucket (needs s3fs: the `s3` extra)
 
 The files are today's snapshot files (store/fileformat.py: magic, version, layout fingerprint,
-token ids, sha256s), named `<key>.kvs` by the same content key a SnapshotStore uses, so any replica
+token ids, checksums), named `<key>.kvs` by the same content key a SnapshotStore uses, so any replica
 finds any other's prefixes. The tier has no budget and evicts nothing: it is shared, and one
 replica cannot know what the others still use (clean it up out of band, e.g. a bucket lifecycle rule).
 """
