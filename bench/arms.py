@@ -213,12 +213,12 @@ class KvforkChild(KvforkRestore, KvforkAdapters):
         against N independent copies (each branch's own state, prefix included) and the ideal."""
         e = self.engine
         snap = e.prefill(doc, system=system)
-        prefix = e.ctx.state_seq_size(snap._seq.seq_id)  # NOTE: a bench may read the handle's sequence id
+        prefix = e.ctx.state_seq_size(snap.sequence.seq_id)  # NOTE: a bench may read the handle's sequence id
         rows = []
         for n in counts:
             branches = [snap.fork().send(f"Agent {i}: summarize part {i}.") for i in range(n)]
             e.generate_branches(branches, [e.sampling(max_tokens=max_tokens, ignore_eos=True)] * n)
-            own = [e.ctx.state_seq_size(b._seq.seq_id) for b in branches]
+            own = [e.ctx.state_seq_size(b.sequence.seq_id) for b in branches]
             held = e.ctx.state_seq_size(-1)
             ideal = prefix + sum(o - prefix for o in own)
             rows.append({"branches": n, "held_bytes": held, "copies_bytes": sum(own), "ideal_bytes": ideal})

@@ -83,7 +83,7 @@ def flat(parts: list) -> tuple[int, ...]:
 
 def reply_slot(engine: Engine, branch, name: str, min_segment: int) -> list:
     """The reply's parts: a Segment of the branch's cached cells, then the tokens never cached."""
-    toks, start, cached = engine.composer.reply(branch._seq)
+    toks, start, cached = engine.composer.reply(branch.sequence)
     if cached < max(1, min_segment):
         return [toks]
     seg = engine.capture_segment(branch, start, start + cached, f"reply:{name}")
