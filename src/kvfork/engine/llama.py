@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -574,19 +575,13 @@ class LlamaContext:
         every used cell once, each with its set of ids, so forks still share; restored from cell 0 on).
         It copies the used cells out and back: ~25 MB for 4,000 q8_0 tokens of Qwen2.5-0.5B.
         """
-        size = llama_cpp.llama_state_seq_get_size(self.ptr, -1)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, -1)
-        if written != size:
-            raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes of the whole cache")
+        data: bytes | ctypes.Array[ctypes.c_uint8] = self._state_get(-1)
         if self.n_swa > 0 and any(self.seq_pos_max(s) >= self.n_swa for s in range(self.n_seq_max)):
             # NOTE: cells that slid out of a sequence's window would stay below the others, where llama.cpp
             # writes the next tokens (it may write over them), so they go (measured: a fork's tokens written
             # below its prefix in the sliding-window cache after a compaction that kept them)
-            data = encode(drop_out_of_window(decode(bytes(buf)), self.n_swa))
-            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            size = len(data)
-        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, size, -1) != size:
+            data = encode(drop_out_of_window(decode(bytes(data)), self.n_swa))
+        if self._state_set(-1, data) != len(data):
             raise EngineError("llama.cpp could not put the KV cache's own cells back; the context is unusable")
 
     # -- state blobs: one sequence's KV cells serialized to bytes -------------------------------
@@ -595,25 +590,36 @@ class LlamaContext:
         return int(llama_cpp.llama_state_seq_get_size(self.ptr, seq_id))
 
     def state_seq_get(self, seq_id: int) -> bytes:
-        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
-        if written != size:
-            raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
-        return bytes(buf)
+        return bytes(self._state_get(seq_id))
 
     def state_seq_set(self, seq_id: int, data: bytes) -> None:
-        if isinstance(data, bytes):
-            # NOTE: a pointer into `data` itself, no copy (c_char_p of bytes): llama.cpp only reads the blob,
-            # and `data` outlives the call. A copy cost ~28 ms of a 44 MB restore's ~110 ms.
-            buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
-        else:
-            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        read = llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id)
+        read = self._state_set(seq_id, data)
         if read == 0:
             raise ContextOverflow(
                 f"llama.cpp could not restore a {len(data):,}-byte state (no room, or another layout)"
             )
+
+    def _state_get(self, seq_id: int) -> ctypes.Array[ctypes.c_uint8]:
+        """llama_state_seq_get_data into a new buffer of exactly its size (-1: every used cell once)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        if written != size:
+            raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes (sequence {seq_id})")
+        return buf
+
+    def _state_set(self, seq_id: int, data: bytes | ctypes.Array[ctypes.c_uint8]) -> int:
+        """llama_state_seq_set_data from `data`; the bytes llama.cpp read (0: it could not place them)."""
+        buf: Any
+        if isinstance(data, bytes):
+            # NOTE: a pointer into `data` itself, no copy (c_char_p of bytes): llama.cpp only reads the blob,
+            # and `data` outlives the call. A copy cost ~28 ms of a 44 MB restore's ~110 ms.
+            buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        elif isinstance(data, ctypes.Array):
+            buf = data
+        else:
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return int(llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
 
     def close(self) -> None:
         if self.ptr:
