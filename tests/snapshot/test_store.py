@@ -10,6 +10,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
+from kvfork.store import disk
 from kvfork.store.store import SnapshotStore
 from tests.support.snap import fake_layout, fake_snapshot
 
@@ -141,6 +144,26 @@ def test_writer_killed_half_way_leaves_a_readable_store(tmp_path: Path) -> None:
     assert [e.key for e in store.entries()] == [key]
     assert store.lookup(LAYOUT, [1] * 64) is None and store.get(key) is not None
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_file_removed_by_another_process_right_after_its_write_is_not_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The race test_concurrent_writers_and_readers hit in CI: the writer read its file back after the
+    # rename, and another writer sharing the folder had already removed it. The write itself worked.
+    write = disk.write_encoded
+
+    def write_then_lose(path: Path, parts: list[bytes]) -> Path:
+        final = write(path, parts)
+        final.unlink()
+        return final
+
+    monkeypatch.setattr(disk, "write_encoded", write_then_lose)
+    store = SnapshotStore(tmp_path, ram_bytes=0)
+    key = store.put(fake_snapshot(DOC))
+    assert not caplog.records  # not "could not write", and no SnapshotCorrupt out of put
+    assert store.get(key) is None and store.stats().corrupt == 0  # a miss, as after any removal
+    monkeypatch.undo()
+    assert store.get(store.put(fake_snapshot(DOC))) is not None  # and the store goes on working
 
 
 def test_concurrent_writers_and_readers(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -11,7 +12,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from kvfork.errors import SnapshotMismatch
-from kvfork.store.fileformat import TMP_SUFFIX, FileHeader, read_header, read_snapshot, write_snapshot
+from kvfork.store.fileformat import (
+    TMP_SUFFIX,
+    FileHeader,
+    encode_snapshot,
+    parse_header,
+    read_header,
+    read_snapshot,
+    write_encoded,
+)
 from kvfork.store.host import HostSnapshot
 from kvfork.store.layout import StateLayout
 
@@ -153,10 +162,13 @@ class DiskTier:
         """Write the file of `key` (atomically), then evict least recently used files over budget."""
         if 4 * snap.n_tokens + len(snap.state) > self.budget:
             return []
-        path = write_snapshot(self.path(key), snap)
-        st = path.stat()
-        header, _ = read_header(path)
-        self.entries[key] = DiskEntry(key, path, st.st_size, header, snap.tokens)
+        parts = encode_snapshot(snap)
+        path = write_encoded(self.path(key), parts)
+        # NOTE: the header comes from the bytes just written, not from the file: another process
+        # sharing the folder may already have removed or replaced it.
+        size = sum(map(len, parts))
+        header, _ = parse_header(io.BytesIO(parts[0]), path.name, size)
+        self.entries[key] = DiskEntry(key, path, size, header, snap.tokens)
         return self.evict(keep=key)
 
     def evict(self, keep: str | None = None) -> list[str]:
