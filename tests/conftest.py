@@ -105,17 +105,18 @@ def adapter_files(gemma_path, tmp_path_factory):
 
 @pytest.fixture
 def fake_engine(tmp_path):
-    """fake_engine(**EngineConfig fields): an Engine on FakeModel + FakeBackend (no weights); closed after the test."""
+    """fake_engine(store=None, **EngineConfig fields): an Engine on FakeModel + FakeBackend (no weights),
+    closed after the test."""
     from kvfork.config import EngineConfig
 
     made = []
     path = tmp_path / "fake.gguf"  # NOTE: a file, so that state layouts (restores) can fingerprint it
     path.write_bytes(b"GGUF fake model")
 
-    def make(**config) -> Engine:
+    def make(store=None, **config) -> Engine:
         cfg = EngineConfig(**{"n_ctx": 4096, **config})
         model = FakeModel()
-        engine = Engine.on(path, model, FakeBackend(cfg.n_ctx, cfg.n_batch, model=model), cfg)
+        engine = Engine.on(path, model, FakeBackend(cfg.n_ctx, cfg.n_batch, model=model), cfg, store=store)
         made.append(engine)
         return engine
 

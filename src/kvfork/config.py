@@ -74,7 +74,8 @@ class EngineConfig:
     llama.cpp's unified cache attends over every cell up to the highest one in use, masked per
     sequence, so without flash attention an idle snapshot's cells cost every token computed beside them:
     with 5,300 idle cells a 570-token prefill took 2.4x and a decode step 1.6x as long as in an empty
-    context (default model, 2 threads), where llama.cpp's one-sequence context pays nothing.
+    context (default model, 2 threads), where llama.cpp's one-sequence context pays nothing. With a store,
+    the prefix cache's own idle entries (composed prompts' heads) move to it the same way (bench/idle_heads.py).
 
     max_running bounds the sequences that run at once, generating or prefilling a prompt; the rest wait,
     turns that generate before new prompts (Scheduler._admit). NOTE: past a few branches a CPU decode step

@@ -7,6 +7,7 @@ import pytest
 
 from kvfork.config import EngineConfig
 from kvfork.errors import ContextOverflow, InvalidParameter
+from kvfork.store.store import SnapshotStore
 
 DOC = "The pump reported a pressure drop at 08:13 on day 1. " * 8
 OTHER = "An unrelated log: the fan of rack 4 stopped at noon and restarted. " * 8
@@ -105,3 +106,19 @@ def test_park_idle_is_off_in_exact_mode_and_can_be_turned_off(fake_engine):
     a = engine.prefill(DOC)
     engine.prefill(OTHER)
     assert not a.parked
+
+
+@pytest.mark.parametrize("with_store", [True, False])
+def test_a_composed_heads_idle_entry_waits_in_the_store_while_other_work_runs(fake_engine, with_store):
+    engine = fake_engine(store=SnapshotStore() if with_store else None)
+    decoded = engine.ctx.decodes  # the fake backend's record of every batch
+    head = engine.tokenize(DOC, add_bos=True)
+    engine.compose([head, engine.tokenize(" When?")], agent="a").close()
+    held = engine.scheduler.table.cells_reserved()
+    assert held == len(head)  # the head stays as the prefix cache's own entry for the next prompt
+    engine.generate(OTHER, max_tokens=8)  # other work: with a store, the idle head waits there
+    assert (engine.scheduler.table.cells_reserved() == 0) is with_store
+    n = sum(len(b) for b in decoded)
+    again = engine.compose([head, engine.tokenize(" Why?")], agent="a")
+    assert again.reuse is not None and again.reuse.prefix_tokens == len(head)  # restored or forked, not computed
+    assert sum(len(b) for b in decoded) - n == len(engine.tokenize(" Why?"))

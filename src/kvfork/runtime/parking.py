@@ -75,13 +75,16 @@ class Parking:
 
     def before_run(self, seqs: list[KvSequence]) -> None:
         """Before a run that computes at least MIN_WORK tokens, park every snapshot it does not use
-        (EngineConfig.park_idle: without flash attention their cells cost each token computed here)."""
+        (EngineConfig.park_idle: without flash attention their cells cost each token computed here), and,
+        with a store, move the prefix cache's own idle entries (composed prompts' heads) to it, as the
+        server does after each step (Scheduler.park_idle); a later prompt with that head restores it."""
         if not self.engine.config.park_idle:
             return
         if sum(s.n_pending + max(0, s.params.max_tokens - len(s.generated)) for s in seqs) < MIN_WORK:
             return
         for snapshot in list(self._held):
             snapshot.park()  # NOTE: one that `seqs` fork is skipped (its children), as are running ones
+        self.engine.scheduler.park_idle()  # NOTE: none without a store (no lower tier), nor ones `seqs` fork
 
     def before_prefill(self, tokens: list[int]) -> None:
         """Before a prefill of `tokens`: bring back the parked snapshot that was a prefix-cache entry and
