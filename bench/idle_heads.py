@@ -20,14 +20,13 @@ and, in the two head arms, how many of the head's tokens the next compose with t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workload import fmt, provenance, report, stats  # noqa: E402
+from workload import fmt, report, save, stats  # noqa: E402
 
 from kvfork import Engine  # noqa: E402
 from kvfork.store.store import SnapshotStore  # noqa: E402
@@ -85,10 +84,7 @@ def main() -> None:
         rows[arm] = {"seconds": s, "recomputed": recomputed.get(arm)}
         again = "-" if arm not in recomputed else "/".join(map(str, recomputed[arm]))
         print(f"| {arm} | {fmt(s, ' s', digits=2)} | {s['median'] / base:.2f}x | {again} |")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"settings": vars(args), "rows": rows, "wall_s": time.perf_counter() - t0,
-                               "provenance": provenance()}, indent=2))
-    print(f"wrote {OUT} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    save(OUT, vars(args), rows, t0)
 
 
 if __name__ == "__main__":

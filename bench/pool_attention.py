@@ -21,14 +21,13 @@ Both settings run in this one process, one after the other (the same machine sta
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workload import fmt, provenance, report, stats  # noqa: E402
+from workload import fmt, report, save, stats  # noqa: E402
 
 from kvfork import Engine  # noqa: E402
 
@@ -87,10 +86,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     t0 = time.perf_counter()
     rows = [row for fa in args.settings for row in measure(args, fa, report())]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"settings": vars(args), "rows": rows, "wall_s": time.perf_counter() - t0,
-                               "provenance": provenance()}, indent=2))
-    print(f"wrote {OUT} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    save(OUT, vars(args), rows, t0)
 
 
 if __name__ == "__main__":

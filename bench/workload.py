@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import subprocess
+import time
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
-__all__ = ["SYSTEM", "INSTRUCTIONS", "report", "document", "stats", "provenance", "fmt"]
+__all__ = ["SYSTEM", "INSTRUCTIONS", "report", "document", "stats", "provenance", "fmt", "save"]
 
 SYSTEM = "You are a careful analyst. Answer from the report only, briefly and precisely."
 
@@ -71,3 +75,11 @@ def provenance() -> dict[str, str]:
     dirty = bool(run("git", "status", "--porcelain", "--untracked-files=no"))
     return {"commit": run("git", "rev-parse", "--short", "HEAD"), "dirty": str(dirty),
             "machine": platform.machine(), "cpu": cpu, "python": platform.python_version()}
+
+
+def save(out: Path, settings: dict[str, Any], rows: Any, t0: float) -> None:
+    """Write a run's settings, rows, wall time since `t0` (perf_counter) and provenance to `out` as JSON."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": settings, "rows": rows, "wall_s": time.perf_counter() - t0,
+                               "provenance": provenance()}, indent=2))
+    print(f"wrote {out} ({(time.perf_counter() - t0) / 60:.1f} min)")
