@@ -166,6 +166,22 @@ def test_a_file_removed_by_another_process_right_after_its_write_is_not_an_error
     assert store.get(store.put(fake_snapshot(DOC))) is not None  # and the store goes on working
 
 
+def test_a_file_removed_between_the_listing_and_its_read_is_skipped_silently(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    key = SnapshotStore(tmp_path).put(fake_snapshot(DOC))
+    read = disk.read_header
+
+    def lose_then_read(path: str, **kw: bool) -> object:
+        os.unlink(path)  # another process evicts it after this one listed the folder
+        return read(path, **kw)
+
+    monkeypatch.setattr(disk, "read_header", lose_then_read)
+    store = SnapshotStore(tmp_path, ram_bytes=0)
+    assert store.entries() == [] and not caplog.records  # gone, not "skipping" a damaged file
+    monkeypatch.undo()
+    assert store.put(fake_snapshot(DOC)) == key and store.get(key) is not None  # not remembered as bad
+
+
 def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
     writers = [_spawn(tmp_path, "churn") for _ in range(2)]
     reader = SnapshotStore(tmp_path, ram_bytes=0)

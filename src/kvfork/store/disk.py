@@ -115,6 +115,8 @@ class DiskTier:
         try:
             header, tokens = read_header(d.path, with_tokens=True)
         except SnapshotMismatch as exc:  # also SnapshotCorrupt: a foreign or damaged file is skipped
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return None  # NOTE: removed since the listing (another process evicted it): not damaged
             log.warning("skipping snapshot file %s: %s", d.path, exc)
             self._bad.add(sig)
             return None
