@@ -294,7 +294,9 @@ class Engine:
 
         `agent` names whose prompt this is (kvcomm pools anchors per segment name and agent). The
         snapshot's `reuse` report says what was placed and computed; with reuse "exact" its KV is
-        bit-identical to a from-scratch prefill. Fork it to generate.
+        bit-identical to a from-scratch prefill. Fork it to generate. The head (the tokens before the first
+        Segment) stays in the prefix cache for the agent's next prompt; with a store it waits there while
+        other work runs (EngineConfig.park_idle), without one it stays in the context until room is needed.
         """
         config = ReuseConfig.of(reuse)
         t0 = time.perf_counter()
