@@ -74,11 +74,17 @@ class FileHeader:
     def payload_offset(self) -> int:
         return self.data_offset + 4 * self.n_tokens
 
-    def check(self, data: bytes, digest: str, name: str, what: str, then: str = "") -> None:
-        """Raise SnapshotCorrupt ("`name`: `what` damaged", and `then`) unless `data`'s checksum is `digest`."""
+    def check(self, data: bytes, size: int, digest: str, name: str, what: str, then: str = "") -> None:
+        """Raise SnapshotCorrupt ("`name`: `what` damaged (why)", and `then`) unless `data` is the `size`
+        bytes whose checksum is `digest`."""
         algorithm, hexdigest = _CHECKSUMS[self.version]
-        if hexdigest(data) != digest:
-            raise SnapshotCorrupt(f"{name}: {what} damaged ({algorithm} mismatch){then}")
+        if len(data) != size:
+            why = "truncated"
+        elif hexdigest(data) != digest:
+            why = f"{algorithm} mismatch"
+        else:
+            return
+        raise SnapshotCorrupt(f"{name}: {what} damaged ({why}){then}")
 
 
 def _tokens_bytes(tokens: tuple[int, ...]) -> bytes:
@@ -218,9 +224,7 @@ def read_header(
 
 def _read_tokens(fh: BinaryIO, head: FileHeader, name: str) -> tuple[int, ...]:
     raw = fh.read(4 * head.n_tokens)
-    if len(raw) != 4 * head.n_tokens:
-        raise SnapshotCorrupt(f"{name}: token ids are damaged (truncated)")
-    head.check(raw, head.tokens_digest, name, "token ids are")
+    head.check(raw, 4 * head.n_tokens, head.tokens_digest, name, "token ids are")
     return struct.unpack(f"<{head.n_tokens}i", raw)
 
 
@@ -254,9 +258,7 @@ def load_snapshot(fh: BinaryIO, name: str, file_size: int, expect: StateLayout |
         head.layout.check(expect)
     tokens = _read_tokens(fh, head, name)
     state = fh.read(head.payload_size)
-    if len(state) != head.payload_size:
-        raise SnapshotCorrupt(f"{name}: the KV payload is damaged (truncated); delete the file")
-    head.check(state, head.payload_digest, name, "the KV payload is", "; delete the file")
+    head.check(state, head.payload_size, head.payload_digest, name, "the KV payload is", "; delete the file")
     if head.n_pos != head.n_tokens:
         raise SnapshotCorrupt(f"{name}: {head.n_pos} positions for {head.n_tokens} tokens")
     return HostSnapshot(
